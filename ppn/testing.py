@@ -1,0 +1,25 @@
+"""Tiny models for unit tests, notebook smoke runs and `--smoke` experiments.
+
+They run the same code paths as the real model in milliseconds.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from ppn.models.config import LlamaConfig
+from ppn.models.llama import Llama
+
+
+def tiny_config(**overrides) -> LlamaConfig:
+    """A 2-block GQA config (4 query heads, 2 KV heads, width 32, 48 channels, vocab 97)."""
+    fields = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                  num_kv_heads=2, head_dim=8, rope_theta=10000.0, max_position_embeddings=256)
+    fields.update(overrides)
+    return LlamaConfig(**fields)
+
+
+def tiny_model(seed: int = 0, dtype=jnp.float32, **overrides) -> Llama:
+    """A randomly initialised `Llama` of `tiny_config(**overrides)`."""
+    return Llama(tiny_config(**overrides), dtype=dtype, rngs=nnx.Rngs(seed))

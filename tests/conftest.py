@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny Hugging Face reference models (PyTorch, tests only)."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+
+def hf_reference(tmp_path, model_type="llama", seed=0, **overrides):
+    """Saves a tiny random Hugging Face model of `model_type` and returns (dir, torch model).
+
+    Weights are scaled up from HF's default init (std 0.02) so that logits are
+    far from uniform and a wrong permutation or convention shows.
+    """
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    kwargs = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                  rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
+    kwargs.update(overrides)
+    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+           "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[model_type]
+    config = cls[0](**kwargs)
+    model = cls[1](config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    path = tmp_path / f"hf-{model_type}-{seed}"
+    model.save_pretrained(path, safe_serialization=True)
+    return path, model
+
+
+def torch_logits(model, ids):
+    import torch
+
+    with torch.no_grad():
+        return model(torch.as_tensor(np.asarray(ids), dtype=torch.long)).logits.float().numpy()
