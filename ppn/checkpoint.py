@@ -112,7 +112,7 @@ def build_model(config: LlamaConfig, tensors: Callable[[str, TensorSpec], jax.Ar
     model = nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0)))
     for name, spec in hf_layout(config).items():
         value = jnp.asarray(tensors(name, spec), dtype=dtype).reshape(spec.shape)
-        _param(model, spec.path).value = value
+        _param(model, spec.path).set_value(value)
     return model
 
 
@@ -283,7 +283,7 @@ def load_tokenizer(source: str | os.PathLike):
 def hf_tensors(model: Llama) -> Iterator[tuple[str, jax.Array]]:
     """The model's weights under Hugging Face names and shapes."""
     for name, spec in hf_layout(model.config).items():
-        yield name, _param(model, spec.path).value.reshape(spec.hf_shape)
+        yield name, _param(model, spec.path)[...].reshape(spec.hf_shape)
 
 
 @dataclasses.dataclass

@@ -248,7 +248,7 @@ class Llama(nnx.Module):
 
     @property
     def dtype(self):
-        return self.embed.value.dtype
+        return self.embed.get_value().dtype
 
     def __call__(self, input_ids: jax.Array, gates: list[BlockGates] | None = None) -> jax.Array:
         """Logits (B, T, V) float32 for input_ids (B, T), every sequence starting at position 0."""

@@ -1,0 +1,89 @@
+"""Results files: every reported number is a record in `results/<experiment>.json`,
+with a markdown table beside it, stamped with the machine and the git commit."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def machine() -> dict[str, Any]:
+    """A description of the machine a measurement ran on."""
+    import jax
+    import psutil
+
+    devices = jax.devices()
+    return {
+        "host": platform.node(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "jax_backend": jax.default_backend(),
+        "devices": f"{len(devices)} x {devices[0].device_kind}",
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+    }
+
+
+def git_commit() -> str | None:
+    """The commit of the working tree (suffixed "-dirty" with uncommitted changes), if any."""
+    try:
+        here = Path(__file__).parent
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Writes `text` to a temporary file beside `path`, then renames it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def markdown_table(records: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """A markdown table of `columns` of `records` (floats to 4 significant digits)."""
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in records]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(name: str, records: Sequence[dict[str, Any]], columns: Sequence[str],
+                  out_dir: str | os.PathLike = "results", title: str | None = None) -> Path:
+    """Writes `<out_dir>/<name>.json` (records + machine + commit) and `<name>.md`.
+
+    Returns:
+        The path of the JSON file.
+    """
+    out = Path(out_dir)
+    stamp = {"machine": machine(), "git_commit": git_commit()}
+    records = [dict(r) for r in records]
+    atomic_write_text(out / f"{name}.json", json.dumps({"experiment": name, **stamp, "records": records},
+                                                       indent=2, default=str))
+    header = f"# {title or name}\n\nMachine: {stamp['machine']['cpu_count']} CPU cores, " \
+             f"{stamp['machine']['devices']} ({stamp['machine']['jax_backend']}); commit {stamp['git_commit']}.\n\n"
+    atomic_write_text(out / f"{name}.md", header + markdown_table(records, columns))
+    return out / f"{name}.json"
