@@ -1,0 +1,200 @@
+"""The prunable units of a model, their exact parameter costs, and keep-sets.
+
+Units form a two-level hierarchy per block l:
+
+    attn_layer[l]  ->  head[l, n]       (n < N query heads)
+    mlp_layer[l]   ->  mlp_group[l, m]  (m < M groups of `group_width` SwiGLU channels)
+
+Each of these is a gate. A key/value head (`kv_group`) is not gated: it is kept
+exactly when at least one of its query heads is, since its keys and values are
+then still read. A sub-layer counts as kept only if its layer gate is on and at
+least one of its units is, because a layer with every unit closed computes zero
+and is removed by pruning, norm included.
+
+Costs are exact parameter counts, so `KeepSet.num_params()` equals the
+parameter count of the model `ppn.prune` builds from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from ppn.models.config import LayerShape, LlamaConfig
+
+KINDS = ("attn_layer", "mlp_layer", "head", "mlp_group")
+
+
+@dataclasses.dataclass(frozen=True)
+class Units:
+    """The gates of a dense model and what each one costs.
+
+    Attributes:
+        config: the dense architecture (its `layers` must be None).
+        group_width: SwiGLU channels per MLP group (the last group may be narrower).
+    """
+
+    config: LlamaConfig
+    group_width: int = 64
+
+    def __post_init__(self):
+        if self.config.layers is not None:
+            raise ValueError("units are defined on a dense config; this one is already pruned")
+        if not 1 <= self.group_width <= self.config.intermediate_size:
+            raise ValueError(f"group_width must be in [1, {self.config.intermediate_size}], got {self.group_width}")
+
+    # ------------------------------------------------------------- structure
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers
+
+    @property
+    def num_heads(self) -> int:
+        return self.config.num_heads
+
+    @property
+    def num_groups(self) -> int:
+        """M, MLP groups per block."""
+        return -(-self.config.intermediate_size // self.group_width)
+
+    @property
+    def group_widths(self) -> np.ndarray:
+        """(M,) channels in each MLP group."""
+        f, w = self.config.intermediate_size, self.group_width
+        return np.minimum(w, f - w * np.arange(self.num_groups))
+
+    @property
+    def head_kv(self) -> np.ndarray:
+        """(N,) the KV head each query head reads in the dense model."""
+        return np.arange(self.num_heads) // self.config.group_size
+
+    @property
+    def num_gates(self) -> int:
+        return self.num_layers * (2 + self.num_heads + self.num_groups)
+
+    # ----------------------------------------------------------------- costs
+    @property
+    def head_cost(self) -> int:
+        """Parameters of one query head: its rows of q and columns of o (plus q bias)."""
+        c = self.config
+        return 2 * c.hidden_size * c.head_dim + (c.head_dim if c.qkv_bias else 0)
+
+    @property
+    def kv_cost(self) -> int:
+        """Parameters of one KV head: its rows of k and v (plus biases)."""
+        c = self.config
+        return 2 * c.hidden_size * c.head_dim + (2 * c.head_dim if c.qkv_bias else 0)
+
+    @property
+    def attn_fixed_cost(self) -> int:
+        """Parameters an attention sub-layer keeps whatever its heads: norm, o bias."""
+        c = self.config
+        return c.hidden_size * (2 if c.o_bias else 1)
+
+    @property
+    def group_costs(self) -> np.ndarray:
+        """(M,) parameters of each MLP group: rows of gate and up, columns of down."""
+        return 3 * self.config.hidden_size * self.group_widths
+
+    @property
+    def mlp_fixed_cost(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def total(self) -> int:
+        """S_total: parameters of all blocks, the denominator of a size fraction."""
+        return self.config.num_prunable_params()
+
+    def full(self) -> KeepSet:
+        """The keep-set of the dense model."""
+        L, N, M = self.num_layers, self.num_heads, self.num_groups
+        return KeepSet(self, np.ones(L, bool), np.ones(L, bool), np.ones((L, N), bool), np.ones((L, M), bool))
+
+    def budget(self, size: float | int) -> int:
+        """A target size in parameters: a fraction in (0, 1] of `total`, or an
+        absolute count of prunable parameters (an int above 1)."""
+        if isinstance(size, bool) or not isinstance(size, (int, float, np.integer, np.floating)):
+            raise TypeError(f"size must be a number, got {size!r}")
+        if not np.isfinite(size) or size <= 0:
+            raise ValueError(f"size must be a fraction in (0, 1] or a parameter count, got {size}")
+        if size <= 1:
+            return int(round(float(size) * self.total))
+        if float(size) != int(size):
+            raise ValueError(f"a size above 1 is a parameter count and must be whole, got {size}")
+        if size > self.total:
+            raise ValueError(f"size {int(size):,} exceeds the model's {self.total:,} prunable parameters")
+        return int(size)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class KeepSet:
+    """Which gates are open.
+
+    Attributes:
+        units: the registry these masks index.
+        attn: (L,) attention sub-layer gates.
+        mlp: (L,) MLP sub-layer gates.
+        heads: (L, N) query-head gates.
+        groups: (L, M) MLP-group gates.
+    """
+
+    units: Units
+    attn: np.ndarray
+    mlp: np.ndarray
+    heads: np.ndarray
+    groups: np.ndarray
+
+    def __post_init__(self):
+        u = self.units
+        expected = {"attn": (u.num_layers,), "mlp": (u.num_layers,),
+                    "heads": (u.num_layers, u.num_heads), "groups": (u.num_layers, u.num_groups)}
+        for name, shape in expected.items():
+            value = np.asarray(getattr(self, name), bool)
+            if value.shape != shape:
+                raise ValueError(f"keep-set {name} has shape {value.shape}, expected {shape}")
+            object.__setattr__(self, name, value)
+
+    def __eq__(self, other):
+        return isinstance(other, KeepSet) and self.units == other.units and all(
+            np.array_equal(getattr(self, f), getattr(other, f)) for f in ("attn", "mlp", "heads", "groups"))
+
+    def effective(self) -> KeepSet:
+        """The same model with the hierarchy resolved: units of a closed layer are
+        closed, and a layer whose units are all closed is closed."""
+        heads = self.heads & self.attn[:, None]
+        groups = self.groups & self.mlp[:, None]
+        return KeepSet(self.units, heads.any(1), groups.any(1), heads, groups)
+
+    def kv_kept(self) -> np.ndarray:
+        """(L, K) which KV heads remain: those with at least one kept query head."""
+        eff = self.effective()
+        k = self.units.config.num_kv_heads
+        return np.stack([np.bincount(self.units.head_kv[h], minlength=k) > 0 for h in eff.heads])
+
+    def layer_shapes(self) -> tuple[LayerShape, ...]:
+        """The `LayerShape` of every block of the pruned model."""
+        eff, kv = self.effective(), self.kv_kept()
+        shapes = []
+        for l in range(self.units.num_layers):
+            kept_kv = np.flatnonzero(kv[l])
+            remap = {int(k): i for i, k in enumerate(kept_kv)}
+            q_to_kv = tuple(remap[int(self.units.head_kv[n])] for n in np.flatnonzero(eff.heads[l]))
+            width = int(self.units.group_widths[eff.groups[l]].sum())
+            shapes.append(LayerShape(q_to_kv=q_to_kv, num_kv_heads=len(kept_kv), intermediate_size=width))
+        return tuple(shapes)
+
+    def config(self) -> LlamaConfig:
+        """The pruned model's config."""
+        return self.units.config.replace(layers=self.layer_shapes())
+
+    def num_params(self) -> int:
+        """Prunable parameters kept: exactly those of the pruned model's blocks."""
+        return self.config().num_prunable_params()
+
+    def fraction(self) -> float:
+        return self.num_params() / self.units.total
+
+    def channels(self) -> np.ndarray:
+        """(L, F) kept SwiGLU channels, each group's mask repeated over its width."""
+        return np.repeat(self.effective().groups, self.units.group_widths, axis=1)
