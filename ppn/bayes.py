@@ -1,0 +1,243 @@
+"""The push puppet model in NumPyro: gates that open with the target size.
+
+Every gate g (see `ppn.gates`) has an intercept alpha_g and a slope beta_g > 0;
+its logit at size rho is
+
+    eta_g(rho) = alpha_g + beta_g * logit(rho) - c(rho)
+
+where the push offset c(rho) is solved at every step so that the expected kept
+size equals rho * S_total exactly. alpha and beta therefore only decide the
+order in which units close as rho is pushed down, and the size constraint holds
+whatever the scale of the token likelihood (which is scaled to the whole data
+set and would otherwise simply open every gate).
+
+Gates are hard-concrete samples at eta_g, so the network trains on exact zeros
+and ones. The hierarchical prior (non-centred) ties units to their layer and
+layers to the model; its negative log density is the "hierarchical penalty".
+`push_puppet_model` is public so that `numpyro.infer.Predictive` can run it.
+
+Shapes: L blocks, N query heads, M MLP groups per block. Gate arrays are dicts
+keyed by kind: "attn_layer" (L,), "mlp_layer" (L,), "head" (L, N), "mlp_group" (L, M).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpyro
+import numpyro.distributions as dist
+import optax
+from numpyro.contrib.module import nnx_module
+from numpyro.primitives import mutable as numpyro_mutable
+
+from ppn.gates import KINDS, Units
+from ppn.models.llama import BlockGates, Llama
+
+# Stretch limits of the hard-concrete distribution (Louizos et al., 2018).
+STRETCH_LO, STRETCH_HI = -0.1, 1.1
+OFFSET_RANGE = 60.0
+BISECTION_STEPS = 48
+
+
+def _shapes(units: Units) -> dict[str, tuple[int, ...]]:
+    L = units.num_layers
+    return {"attn_layer": (L,), "mlp_layer": (L,), "head": (L, units.num_heads),
+            "mlp_group": (L, units.num_groups)}
+
+
+def _slopes(units: Units) -> dict[str, jax.Array]:
+    """beta_g = softplus(b_kind + s * zeta_g), shared by every prior."""
+    shapes = _shapes(units)
+    b = numpyro.sample("beta_loc", dist.Normal(1.0, 1.0).expand([len(KINDS)]).to_event(1))
+    s = numpyro.sample("beta_scale", dist.HalfNormal(0.5))
+    beta = {}
+    for i, kind in enumerate(KINDS):
+        zeta = numpyro.sample(f"zeta_{kind}", dist.Normal(0.0, 1.0).expand(shapes[kind]).to_event(len(shapes[kind])))
+        beta[kind] = jax.nn.softplus(b[i] + s * zeta)
+    return beta
+
+
+def _hierarchical(units: Units, unit_noise: dist.Distribution) -> tuple[dict, dict]:
+    shapes = _shapes(units)
+    L = units.num_layers
+    alpha0 = numpyro.sample("alpha0", dist.Normal(0.0, 3.0))
+    tau_layer = numpyro.sample("tau_layer", dist.HalfNormal(1.0))
+    tau_unit = numpyro.sample("tau_unit", dist.HalfNormal(1.0))
+    delta = numpyro.sample("delta", dist.Normal(0.0, 1.0).expand([L, 2]).to_event(2))
+    alpha = {"attn_layer": alpha0 + tau_layer * delta[:, 0], "mlp_layer": alpha0 + tau_layer * delta[:, 1]}
+    for kind, layer in (("head", "attn_layer"), ("mlp_group", "mlp_layer")):
+        eps = numpyro.sample(f"eps_{kind}", unit_noise.expand(shapes[kind]).to_event(2))
+        alpha[kind] = alpha[layer][:, None] + tau_unit * eps
+    return alpha, _slopes(units)
+
+
+def hierarchical_prior(units: Units) -> tuple[dict, dict]:
+    """DESIGN.md's prior: model -> layer -> unit intercepts, Normal unit deviations."""
+    return _hierarchical(units, dist.Normal(0.0, 1.0))
+
+
+def laplace_prior(units: Units) -> tuple[dict, dict]:
+    """Like `hierarchical_prior` with Laplace unit deviations: most units sit at
+    their layer's intercept, a few stand out."""
+    return _hierarchical(units, dist.Laplace(0.0, 1.0))
+
+
+def independent_prior(units: Units) -> tuple[dict, dict]:
+    """No pooling: every intercept alpha_g ~ Normal(0, 3) on its own (an ablation)."""
+    alpha = {kind: numpyro.sample(f"alpha_{kind}", dist.Normal(0.0, 3.0).expand(shape).to_event(len(shape)))
+             for kind, shape in _shapes(units).items()}
+    return alpha, _slopes(units)
+
+
+PRIORS: dict[str, Callable[[Units], tuple[dict, dict]]] = {
+    "hierarchical": hierarchical_prior,
+    "laplace": laplace_prior,
+    "independent": independent_prior,
+}
+
+
+def get_prior(name: str) -> Callable[[Units], tuple[dict, dict]]:
+    if name not in PRIORS:
+        raise ValueError(f"unknown prior {name!r}; choose one of {', '.join(PRIORS)}")
+    return PRIORS[name]
+
+
+# ------------------------------------------------------------------ gates
+def gate_logits(alpha: dict, beta: dict, rho: jax.Array) -> dict:
+    """eta_g(rho) = alpha_g + beta_g * logit(rho), before the push offset."""
+    lr = jnp.log(rho) - jnp.log1p(-rho)
+    return {k: alpha[k] + beta[k] * lr for k in alpha}
+
+
+def open_probability(logit: jax.Array, temperature) -> jax.Array:
+    """P(z > 0) of a hard-concrete gate with location `logit`."""
+    return jax.nn.sigmoid(logit - temperature * jnp.log(-STRETCH_LO / STRETCH_HI))
+
+
+def sample_hard_concrete(key: jax.Array, logit: jax.Array, temperature) -> jax.Array:
+    """A gate in [0, 1] with point masses at 0 and 1, reparameterised in `logit`."""
+    u = jax.random.uniform(key, logit.shape, minval=1e-6, maxval=1 - 1e-6)
+    s = jax.nn.sigmoid((jnp.log(u) - jnp.log1p(-u) + logit) / temperature)
+    return jnp.clip(s * (STRETCH_HI - STRETCH_LO) + STRETCH_LO, 0.0, 1.0)
+
+
+def expected_size(units: Units, p: dict) -> jax.Array:
+    """E[S]: expected kept prunable parameters given each gate's open probability.
+
+    A unit is kept if it and its layer are open (independent gates); a KV head
+    if any of its query heads is; a layer's norm if the layer is open.
+    """
+    L, K, G = units.num_layers, units.config.num_kv_heads, units.config.group_size
+    heads = p["attn_layer"][:, None] * p["head"]
+    kv = 1.0 - jnp.prod(1.0 - heads.reshape(L, K, G), axis=-1)
+    groups = p["mlp_layer"][:, None] * p["mlp_group"]
+    return (units.attn_fixed_cost * p["attn_layer"].sum() + units.head_cost * heads.sum()
+            + units.kv_cost * kv.sum() + units.mlp_fixed_cost * p["mlp_layer"].sum()
+            + (groups * jnp.asarray(units.group_costs, groups.dtype)).sum())
+
+
+def push_offset(units: Units, logits: dict, rho: jax.Array, temperature) -> jax.Array:
+    """c(rho) with E[S](eta - c) = rho * S_total, differentiable in `logits`.
+
+    Bisection finds c (E[S] falls as c grows); the gradient follows the implicit
+    function theorem, dc/dtheta = -(dE/dtheta) / (dE/dc), written as one Newton
+    step around the stopped solution so its value is exactly the bisection's.
+    """
+    target = rho * units.total
+
+    def size(c, lg):
+        return expected_size(units, {k: open_probability(v - c, temperature) for k, v in lg.items()})
+
+    fixed = jax.lax.stop_gradient(logits)
+
+    def bisect(_, bounds):
+        lo, hi = bounds
+        mid = 0.5 * (lo + hi)
+        too_big = size(mid, fixed) > target
+        return jnp.where(too_big, mid, lo), jnp.where(too_big, hi, mid)
+
+    lo, hi = jax.lax.fori_loop(0, BISECTION_STEPS, bisect,
+                               (jnp.asarray(-OFFSET_RANGE), jnp.asarray(OFFSET_RANGE)))
+    c_star = jax.lax.stop_gradient(0.5 * (lo + hi))
+    slope = jax.lax.stop_gradient(jax.grad(size)(c_star, fixed))
+    return c_star - (size(c_star, logits) - jax.lax.stop_gradient(size(c_star, fixed))) / slope
+
+
+def block_gates(units: Units, z: dict) -> list[BlockGates]:
+    """Per-block gates of the network from gate samples (MLP groups spread over their channels)."""
+    widths = units.group_widths
+    channels = jnp.repeat(z["mlp_group"], widths, axis=1, total_repeat_length=int(widths.sum()))
+    return [BlockGates(attn=z["attn_layer"][l], heads=z["head"][l], mlp=z["mlp_layer"][l],
+                       channels=channels[l]) for l in range(units.num_layers)]
+
+
+# ------------------------------------------------------------------ model
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Summed negative log-likelihood of `targets` (B, T) under float32 `logits` (B, T, V)."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).sum()
+
+
+def push_puppet_model(batch: jax.Array, rho: jax.Array, temperature: jax.Array, *, network: Llama,
+                      units: Units, prior: str = "hierarchical", data_tokens: int,
+                      likelihood_temperature: float = 1.0, train_weights: bool = True,
+                      weights=None, distill_weight: float = 0.0):
+    """One step's joint density: prior on gates, hard-concrete gates at size rho,
+    and the tokens of `batch` under the gated network.
+
+    Args:
+        batch: int32 (B, T+1) token windows; each predicts its tokens 1..T.
+        rho: scalar target size in (0, 1).
+        temperature: scalar hard-concrete temperature.
+        network: the Flax model (its weights are the initial values of the
+            `llama$params` site when trained).
+        units: the gate registry of `network`.
+        prior: a name in `PRIORS`.
+        data_tokens: tokens in the whole training set: the likelihood of the B*T
+            batch tokens is scaled by data_tokens / (B*T).
+        likelihood_temperature: divides the scaled log-likelihood (a tempered posterior).
+        train_weights: fit the network weights (point estimates) with the gates.
+            When False the weights come in through `weights` and get no gradient.
+        weights: the network's `nnx.Param` state when `train_weights` is False.
+        distill_weight: weight of a self-distillation KL from the ungated pass
+            (stop-gradient teacher) to the gated pass, in nats per token.
+
+    Returns:
+        The gate samples, a dict by kind.
+    """
+    from flax import nnx
+
+    alpha, beta = get_prior(prior)(units)
+    logits = gate_logits(alpha, beta, rho)
+    offset = push_offset(units, logits, rho, temperature)
+    shifted = {k: v - offset for k, v in logits.items()}
+    keys = jax.random.split(numpyro.prng_key(), len(KINDS))
+    z = {k: sample_hard_concrete(key, shifted[k], temperature) for k, key in zip(KINDS, keys)}
+
+    if train_weights:
+        net = nnx_module("llama", network)
+    else:
+        graphdef, _ = nnx.split(network, nnx.Param)
+        net = nnx.merge(graphdef, jax.lax.stop_gradient(weights))
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    out = net(inputs, gates=block_gates(units, z))
+    nll = token_nll(out, targets)
+    n_tokens = targets.size
+    scale = data_tokens / n_tokens / likelihood_temperature
+    numpyro.factor("tokens", -nll * scale)
+    kl = jnp.zeros(())
+    if distill_weight > 0:
+        teacher = jax.lax.stop_gradient(net(inputs))
+        logp_t = jax.nn.log_softmax(teacher, -1)
+        kl = (jnp.exp(logp_t) * (logp_t - jax.nn.log_softmax(out.astype(jnp.float32), -1))).sum()
+        numpyro.factor("distill", -distill_weight * kl * scale)
+
+    expected = expected_size(units, {k: open_probability(v, temperature) for k, v in shifted.items()})
+    metrics = numpyro_mutable("ppn$metrics", {"nll": jnp.zeros(()), "expected_size": jnp.zeros(()),
+                                              "offset": jnp.zeros(()), "distill_kl": jnp.zeros(())})
+    metrics["nll"] = jax.lax.stop_gradient(nll / n_tokens)
+    metrics["expected_size"] = jax.lax.stop_gradient(expected / units.total)
+    metrics["offset"] = jax.lax.stop_gradient(offset)
+    metrics["distill_kl"] = jax.lax.stop_gradient(kl / n_tokens)
+    return z

