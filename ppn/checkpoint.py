@@ -265,15 +265,23 @@ def load_model(source: str | os.PathLike, dtype="float32") -> Llama:
 
 
 def load_tokenizer(source: str | os.PathLike):
-    """The Hugging Face tokenizer of a checkpoint directory, a .gguf file or a zoo name."""
-    from transformers import AutoTokenizer
+    """The Hugging Face tokenizer of a checkpoint directory, a .gguf file or a zoo name.
 
+    A directory with a tokenizer.json loads through `PreTrainedTokenizerFast`
+    (importing `AutoTokenizer` would import torch when it is installed).
+    """
     path = resolve_source(source)
     if path.is_file():
         from ppn.gguf_reader import tokenizer_from_gguf
 
         return tokenizer_from_gguf(path)
     try:
+        if (path / "tokenizer.json").exists():
+            from transformers import PreTrainedTokenizerFast
+
+            return PreTrainedTokenizerFast.from_pretrained(path)
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise ValueError(f"no usable tokenizer in {path}: {e}") from e

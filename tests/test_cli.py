@@ -1,0 +1,50 @@
+"""The `ppn` command line on a tiny checkpoint."""
+
+import json
+
+import numpy as np
+import pytest
+
+import ppn
+from ppn import cli
+from ppn.testing import tiny_model
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """A tiny model saved with a real (byte-level BPE) tokenizer trained on a few lines."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["to be or not to be, that is the question"] * 10,
+                            trainers.BpeTrainer(vocab_size=97, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok)
+    model = tiny_model(vocab_size=tok.get_vocab_size())
+    return ppn.save_model(model, tmp_path / "ckpt", tokenizer=tokenizer), model
+
+
+def test_eval_writes_results(tmp_path, tiny_checkpoint, capsys, monkeypatch):
+    monkeypatch.setenv("PPN_CACHE", str(tmp_path / "cache"))
+    path, model = tiny_checkpoint
+    text = tmp_path / "corpus.txt"
+    text.write_text("Shall I compare thee to a summer's day? Thou art more lovely and more temperate. " * 40)
+    out = tmp_path / "res" / "ev.json"
+    assert cli.main(["eval", "--model", str(path), "--text", str(text), "--out", str(out)]) == 0
+    record = json.loads(out.read_text())["records"][0]
+    assert record["windows"] >= 1 and record["tokens"] == record["windows"] * 511
+    assert np.isfinite(record["perplexity"]) and record["perplexity"] > 1
+    assert "perplexity" in capsys.readouterr().out
+    assert out.with_suffix(".md").exists()
+
+
+def test_eval_reports_a_missing_model_clearly(tmp_path, capsys):
+    assert cli.main(["eval", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "r.json")]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_unknown_subcommand_exits():
+    with pytest.raises(SystemExit):
+        cli.main(["frobnicate"])
