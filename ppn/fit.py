@@ -1,0 +1,300 @@
+"""Fitting the push puppet model: SVI over the gates, together with the network weights.
+
+    result = ppn.fit(model, tokens, FitConfig(steps=300), run_dir="runs/smollm2")
+
+Every step draws a target size rho ~ Uniform(rho_min, 1), a fixed-shape batch of
+random windows, and a hard-concrete temperature from a geometric schedule; all
+three are functions of (seed, step) only, so a run resumed from a checkpoint
+replays exactly the steps an unbroken run would. The update is one jitted
+function of fixed shapes: it compiles once. A step whose loss or new parameters
+are not finite is skipped (the state is left as it was) and counted.
+
+A run folder holds config.json, metrics.jsonl (one line per step) and orbax
+checkpoints; it is written by process 0 only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import optax
+from flax import nnx
+from numpyro.infer import SVI, Trace_ELBO
+from numpyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoNormal
+from tqdm.auto import tqdm
+
+from ppn import bayes, data
+from ppn.gates import Units
+from ppn.models.llama import Llama
+from ppn.report import atomic_write_text
+
+WEIGHTS_SITE = "llama$params"
+
+
+@dataclasses.dataclass(frozen=True)
+class FitConfig:
+    """Every knob of a fit. Defaults suit SmolLM2-135M on a 2-core CPU (about 20 minutes).
+
+    Attributes:
+        steps: SVI steps.
+        batch_size, seqlen: each step sees batch_size windows of seqlen + 1 tokens.
+        rho_min: target sizes are drawn from Uniform(rho_min, 1).
+        group_width: SwiGLU channels per MLP gate.
+        prior: a name in `ppn.bayes.PRIORS`.
+        guide: "normal" (AutoNormal) or "lowrank" (AutoLowRankMultivariateNormal).
+        guide_init_scale: initial scale of the guide.
+        lr_weights, lr_gates: Adam learning rates of the network weights and of the guide.
+        train_weights: fit the weights with the gates (False: gates only, weights frozen).
+        temperature_start, temperature_end: geometric schedule of the hard-concrete temperature.
+        likelihood_temperature: divides the log-likelihood (a tempered posterior; 1 = exact).
+        distill_weight: weight of self-distillation from the ungated pass (0 = off).
+        data_tokens: tokens the likelihood is scaled to; None = len(tokens).
+        checkpoint_every: steps between checkpoints of the run folder.
+        max_nonfinite: consecutive non-finite steps tolerated before giving up.
+        seed: seeds batches, sizes, gates and the guide.
+    """
+
+    steps: int = 200
+    batch_size: int = 4
+    seqlen: int = 256
+    rho_min: float = 0.2
+    group_width: int = 64
+    prior: str = "hierarchical"
+    guide: str = "normal"
+    guide_init_scale: float = 0.05
+    lr_weights: float = 2e-5
+    lr_gates: float = 0.05
+    train_weights: bool = True
+    temperature_start: float = 1.0
+    temperature_end: float = 0.2
+    likelihood_temperature: float = 1.0
+    distill_weight: float = 0.0
+    data_tokens: int | None = None
+    checkpoint_every: int = 25
+    max_nonfinite: int = 20
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1 or self.seqlen < 2:
+            raise ValueError("steps and batch_size must be >= 1 and seqlen >= 2")
+        if not 0 < self.rho_min < 1:
+            raise ValueError(f"rho_min must lie in (0, 1), got {self.rho_min}")
+        bayes.get_prior(self.prior)
+        if self.guide not in GUIDES:
+            raise ValueError(f"unknown guide {self.guide!r}; choose one of {', '.join(GUIDES)}")
+        if not self.temperature_start > 0 or not self.temperature_end > 0:
+            raise ValueError("temperatures must be positive")
+        if self.checkpoint_every < 1:
+            raise ValueError("checkpoint_every must be >= 1")
+
+    def rho(self, step: int) -> float:
+        """The target size of `step`, a function of (seed, step) only."""
+        return float(np.random.default_rng([self.seed, step, 1]).uniform(self.rho_min, 1.0))
+
+    def temperature(self, step: int) -> float:
+        frac = step / max(self.steps - 1, 1)
+        return self.temperature_start * (self.temperature_end / self.temperature_start) ** frac
+
+
+GUIDES = {"normal": AutoNormal, "lowrank": AutoLowRankMultivariateNormal}
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What a fit produced.
+
+    Attributes:
+        model: the network with its fitted weights.
+        units: the gate registry the guide's sites index.
+        config: the fit's configuration.
+        guide_params: the guide's variational parameters by site name (numpy).
+        metrics: one dict per step (loss, nll per token, rho, expected size, ...).
+        nonfinite_steps: steps skipped because the loss or an update was not finite.
+        seconds: wall time of this call (a resumed run counts only its own part).
+    """
+
+    model: Llama
+    units: Units
+    config: FitConfig
+    guide_params: dict[str, np.ndarray]
+    metrics: list[dict[str, Any]]
+    nonfinite_steps: int
+    seconds: float
+
+
+def _network_model(network: Llama, units: Units, cfg: FitConfig, data_tokens: int):
+    """The NumPyro model with everything but (batch, rho, temperature, weights) bound."""
+    return functools.partial(
+        bayes.push_puppet_model, network=network, units=units, prior=cfg.prior, data_tokens=data_tokens,
+        likelihood_temperature=cfg.likelihood_temperature, train_weights=cfg.train_weights,
+        distill_weight=cfg.distill_weight)
+
+
+def _optimizer(cfg: FitConfig):
+    """Adam with separate learning rates: network weights vs. gate variational parameters."""
+    weights = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(cfg.lr_weights))
+    tx = optax.multi_transform(
+        {"weights": weights, "gates": optax.adam(cfg.lr_gates)},
+        lambda params: {k: "weights" if k == WEIGHTS_SITE else "gates" for k in params})
+    return numpyro.optim.optax_to_numpyro(tx)
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack(leaves))
+
+
+class _Run:
+    """The run folder: config, metrics log, orbax checkpoints."""
+
+    def __init__(self, run_dir: Path | None, cfg: FitConfig, model: Llama):
+        self.dir = run_dir
+        self.manager = None
+        if run_dir is None:
+            return
+        if (run_dir / "DONE").exists():
+            raise FileExistsError(f"{run_dir} holds a finished run; choose another run folder or delete it")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        record = {"fit": dataclasses.asdict(cfg), "model": model.config.to_hf()}
+        config_file = run_dir / "config.json"
+        if config_file.exists():
+            previous = json.loads(config_file.read_text())
+            if previous != json.loads(json.dumps(record)):
+                raise ValueError(f"{run_dir} holds an unfinished run with another configuration; "
+                                 "resume it with the same FitConfig and model, or use another folder")
+        elif jax.process_index() == 0:
+            atomic_write_text(config_file, json.dumps(record, indent=2))
+        import orbax.checkpoint as ocp
+
+        self.manager = ocp.CheckpointManager(
+            (run_dir / "checkpoints").absolute(),
+            options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+
+    def restore(self, state):
+        """(step, state, nonfinite) from the latest checkpoint, or (0, state, 0)."""
+        if self.manager is None or self.manager.latest_step() is None:
+            return 0, state, 0
+        import orbax.checkpoint as ocp
+
+        step = self.manager.latest_step()
+        target = {"state": state, "nonfinite": np.zeros((), np.int64)}
+        restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
+        return step, restored["state"], int(restored["nonfinite"])
+
+    def save(self, step: int, state, nonfinite: int):
+        if self.manager is None:
+            return
+        import orbax.checkpoint as ocp
+
+        self.manager.save(step, args=ocp.args.StandardSave({"state": state, "nonfinite": np.asarray(nonfinite)}))
+        self.manager.wait_until_finished()
+
+    def metrics(self, upto: int) -> list[dict]:
+        """Logged metrics of steps < upto (a resumed run drops lines past its checkpoint)."""
+        if self.dir is None or not (self.dir / "metrics.jsonl").exists():
+            return []
+        rows = [json.loads(line) for line in (self.dir / "metrics.jsonl").read_text().splitlines() if line]
+        return [r for r in rows if r["step"] < upto]
+
+    def write_metrics(self, rows: list[dict]):
+        if self.dir is not None and jax.process_index() == 0:
+            atomic_write_text(self.dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def fit(model: Llama, tokens, config: FitConfig = FitConfig(), run_dir: str | os.PathLike | None = None,
+        progress: bool = True) -> FitResult:
+    """Fits the gates (and, by default, the weights) of `model` on `tokens` by SVI.
+
+    Args:
+        model: a dense `Llama`.
+        tokens: int array (N,) of training tokens.
+        config: the fit's knobs.
+        run_dir: folder for config, metrics and checkpoints; an unfinished run
+            there is resumed, a finished one is refused.
+        progress: show a progress bar with ELBO, NLL per token and size error.
+
+    Raises:
+        FileExistsError: `run_dir` holds a finished run.
+        FloatingPointError: more than `max_nonfinite` consecutive non-finite steps.
+    """
+    start_time = time.perf_counter()
+    if model.config.layers is not None:
+        raise ValueError("fit needs the dense model; this one is already pruned")
+    tokens = np.asarray(tokens)
+    cfg = config
+    units = Units(model.config, cfg.group_width)
+    data_tokens = cfg.data_tokens or len(tokens)
+    run = _Run(Path(run_dir) if run_dir is not None else None, cfg, model)
+
+    model_fn = _network_model(model, units, cfg, data_tokens)
+    weights = None if cfg.train_weights else nnx.state(model, nnx.Param)
+    guide = GUIDES[cfg.guide](model_fn, init_scale=cfg.guide_init_scale)
+    svi = SVI(model_fn, guide, _optimizer(cfg), Trace_ELBO())
+
+    batches = data.train_batches(tokens, cfg.batch_size, cfg.seqlen + 1, cfg.seed)
+    first = jnp.asarray(next(batches))
+    state = svi.init(jax.random.PRNGKey(cfg.seed), first, jnp.float32(cfg.rho(0)),
+                     jnp.float32(cfg.temperature(0)), weights=weights)
+    step0, state, nonfinite = run.restore(state)
+    history = run.metrics(step0)
+
+    @jax.jit
+    def update(state, batch, rho, temperature, weights):
+        new, loss = svi.update(state, batch, rho, temperature, weights=weights)
+        ok = jnp.isfinite(loss) & _all_finite(svi.get_params(new))
+        kept = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
+        return kept, loss, ok, new.mutable_state["ppn$metrics"]
+
+    batches = data.train_batches(tokens, cfg.batch_size, cfg.seqlen + 1, cfg.seed, start_step=step0)
+    consecutive = 0
+    bar = tqdm(range(step0, cfg.steps), initial=step0, total=cfg.steps, disable=not progress, desc="fit")
+    for step in bar:
+        rho, temperature = cfg.rho(step), cfg.temperature(step)
+        tick = time.perf_counter()
+        state, loss, ok, metrics = update(state, jnp.asarray(next(batches)), jnp.float32(rho),
+                                          jnp.float32(temperature), weights)
+        ok = bool(ok)
+        nonfinite += not ok
+        consecutive = 0 if ok else consecutive + 1
+        row = {"step": step, "loss": float(loss), "finite": ok, "rho": rho, "temperature": temperature,
+               "nll_per_token": float(metrics["nll"]), "expected_size": float(metrics["expected_size"]),
+               "size_error": float(metrics["expected_size"]) - rho, "offset": float(metrics["offset"]),
+               "distill_kl": float(metrics["distill_kl"]), "seconds": time.perf_counter() - tick}
+        history.append(row)
+        bar.set_postfix(elbo=f"{-row['loss']:.4g}", nll=f"{row['nll_per_token']:.3f}",
+                        size_err=f"{row['size_error']:+.1e}")
+        if consecutive > cfg.max_nonfinite:
+            run.write_metrics(history)
+            raise FloatingPointError(
+                f"{consecutive} consecutive steps with a non-finite loss or update (last loss {float(loss)}) "
+                f"at step {step}; the last checkpoint in {run.dir} is intact. Lower lr_weights/lr_gates "
+                "or check the data.")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            run.write_metrics(history)
+            run.save(step + 1, state, nonfinite)
+
+    params = svi.get_params(state)
+    fitted = model
+    if cfg.train_weights:
+        graphdef, fitted_weights, rest = nnx.split(model, nnx.Param, ...)
+        nnx.replace_by_pure_dict(fitted_weights, params[WEIGHTS_SITE])
+        fitted = nnx.merge(graphdef, fitted_weights, rest)
+    guide_params = {k: np.asarray(v) for k, v in params.items() if k != WEIGHTS_SITE}
+    return FitResult(model=fitted, units=units, config=cfg, guide_params=guide_params, metrics=history,
+                     nonfinite_steps=nonfinite, seconds=time.perf_counter() - start_time)
+
+
+def mark_done(run_dir: str | os.PathLike) -> None:
+    """Marks a run folder finished: later fits into it are refused."""
+    atomic_write_text(Path(run_dir) / "DONE", time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+
