@@ -1,17 +1,29 @@
 """ppn: Push Puppet Networks, Bayesian structured pruning of LLaMA-family models in JAX.
 
 The data flow, one module per step:
-    checkpoint (load_model, save_model) -> models (Llama, LlamaConfig)
-    -> data (Shakespeare splits, batches) -> evaluate (perplexity)
-    -> generate (KV-cache decoding)
+
+    checkpoint   load_model, save_model, load_tokenizer   (HF directories, GGUF, the zoo)
+    models       Llama, LlamaConfig                        (Flax NNX decoder, per-block shapes)
+    gates        Units, KeepSet                            (prunable units and their exact costs)
+    bayes        push_puppet_model                         (hierarchical prior, hard-concrete gates)
+    fit          fit, FitConfig                            (SVI with the network weights)
+    plan         Plan                                      (posterior summary: size -> structure)
+    prune        prune                                     (the smaller dense model)
+    evaluate     perplexity;  generate: generate;  speed: throughput
 """
 
 from ppn.checkpoint import count_params, load_model, load_tokenizer, save_model
+from ppn.evaluate import perplexity
+from ppn.fit import FitConfig, FitResult, fit
+from ppn.gates import KeepSet, Units
 from ppn.generate import generate
 from ppn.models.config import LayerShape, LlamaConfig, RopeScaling
 from ppn.models.llama import KVCache, Llama
+from ppn.plan import Plan
+from ppn.prune import prune
 
 __all__ = [
-    "KVCache", "LayerShape", "Llama", "LlamaConfig", "RopeScaling", "count_params", "generate",
-    "load_model", "load_tokenizer", "save_model",
+    "FitConfig", "FitResult", "KVCache", "KeepSet", "LayerShape", "Llama", "LlamaConfig", "Plan", "RopeScaling",
+    "Units", "count_params", "fit", "generate", "load_model", "load_tokenizer", "perplexity", "prune",
+    "save_model",
 ]

@@ -243,8 +243,13 @@ def fit(model: Llama, tokens, config: FitConfig = FitConfig(), run_dir: str | os
 
     batches = data.train_batches(tokens, cfg.batch_size, cfg.seqlen + 1, cfg.seed)
     first = jnp.asarray(next(batches))
-    state = svi.init(jax.random.PRNGKey(cfg.seed), first, jnp.float32(cfg.rho(0)),
-                     jnp.float32(cfg.temperature(0)), weights=weights)
+    try:
+        state = svi.init(jax.random.PRNGKey(cfg.seed), first, jnp.float32(cfg.rho(0)),
+                         jnp.float32(cfg.temperature(0)), weights=weights)
+    except RuntimeError as e:  # numpyro: "Cannot find valid initial parameters"
+        raise FloatingPointError(
+            f"the log density is not finite at the initial parameters ({e}); "
+            "check the model's weights for NaN/inf") from e
     step0, state, nonfinite = run.restore(state)
     history = run.metrics(step0)
 

@@ -68,16 +68,26 @@ def _take(x: jax.Array, indices: jax.Array, axis: int) -> jax.Array:
     return jnp.take(x, indices, axis=axis)
 
 
-def prune(model: Llama, keep: KeepSet) -> Llama:
-    """The smaller dense model that keeps exactly `keep`'s units.
+def prune(model: Llama, keep, size: float | int | None = None) -> Llama:
+    """The smaller dense model that keeps exactly the chosen units.
 
     Its logits equal those of `model` run with `hard_gates(keep)`, and its
-    parameter count is `keep.num_params()` plus embeddings, head and final norm.
-    The gathers are jitted, compiled once per (tensor shape, kept count).
+    prunable parameter count is `keep.num_params()`. The gathers are jitted,
+    compiled once per (tensor shape, kept count).
+
+    Args:
+        model: the dense model.
+        keep: a `KeepSet`, or a `ppn.Plan` together with `size`.
+        size: with a plan: a fraction of prunable parameters in (0, 1] or a count.
 
     Raises:
-        ValueError: if `keep` was built for a model of another shape.
+        ValueError: the keep-set or plan belongs to another architecture, or the size is invalid.
     """
+    if size is not None:
+        keep.check_model(model.config)
+        keep = keep.keep(size)
+    elif not isinstance(keep, KeepSet):
+        raise TypeError("prune(model, plan, size) needs a size when given a plan")
     if keep.units.config != model.config.replace(layers=None) or model.config.layers is not None:
         raise ValueError(
             "this keep-set was computed for another architecture than the model's: "

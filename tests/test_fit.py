@@ -1,0 +1,242 @@
+"""The push puppet fit: the NumPyro model, SVI, resume, bad input, and the plan it yields."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import pytest
+from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ppn
+from ppn import bayes
+from ppn.fit import FitConfig, fit, mark_done
+from ppn.gates import Units
+from ppn.plan import Plan
+from ppn.prune import prune
+from ppn.testing import tiny_config, tiny_model
+
+TOKENS = np.random.default_rng(0).integers(0, 97, 4000)
+SMALL = FitConfig(steps=6, batch_size=2, seqlen=16, group_width=16, checkpoint_every=3)
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    return fit(tiny_model(), TOKENS, SMALL, progress=False)
+
+
+@pytest.fixture(scope="module")
+def plan(fitted):
+    return Plan.from_fit(fitted)
+
+
+# ---------------------------------------------------------------- the model
+@pytest.mark.parametrize("prior", list(bayes.PRIORS))
+def test_expected_size_equals_rho_whatever_the_likelihood_scale(prior):
+    model = tiny_model()
+    units = Units(model.config, 16)
+    batch = jnp.asarray(TOKENS[:34].reshape(2, 17))
+    for data_tokens in (10, 10**7):
+        for rho in (0.25, 0.6, 0.95):
+            with numpyro.handlers.seed(rng_seed=1):
+                tr = numpyro.handlers.trace(bayes.push_puppet_model).get_trace(
+                    batch, jnp.float32(rho), jnp.float32(0.5), network=model, units=units, prior=prior,
+                    data_tokens=data_tokens)
+            assert abs(float(tr["ppn$metrics"]["value"]["expected_size"]) - rho) < 1e-4
+
+
+def test_push_offset_gradient_follows_the_implicit_function():
+    units = Units(tiny_config(), 16)
+    rng = np.random.default_rng(0)
+    logits = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in bayes._shapes(units).items()}
+    rho, temp = jnp.float32(0.4), 0.5
+
+    def offset(scale):
+        return bayes.push_offset(units, {k: v * scale for k, v in logits.items()}, rho, temp)
+
+    eps = 1e-2
+    numeric = (offset(1 + eps) - offset(1 - eps)) / (2 * eps)
+    assert abs(float(jax.grad(offset)(1.0)) - float(numeric)) < 2e-2 * max(1.0, abs(float(numeric)))
+
+
+def test_hard_concrete_has_exact_zeros_and_ones_and_the_stated_open_probability():
+    logit = jnp.full((20000,), 0.3)
+    z = bayes.sample_hard_concrete(jax.random.key(0), logit, 0.5)
+    assert float((z == 0).mean()) > 0.05 and float((z == 1).mean()) > 0.05
+    assert abs(float((z > 0).mean()) - float(bayes.open_probability(jnp.float32(0.3), 0.5))) < 0.01
+
+
+def test_unknown_prior_is_refused():
+    with pytest.raises(ValueError, match="unknown prior 'horse'"):
+        FitConfig(prior="horse")
+
+
+# ---------------------------------------------------------------------- fit
+def test_fit_compiles_once_and_logs_every_step(tmp_path):
+    traces = []
+    original = bayes.push_puppet_model
+
+    def counting(*args, **kwargs):
+        traces.append(1)
+        return original(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bayes, "push_puppet_model", counting)
+        result = fit(tiny_model(), TOKENS, SMALL, run_dir=tmp_path / "run", progress=False)
+    # init traces the model and the guide's prototype; the jitted update traces it
+    # for the model and the guide once each: the count must not grow with steps.
+    assert len(traces) <= 5
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == list(range(SMALL.steps))
+    assert all(abs(r["size_error"]) < 1e-4 for r in result.metrics)
+    assert result.nonfinite_steps == 0
+
+
+def test_fit_trains_weights_and_can_freeze_them(fitted):
+    before = nnx.state(tiny_model(), nnx.Param)
+    after = nnx.state(fitted.model, nnx.Param)
+    assert any(float(jnp.abs(a - b).max()) > 0 for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+    frozen = fit(tiny_model(), TOKENS, FitConfig(**{**SMALL.__dict__, "train_weights": False, "steps": 3}),
+                 progress=False)
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(nnx.state(frozen.model, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_resume_after_a_kill_equals_an_unbroken_run(tmp_path, monkeypatch):
+    cfg = FitConfig(**{**SMALL.__dict__, "steps": 7, "checkpoint_every": 3})
+    unbroken = fit(tiny_model(), TOKENS, cfg, run_dir=tmp_path / "a", progress=False)
+
+    from ppn import data
+
+    original = data.train_batches
+
+    def dying(*args, start_step=0, **kwargs):
+        for i, batch in enumerate(original(*args, start_step=start_step, **kwargs)):
+            if start_step + i == 5:  # killed after the checkpoint at step 3, mid-way to the next
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(data, "train_batches", dying)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_model(), TOKENS, cfg, run_dir=tmp_path / "b", progress=False)
+    monkeypatch.setattr(data, "train_batches", original)
+    resumed = fit(tiny_model(), TOKENS, cfg, run_dir=tmp_path / "b", progress=False)
+    assert [r["step"] for r in resumed.metrics] == list(range(7))
+    for k, v in unbroken.guide_params.items():
+        np.testing.assert_allclose(resumed.guide_params[k], v, rtol=1e-6, atol=1e-7, err_msg=k)
+    for a, b in zip(jax.tree.leaves(nnx.state(unbroken.model)), jax.tree.leaves(nnx.state(resumed.model))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_a_finished_run_is_not_overwritten(tmp_path):
+    fit(tiny_model(), TOKENS, FitConfig(**{**SMALL.__dict__, "steps": 2}), run_dir=tmp_path / "r", progress=False)
+    mark_done(tmp_path / "r")
+    before = (tmp_path / "r" / "metrics.jsonl").read_text()
+    with pytest.raises(FileExistsError, match="holds a finished run"):
+        fit(tiny_model(), TOKENS, SMALL, run_dir=tmp_path / "r", progress=False)
+    assert (tmp_path / "r" / "metrics.jsonl").read_text() == before
+
+
+def test_resuming_with_another_config_is_refused(tmp_path):
+    fit(tiny_model(), TOKENS, FitConfig(**{**SMALL.__dict__, "steps": 2}), run_dir=tmp_path / "r", progress=False)
+    with pytest.raises(ValueError, match="another configuration"):
+        fit(tiny_model(), TOKENS, FitConfig(**{**SMALL.__dict__, "steps": 2, "lr_gates": 0.5}),
+            run_dir=tmp_path / "r", progress=False)
+
+
+def test_non_finite_weights_are_reported_before_training(tmp_path):
+    model = tiny_model()
+    model.embed[...] = jnp.full_like(model.embed[...], jnp.nan)
+    with pytest.raises(FloatingPointError, match="not finite at the initial parameters"):
+        fit(model, TOKENS, SMALL, run_dir=tmp_path / "nan", progress=False)
+
+
+def test_diverging_steps_are_skipped_then_stop_the_fit(tmp_path):
+    cfg = FitConfig(**{**SMALL.__dict__, "steps": 8, "max_nonfinite": 2, "lr_gates": 1e38})
+    with pytest.raises(FloatingPointError, match="3 consecutive steps with a non-finite loss or update"):
+        fit(tiny_model(), TOKENS, cfg, run_dir=tmp_path / "div", progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "div" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["finite"] for r in rows][-3:] == [False] * 3
+
+
+def test_fit_refuses_a_pruned_model(plan):
+    pruned = prune(tiny_model(), plan, 0.5)
+    with pytest.raises(ValueError, match="dense model"):
+        fit(pruned, TOKENS, SMALL, progress=False)
+
+
+# --------------------------------------------------------------------- plan
+def test_plan_round_trips_and_resizes_without_a_model(plan, tmp_path):
+    path = plan.save(tmp_path / "plan.json")
+    assert path.stat().st_size < 64_000
+    loaded = Plan.load(path)
+    for size in (0.3, 0.5, 0.9, 1.0, 2000):
+        assert loaded.keep(size) == plan.keep(size)
+    doc = json.loads(path.read_text())
+    assert set(doc["gates"]["alpha_head"]) >= {"mean", "sd", "q05", "q50", "q95"}
+    assert np.asarray(doc["gates"]["alpha_head"]["mean"]).shape == (2, 4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.floats(0.02, 1.0))
+def test_keep_lands_within_one_unit_of_the_target(plan, size):
+    u = plan.units
+    budget = u.budget(size)
+    kept = plan.keep(size).num_params()
+    largest_unit = max(u.head_cost + u.kv_cost + u.attn_fixed_cost, int(u.group_costs.max()) + u.mlp_fixed_cost)
+    assert budget - largest_unit < kept <= budget
+
+
+def test_kept_size_grows_with_the_target(plan):
+    u = plan.units
+    largest_unit = max(u.head_cost + u.kv_cost + u.attn_fixed_cost, int(u.group_costs.max()) + u.mlp_fixed_cost)
+    sizes = np.arange(largest_unit, u.total + 1, largest_unit)
+    kept = [plan.keep(int(s)).num_params() for s in sizes]
+    assert all(b >= a for a, b in zip(kept, kept[1:]))
+
+
+def test_keep_is_deterministic_and_probabilities_are_probabilities(plan, tmp_path):
+    assert plan.keep(0.45) == Plan.load(plan.save(tmp_path / "p.json")).keep(0.45)
+    p = plan.keep_probability(0.5, num_samples=40)
+    assert p["head"].shape == (2, 4) and p["mlp_group"].shape == (2, 3)
+    assert all(((v >= 0) & (v <= 1)).all() for v in p.values())
+
+
+def test_pruned_parameter_count_equals_the_plans(plan, fitted):
+    for size in (0.3, 0.7):
+        pruned = prune(fitted.model, plan, size)
+        assert pruned.config.num_prunable_params() == plan.keep(size).num_params()
+
+
+def test_arviz_export_has_named_dims(plan):
+    idata = plan.to_arviz(num_samples=30)
+    assert idata.posterior["alpha_head"].dims == ("chain", "draw", "layer", "head")
+    assert idata.posterior["beta_mlp_group"].shape == (1, 30, 2, 3)
+
+
+def test_plan_used_with_another_model_is_refused(plan):
+    other = tiny_model(num_heads=8, num_kv_heads=2)
+    with pytest.raises(ValueError, match="another architecture"):
+        prune(other, plan, 0.5)
+
+
+@pytest.mark.parametrize("corrupt", [
+    lambda d: "{ not json",
+    lambda d: json.dumps({**d, "format": "something/9"}),
+    lambda d: json.dumps({**d, "sites": {**d["sites"], "alpha0": {**d["sites"]["alpha0"], "scale": -1.0}}}),
+    lambda d: json.dumps({k: v for k, v in d.items() if k != "config"}),
+    lambda d: json.dumps({**d, "sites": {k: v for k, v in d["sites"].items() if k != "delta"}}),
+])
+def test_corrupt_plan_files_are_refused(plan, tmp_path, corrupt):
+    path = plan.save(tmp_path / "p.json")
+    path.write_text(corrupt(json.loads(path.read_text())))
+    with pytest.raises(ValueError, match="is not a valid ppn plan"):
+        Plan.load(path)
+
+
+def test_missing_plan_file():
+    with pytest.raises(FileNotFoundError, match="no plan file"):
+        Plan.load("/no/such/plan.json")
