@@ -32,7 +32,6 @@ class Config:
     prefill_batch: int = 4
     prompt_len: int = 128
     new_tokens: int = 128
-    no_cache_tokens: int = 16  # decoding without cache is slow: time fewer tokens
     torch_perplexity: bool = True
     out_dir: str = "results"
     smoke: bool = False
@@ -93,8 +92,7 @@ def main(cfg: Config) -> list[dict]:
         ppl_seconds = time.perf_counter() - start
         ours = {"prefill": speed.prefill_throughput(model, cfg.prefill_batch, cfg.seqlen),
                 "decode": speed.decode_throughput(model, cfg.prompt_len, cfg.new_tokens),
-                "decode_no_cache": speed.decode_without_cache_throughput(model, cfg.prompt_len,
-                                                                         cfg.no_cache_tokens)}
+                "decode_no_cache": speed.decode_without_cache_throughput(model, cfg.prompt_len, cfg.new_tokens)}
         theirs = torch_throughput(path, cfg)
         ref_ppl = torch_perplexity(theirs["model"], tokens, cfg) if cfg.torch_perplexity else None
 
@@ -133,6 +131,6 @@ if __name__ == "__main__":
     parser.add_argument("--no-torch-perplexity", action="store_true", help="skip the PyTorch perplexity")
     parser.add_argument("--out-dir", default="results")
     a = parser.parse_args()
-    smoke = dict(seqlen=64, prefill_batch=2, prompt_len=16, new_tokens=16, no_cache_tokens=4) if a.smoke else {}
+    smoke = dict(seqlen=64, prefill_batch=2, prompt_len=16, new_tokens=16) if a.smoke else {}
     main(Config(max_windows=a.max_windows, torch_perplexity=not a.no_torch_perplexity, out_dir=a.out_dir,
                 smoke=a.smoke, **smoke))

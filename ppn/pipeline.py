@@ -1,0 +1,139 @@
+"""The main job: fit a push puppet on Shakespeare, then cut the model to every size.
+
+    ppn fit                                  # SmolLM2-135M, default CPU budget
+    python experiments/fit.py --smoke        # tiny model, seconds
+
+Writes into the run folder: config.json, metrics.jsonl, checkpoints/, model/
+(the fitted dense weights, HF format), plan.json, posterior.nc (ArviZ), PNG
+plots and table.md; and results/<name>.json + .md with one row per size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ppn import data, plots
+from ppn.checkpoint import load_model, load_tokenizer, save_model
+from ppn.evaluate import perplexity
+from ppn.fit import FitConfig, fit, mark_done
+from ppn.gates import Units
+from ppn.plan import Plan, fill_budget
+from ppn.prune import prune
+from ppn.report import atomic_write_text, markdown_table, write_results
+
+SIZES = (0.9, 0.7, 0.5, 0.4, 0.3)
+COLUMNS = ["method", "size", "kept_prunable", "kept_fraction", "kept_total", "perplexity", "eval", "train_tokens",
+           "resize_seconds"]
+
+
+@dataclasses.dataclass(frozen=True)
+class JobConfig:
+    """The main job's settings.
+
+    Attributes:
+        model: zoo name, checkpoint directory or .gguf file.
+        run_dir: the run folder (resumed if unfinished, refused if finished).
+        fit: the fit's knobs.
+        sizes: target fractions of prunable parameters to cut to.
+        eval_windows: validation windows per perplexity (64 = "quick", None = full).
+        results: the results JSON to write (a markdown table goes beside it).
+        random_floor: also evaluate a random structure at each size (same weights).
+        smoke: a tiny random model and random tokens instead of the real ones.
+    """
+
+    model: str = "smollm2-135m"
+    run_dir: str = "runs/smollm2-135m"
+    fit: FitConfig = FitConfig()
+    sizes: tuple[float, ...] = SIZES
+    eval_windows: int | None = 64
+    results: str = "results/fit.json"
+    random_floor: bool = True
+    smoke: bool = False
+
+
+def _inputs(cfg: JobConfig):
+    """(model, tokenizer or None, train tokens, validation tokens)."""
+    if cfg.smoke:
+        from ppn.testing import tiny_model
+
+        rng = np.random.default_rng(0)
+        return tiny_model(), None, rng.integers(0, 97, 20_000), rng.integers(0, 97, 4 * 512)
+    model = load_model(cfg.model)
+    tokenizer = load_tokenizer(cfg.model)
+    return (model, tokenizer, data.tokenize(data.shakespeare("train"), tokenizer),
+            data.tokenize(data.shakespeare("validation"), tokenizer))
+
+
+def run(cfg: JobConfig, progress: bool = True) -> list[dict]:
+    """Runs the whole pipeline and returns the result rows (also written to disk)."""
+    run_dir = Path(cfg.run_dir)
+    model, tokenizer, train, valid = _inputs(cfg)
+    seqlen = 512 if not cfg.smoke else 64
+
+    def ppl(m):
+        return perplexity(m, valid, seqlen=seqlen, max_windows=cfg.eval_windows, progress=progress)
+
+    mode = "quick" if cfg.eval_windows == 64 else ("full" if cfg.eval_windows is None else f"{cfg.eval_windows} windows")
+    total = model.config.num_params()
+    prunable = model.config.num_prunable_params()
+    rows = [{"method": "dense", "size": 1.0, "kept_prunable": prunable, "kept_fraction": 1.0, "kept_total": total,
+             "perplexity": ppl(model).perplexity, "eval": mode, "train_tokens": 0}]
+
+    fit_start = time.perf_counter()
+    result = fit(model, train, cfg.fit, run_dir=run_dir, progress=progress)
+    fit_seconds = time.perf_counter() - fit_start
+    train_tokens = cfg.fit.steps * cfg.fit.batch_size * (cfg.fit.seqlen + 1)
+    plan = Plan.from_fit(result, meta={"model": cfg.model, "checkpoint": str(run_dir / "model")})
+    plan.save(run_dir / "plan.json")
+    save_model(result.model, run_dir / "model", tokenizer=tokenizer, overwrite=True)
+    _posterior_outputs(plan, result.metrics, run_dir)
+
+    rows.append({"method": "ppn (fitted weights, unpruned)", "size": 1.0, "kept_prunable": prunable,
+                 "kept_fraction": 1.0, "kept_total": total, "perplexity": ppl(result.model).perplexity,
+                 "eval": mode, "train_tokens": train_tokens})
+    units = Units(model.config, cfg.fit.group_width)
+    rng = np.random.default_rng(0)
+    for size in cfg.sizes:
+        start = time.perf_counter()
+        pruned = prune(result.model, plan, size)
+        resize = time.perf_counter() - start
+        kept = pruned.config.num_prunable_params()
+        rows.append({"method": "ppn", "size": size, "kept_prunable": kept, "kept_fraction": kept / prunable,
+                     "kept_total": pruned.config.num_params(), "perplexity": ppl(pruned).perplexity, "eval": mode,
+                     "train_tokens": train_tokens, "resize_seconds": resize})
+        if cfg.random_floor:
+            scores = {k: rng.normal(size=v.shape) for k, v in plan.median_logits(0.5).items()}
+            rand = prune(result.model, fill_budget(units, scores, units.budget(size)))
+            kept = rand.config.num_prunable_params()
+            rows.append({"method": "random structure (same weights)", "size": size, "kept_prunable": kept,
+                         "kept_fraction": kept / prunable, "kept_total": rand.config.num_params(),
+                         "perplexity": ppl(rand).perplexity, "eval": mode, "train_tokens": train_tokens})
+    for r in rows:
+        r["fit_seconds"] = fit_seconds if r["train_tokens"] else 0.0
+    results = Path(cfg.results)
+    write_results(results.stem, rows, COLUMNS, out_dir=results.parent,
+                  title=f"Push puppet fit on {cfg.model}: validation perplexity by size ({mode})")
+    atomic_write_text(run_dir / "table.md", markdown_table(rows, COLUMNS))
+    atomic_write_text(run_dir / "job.json", json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
+    mark_done(run_dir)
+    return rows
+
+
+def _posterior_outputs(plan: Plan, metrics: list[dict], run_dir: Path) -> None:
+    """ArviZ posterior and the plots, beside the plan."""
+    import matplotlib.pyplot as plt
+
+    idata = plan.to_arviz()
+    tmp = run_dir / ".posterior.nc.tmp"
+    idata.to_netcdf(str(tmp))
+    tmp.replace(run_dir / "posterior.nc")
+    for name, fn in (("keep_probability.png", lambda p: plots.keep_probability_heatmap(plan, path=p)),
+                     ("structure.png", lambda p: plots.structure_curves(plan, path=p)),
+                     ("forest.png", lambda p: plots.forest(plan, path=p)),
+                     ("training.png", lambda p: plots.training_curves(metrics, path=p))):
+        plt.close(fn(run_dir / name))
