@@ -136,11 +136,6 @@ def _resize(args) -> int:
     return 0
 
 
-def _size(text: str) -> float | int:
-    value = float(text)
-    return int(value) if value > 1 else value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ppn", description="Push Puppet Networks: Bayesian structured pruning")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -168,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("resize", help="cut a model to a size from a plan and save it")
     p.add_argument("--plan", required=True, help="plan.json of a fit")
-    p.add_argument("--size", required=True, type=_size, help="fraction in (0, 1] or a parameter count")
+    p.add_argument("--size", required=True, type=float, help="fraction in (0, 1] or a parameter count")
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--from", dest="source", help="checkpoint to cut (default: the one the plan names)")
     p.add_argument("--overwrite", action="store_true")

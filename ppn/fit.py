@@ -64,7 +64,7 @@ class FitConfig:
         seed: seeds batches, sizes, gates and the guide.
     """
 
-    steps: int = 200
+    steps: int = 150
     batch_size: int = 4
     seqlen: int = 256
     rho_min: float = 0.2
