@@ -14,6 +14,8 @@ set and would otherwise simply open every gate).
 Gates are hard-concrete samples at eta_g, so the network trains on exact zeros
 and ones. The hierarchical prior (non-centred) ties units to their layer and
 layers to the model; its negative log density is the "hierarchical penalty".
+One addition to DESIGN.md's prior: layer gates sit a learned margin above their
+units (`_layer_margin`), so that units close before whole sub-layers do.
 `push_puppet_model` is public so that `numpyro.infer.Predictive` can run it.
 
 Shapes: L blocks, N query heads, M MLP groups per block. Gate arrays are dicts
@@ -66,11 +68,25 @@ def _hierarchical(units: Units, unit_noise: dist.Distribution) -> tuple[dict, di
     tau_layer = numpyro.sample("tau_layer", dist.HalfNormal(1.0))
     tau_unit = numpyro.sample("tau_unit", dist.HalfNormal(1.0))
     delta = numpyro.sample("delta", dist.Normal(0.0, 1.0).expand([L, 2]).to_event(2))
-    alpha = {"attn_layer": alpha0 + tau_layer * delta[:, 0], "mlp_layer": alpha0 + tau_layer * delta[:, 1]}
-    for kind, layer in (("head", "attn_layer"), ("mlp_group", "mlp_layer")):
+    margin = _layer_margin()
+    layer_level = alpha0 + tau_layer * delta  # (L, 2): attention, MLP
+    alpha = {"attn_layer": layer_level[:, 0] + margin[0], "mlp_layer": layer_level[:, 1] + margin[1]}
+    for i, kind in enumerate(("head", "mlp_group")):
         eps = numpyro.sample(f"eps_{kind}", unit_noise.expand(shapes[kind]).to_event(2))
-        alpha[kind] = alpha[layer][:, None] + tau_unit * eps
+        alpha[kind] = layer_level[:, i, None] + tau_unit * eps
     return alpha, _slopes(units)
+
+
+def _layer_margin() -> jax.Array:
+    """How much more open a layer gate is than its units, per kind (attention, MLP).
+
+    Without it a layer gate and its units would share one intercept, so at size
+    rho each would open with probability about sqrt(rho): whole sub-layers would
+    be dropped at random from the first step and the network would collapse.
+    A positive margin (prior mean 3 logits) makes units close before their layer;
+    the data can still pull a layer's intercept down.
+    """
+    return numpyro.sample("layer_margin", dist.Normal(3.0, 1.0).expand([2]).to_event(1))
 
 
 def hierarchical_prior(units: Units) -> tuple[dict, dict]:
@@ -88,6 +104,9 @@ def independent_prior(units: Units) -> tuple[dict, dict]:
     """No pooling: every intercept alpha_g ~ Normal(0, 3) on its own (an ablation)."""
     alpha = {kind: numpyro.sample(f"alpha_{kind}", dist.Normal(0.0, 3.0).expand(shape).to_event(len(shape)))
              for kind, shape in _shapes(units).items()}
+    margin = _layer_margin()
+    alpha["attn_layer"] = alpha["attn_layer"] + margin[0]
+    alpha["mlp_layer"] = alpha["mlp_layer"] + margin[1]
     return alpha, _slopes(units)
 
 

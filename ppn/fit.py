@@ -31,6 +31,7 @@ import optax
 from flax import nnx
 from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoNormal
+from numpyro.infer.initialization import init_to_median
 from tqdm.auto import tqdm
 
 from ppn import bayes, data
@@ -75,7 +76,7 @@ class FitConfig:
     lr_weights: float = 2e-5
     lr_gates: float = 0.05
     train_weights: bool = True
-    temperature_start: float = 1.0
+    temperature_start: float = 0.66
     temperature_end: float = 0.2
     likelihood_temperature: float = 1.0
     distill_weight: float = 0.0
@@ -238,7 +239,10 @@ def fit(model: Llama, tokens, config: FitConfig = FitConfig(), run_dir: str | os
 
     model_fn = _network_model(model, units, cfg, data_tokens)
     weights = None if cfg.train_weights else nnx.state(model, nnx.Param)
-    guide = GUIDES[cfg.guide](model_fn, init_scale=cfg.guide_init_scale)
+    # Start every latent at its prior median (not numpyro's default uniform draw in
+    # (-2, 2)): all units of a kind start equal, layer gates start above their units.
+    guide = GUIDES[cfg.guide](model_fn, init_loc_fn=init_to_median(num_samples=15),
+                              init_scale=cfg.guide_init_scale)
     svi = SVI(model_fn, guide, _optimizer(cfg), Trace_ELBO())
 
     batches = data.train_batches(tokens, cfg.batch_size, cfg.seqlen + 1, cfg.seed)
