@@ -125,7 +125,10 @@ def get_prior(name: str) -> Callable[[Units], tuple[dict, dict]]:
 
 # ------------------------------------------------------------------ gates
 def gate_logits(alpha: dict, beta: dict, rho: jax.Array) -> dict:
-    """eta_g(rho) = alpha_g + beta_g * logit(rho), before the push offset."""
+    """eta_g(rho) = alpha_g + beta_g * logit(rho), before the push offset.
+
+    rho is clipped to [1e-4, 1 - 1e-4], where logit(rho) is finite."""
+    rho = jnp.clip(rho, 1e-4, 1 - 1e-4)
     lr = jnp.log(rho) - jnp.log1p(-rho)
     return {k: alpha[k] + beta[k] * lr for k in alpha}
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import time
@@ -50,6 +51,15 @@ class FitConfig:
         steps: SVI steps.
         batch_size, seqlen: each step sees batch_size windows of seqlen + 1 tokens.
         rho_min: target sizes are drawn from Uniform(rho_min, 1).
+        rho_warmup: fraction of the steps over which the lower end of that range
+            falls linearly from 1 to rho_min (0 = the full range from the start).
+            A pretrained network cut at random to half its units is broken, and
+            its gradients say little; pruning gently first lets the gates learn
+            which units matter before the sizes get small.
+        init: where the guide starts: "taylor" puts each unit's intercept at its
+            first-order importance (|dNLL/dz| per parameter, on a few training
+            batches, standardised within the hierarchy); "prior" at the prior
+            medians (all units equal).
         group_width: SwiGLU channels per MLP gate.
         prior: a name in `ppn.bayes.PRIORS`.
         guide: "normal" (AutoNormal) or "lowrank" (AutoLowRankMultivariateNormal).
@@ -69,6 +79,8 @@ class FitConfig:
     batch_size: int = 4
     seqlen: int = 256
     rho_min: float = 0.2
+    rho_warmup: float = 0.3
+    init: str = "taylor"
     group_width: int = 64
     prior: str = "hierarchical"
     guide: str = "normal"
@@ -97,10 +109,16 @@ class FitConfig:
             raise ValueError("temperatures must be positive")
         if self.checkpoint_every < 1:
             raise ValueError("checkpoint_every must be >= 1")
+        if not 0 <= self.rho_warmup < 1:
+            raise ValueError(f"rho_warmup must lie in [0, 1), got {self.rho_warmup}")
+        if self.init not in ("taylor", "prior"):
+            raise ValueError(f"unknown init {self.init!r}; choose 'taylor' or 'prior'")
 
     def rho(self, step: int) -> float:
         """The target size of `step`, a function of (seed, step) only."""
-        return float(np.random.default_rng([self.seed, step, 1]).uniform(self.rho_min, 1.0))
+        warm = min(1.0, max(0.05, step / (self.rho_warmup * self.steps))) if self.rho_warmup > 0 else 1.0
+        low = 1.0 - (1.0 - self.rho_min) * warm
+        return float(np.random.default_rng([self.seed, step, 1]).uniform(low, 1.0))
 
     def temperature(self, step: int) -> float:
         frac = step / max(self.steps - 1, 1)
@@ -148,6 +166,63 @@ def _optimizer(cfg: FitConfig):
         {"weights": weights, "gates": optax.adam(cfg.lr_gates)},
         lambda params: {k: "weights" if k == WEIGHTS_SITE else "gates" for k in params})
     return numpyro.optim.optax_to_numpyro(tx)
+
+
+def _init_loc(site=None, values=None):
+    """numpyro init strategy: given values where known, prior medians elsewhere."""
+    if site is None:
+        return functools.partial(_init_loc, values=values)
+    if site["name"] in values:
+        return jnp.asarray(values[site["name"]], jnp.float32)
+    return init_to_median(site, num_samples=15)
+
+
+def gate_gradients(model: Llama, units: Units, batches) -> dict[str, np.ndarray]:
+    """Mean |d NLL / d z_g| over `batches` (each int (B, T+1)) at all gates open:
+    the first-order change of the loss when a unit is removed (Taylor importance)."""
+    from ppn.bayes import block_gates, token_nll
+
+    graphdef, state = nnx.split(model)
+    ones = {k: jnp.ones(v) for k, v in bayes._shapes(units).items()}
+
+    @jax.jit
+    def grad(state, z, batch):
+        def loss(z):
+            net = nnx.merge(graphdef, state)
+            return token_nll(net(batch[:, :-1], gates=block_gates(units, z)), batch[:, 1:]) / batch[:, 1:].size
+        return jax.grad(loss)(z)
+
+    total = {k: np.zeros(v.shape) for k, v in ones.items()}
+    count = 0
+    for batch in batches:
+        g = grad(state, ones, jnp.asarray(batch))
+        total = {k: total[k] + np.abs(np.asarray(g[k])) for k in total}
+        count += 1
+    return {k: v / count for k, v in total.items()}
+
+
+def taylor_init(model: Llama, units: Units, tokens: np.ndarray, cfg: FitConfig, num_batches: int = 4) -> dict:
+    """Initial guide locations from Taylor importances, in the hierarchy's coordinates.
+
+    A unit's score is log(|dNLL/dz| / cost). A (layer, kind) cell's score is the
+    mean of its units'; `delta` starts at the standardised cell scores, `eps_*` at
+    the standardised deviations of units from their cell (both clipped to +-3).
+    """
+    batches = itertools.islice(data.train_batches(tokens, cfg.batch_size, cfg.seqlen + 1, cfg.seed + 7919),
+                               num_batches)
+    imp = gate_gradients(model, units, batches)
+    costs = {"head": np.full((units.num_layers, units.num_heads), units.head_cost),
+             "mlp_group": np.broadcast_to(units.group_costs, (units.num_layers, units.num_groups))}
+    score = {k: np.log(imp[k] / costs[k] + 1e-20) for k in costs}
+    cells = np.stack([score["head"].mean(1), score["mlp_group"].mean(1)], axis=1)  # (L, 2)
+
+    def standard(x):
+        return np.clip((x - x.mean()) / (x.std() + 1e-12), -3, 3)
+
+    deviations = {k: score[k] - cells[:, i, None] for i, k in enumerate(("head", "mlp_group"))}
+    spread = np.concatenate([d.reshape(-1) for d in deviations.values()]).std() + 1e-12
+    return {"delta": standard(cells),
+            **{f"eps_{k}": np.clip(d / spread, -3, 3) for k, d in deviations.items()}}
 
 
 def _all_finite(tree) -> jax.Array:
@@ -239,9 +314,10 @@ def fit(model: Llama, tokens, config: FitConfig = FitConfig(), run_dir: str | os
 
     model_fn = _network_model(model, units, cfg, data_tokens)
     weights = None if cfg.train_weights else nnx.state(model, nnx.Param)
-    # Start every latent at its prior median (not numpyro's default uniform draw in
-    # (-2, 2)): all units of a kind start equal, layer gates start above their units.
-    guide = GUIDES[cfg.guide](model_fn, init_loc_fn=init_to_median(num_samples=15),
+    # Start latents at their prior medians (not numpyro's default uniform draw in
+    # (-2, 2)), or at the units' first-order importances.
+    start = taylor_init(model, units, tokens, cfg) if cfg.init == "taylor" and cfg.prior != "independent" else {}
+    guide = GUIDES[cfg.guide](model_fn, init_loc_fn=functools.partial(_init_loc, values=start),
                               init_scale=cfg.guide_init_scale)
     svi = SVI(model_fn, guide, _optimizer(cfg), Trace_ELBO())
 
