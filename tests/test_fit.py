@@ -255,8 +255,9 @@ def test_synthetic_recovery_useless_units_are_dropped_first():
         down = teacher.blocks[layer].mlp.down
         down[...] = down[...].at[:, :16].set(0.0)  # group 0 of width 16
     tokens = ppn.generate(teacher, np.zeros((64, 1), np.int32), 63, temperature=1.0, seed=0).reshape(-1)
+    # init="prior": every unit starts equal, so the ranking must come from SVI itself.
     cfg = FitConfig(steps=150, batch_size=8, seqlen=32, group_width=16, train_weights=False, lr_gates=0.05,
-                    rho_min=0.3)
+                    rho_min=0.3, init="prior")
     plan = Plan.from_fit(fit(teacher, tokens, cfg, progress=False))
     p = plan.keep_probability(0.5, num_samples=100)
     # Within its layer (the hierarchy pools units toward their layer, so a dead unit
@@ -268,3 +269,29 @@ def test_synthetic_recovery_useless_units_are_dropped_first():
     for layer in (0, 1):
         assert p["mlp_group"][layer, 0] < p["mlp_group"][layer, 1:].mean(), p["mlp_group"]
     assert not plan.keep(0.5).groups[:, 0].any()
+
+
+def test_taylor_importance_of_a_dead_unit_is_zero():
+    from ppn.fit import gate_gradients
+
+    model = tiny_model(seed=3)
+    model.blocks[0].attn.o[...] = model.blocks[0].attn.o[...].at[:, 2].set(0.0)
+    model.blocks[1].mlp.down[...] = model.blocks[1].mlp.down[...].at[:, 16:32].set(0.0)
+    g = gate_gradients(model, Units(model.config, 16), [TOKENS[:34].reshape(2, 17)])
+    assert g["head"][0, 2] == 0 and g["mlp_group"][1, 1] == 0
+    assert (np.delete(g["head"][0], 2) > 0).all() and (g["mlp_group"][0] > 0).all()
+
+
+def test_size_warmup_starts_near_one_and_then_covers_the_range():
+    cfg = FitConfig(steps=1000, rho_min=0.2, rho_warmup=0.3)
+    early = [cfg.rho(s) for s in range(10)]
+    late = [cfg.rho(s) for s in range(300, 1000)]
+    assert min(early) > 0.95 and min(late) < 0.22 and max(late) > 0.98
+    assert cfg.rho(123) == FitConfig(steps=1000, rho_min=0.2, rho_warmup=0.3).rho(123)
+    assert min(FitConfig(steps=1000, rho_warmup=0.0).rho(s) for s in range(50)) < 0.4
+
+
+def test_self_distillation_is_logged():
+    cfg = FitConfig(**{**SMALL.__dict__, "steps": 3, "distill_weight": 1.0})
+    result = fit(tiny_model(), TOKENS, cfg, progress=False)
+    assert all(r["distill_kl"] >= 0 for r in result.metrics) and any(r["distill_kl"] > 0 for r in result.metrics)
