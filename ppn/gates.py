@@ -192,9 +192,6 @@ class KeepSet:
         """Prunable parameters kept: exactly those of the pruned model's blocks."""
         return self.config().num_prunable_params()
 
-    def fraction(self) -> float:
-        return self.num_params() / self.units.total
-
     def channels(self) -> np.ndarray:
         """(L, F) kept SwiGLU channels, each group's mask repeated over its width."""
         return np.repeat(self.effective().groups, self.units.group_widths, axis=1)

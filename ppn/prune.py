@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ppn.checkpoint import build_model, hf_layout, hf_tensors
-from ppn.gates import KeepSet, Units
+from ppn.gates import KeepSet
 from ppn.models.llama import BlockGates, Llama
 
 
@@ -109,9 +109,3 @@ def hard_gates(keep: KeepSet, dtype=jnp.float32) -> list[BlockGates]:
     return [BlockGates(attn=jnp.asarray(eff.attn[l], dtype), heads=jnp.asarray(eff.heads[l], dtype),
                        mlp=jnp.asarray(eff.mlp[l], dtype), channels=jnp.asarray(channels[l], dtype))
             for l in range(keep.units.num_layers)]
-
-
-def units_of(model: Llama, group_width: int = 64) -> Units:
-    """The unit registry of a dense model."""
-    return Units(model.config, group_width)
-

@@ -188,10 +188,6 @@ class LlamaConfig:
             return self.layers
         return (self.dense_layer_shape(),) * self.num_layers
 
-    @property
-    def is_pruned(self) -> bool:
-        return self.layers is not None and any(s != self.dense_layer_shape() for s in self.layers)
-
     def replace(self, **changes) -> LlamaConfig:
         return dataclasses.replace(self, **changes)
 

@@ -57,10 +57,6 @@ class KVCache:
         zeros = [None if s is None else jnp.zeros(s, dtype) for s in shapes]
         return cls(k=zeros, v=list(zeros), length=jnp.zeros((), jnp.int32))
 
-    @property
-    def max_len(self) -> int:
-        return next(k.shape[1] for k in self.k if k is not None)
-
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
