@@ -39,7 +39,7 @@ class PerplexityResult:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _window_nll(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array) -> jax.Array:
+def _window_nll(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array, gates=None) -> jax.Array:
     """Summed next-token NLL of each window.
 
     A pure function of (graphdef, state) rather than an `nnx.jit` method: it compiles
@@ -50,18 +50,19 @@ def _window_nll(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array) -> jax
         graphdef: the model's static structure, from `nnx.split`.
         state: the model's arrays, from `nnx.split`.
         ids: int32 windows, shape (B, T).
+        gates: optional per-block gates passed to the model (a gated `Llama`).
 
     Returns:
         float32 NLL summed over positions 2..T of each window, shape (B,).
     """
     model = nnx.merge(graphdef, state)
-    logits = model(ids)[:, :-1].astype(jnp.float32)  # (B, T-1, V); bfloat16 models too
+    logits = (model(ids) if gates is None else model(ids, gates=gates))[:, :-1].astype(jnp.float32)  # (B, T-1, V); bfloat16 models too
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:])  # (B, T-1)
     return nll.sum(axis=1)
 
 
 def perplexity(model: nnx.Module, tokens, seqlen: int = 512, max_windows: int | None = None,
-               batch_size: int = 4, progress: bool = True) -> PerplexityResult:
+               batch_size: int = 4, progress: bool = True, gates=None) -> PerplexityResult:
     """Measures a language model's perplexity on a token stream (BENCHMARK.md).
 
     Every batch has shape (batch_size, seqlen), the last one padded and its padding
@@ -78,6 +79,7 @@ def perplexity(model: nnx.Module, tokens, seqlen: int = 512, max_windows: int | 
             evaluates all ("full").
         batch_size: windows per forward pass.
         progress: show a progress bar.
+        gates: per-block `BlockGates` for a gated `Llama` (e.g. `Plan.soft_gates`).
 
     Returns:
         The perplexity, the mean NLL and the counts it was measured over.
@@ -109,7 +111,7 @@ def perplexity(model: nnx.Module, tokens, seqlen: int = 512, max_windows: int | 
             bar.set_postfix(ppl=f"{math.exp(total / (done * (seqlen - 1))):.3f}")
 
         for ids, valid in eval_batches(windows, batch_size):
-            result = _window_nll(graphdef, state, jnp.asarray(ids))
+            result = _window_nll(graphdef, state, jnp.asarray(ids), gates)
             if pending is not None:  # read the previous batch while this one runs
                 collect(*pending)
             pending = (result, valid)

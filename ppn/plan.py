@@ -171,6 +171,19 @@ class Plan:
             return self.units.full()
         return fill_budget(self.units, self.median_logits(rho), budget)
 
+    def soft_gates(self, size: float | int, temperature: float = 0.2):
+        """Deterministic gates of the gated network at `size`: the hard-concrete
+        test-time value clip(sigmoid(eta - c)(hi - lo) + lo, 0, 1) at the
+        posterior-median logits, with the push offset c solved so that the
+        expected size is the target. Returns per-block `BlockGates`."""
+        units = self.units
+        rho = float(np.clip(units.budget(size) / units.total, 1e-6, 1 - 1e-6))
+        logits = {k: jnp.asarray(v) for k, v in self.median_logits(rho).items()}
+        c = bayes.push_offset(units, logits, jnp.float32(rho), temperature)
+        z = {k: jnp.clip(jax.nn.sigmoid(v - c) * (bayes.STRETCH_HI - bayes.STRETCH_LO) + bayes.STRETCH_LO, 0, 1)
+             for k, v in logits.items()}
+        return bayes.block_gates(units, z)
+
     def keep_probability(self, size: float | int, num_samples: int = 200, seed: int = 0) -> dict[str, np.ndarray]:
         """Each unit's posterior probability of being kept at `size`.
 

@@ -45,3 +45,10 @@ def test_main_job_smoke(tmp_path):
     again = subprocess.run([sys.executable, str(ROOT / "experiments" / "fit.py"), "--smoke", "--run-dir",
                             str(run_dir), "--results", str(results)], capture_output=True, text=True, timeout=600)
     assert again.returncode != 0 and "holds a finished run" in again.stderr
+
+
+def test_gate_gap_smoke(tmp_path):
+    _smoke("gate_gap.py", "--out-dir", tmp_path)
+    rows = json.loads((tmp_path / "gate_gap_smoke.json").read_text())["records"]
+    assert [r["size"] for r in rows] == [0.9, 0.7, 0.5, 0.4, 0.3]
+    assert all(r["hard_pruned_perplexity"] > 1 and r["soft_gated_perplexity"] > 1 for r in rows)

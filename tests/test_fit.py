@@ -295,3 +295,14 @@ def test_self_distillation_is_logged():
     cfg = FitConfig(**{**SMALL.__dict__, "steps": 3, "distill_weight": 1.0})
     result = fit(tiny_model(), TOKENS, cfg, progress=False)
     assert all(r["distill_kl"] >= 0 for r in result.metrics) and any(r["distill_kl"] > 0 for r in result.metrics)
+
+
+def test_soft_gates_hit_the_size_and_match_hard_gates_when_decided(plan, fitted):
+    """Soft gates are in [0, 1]; gates the plan keeps with certainty are near one."""
+    gates = plan.soft_gates(0.5)
+    assert len(gates) == plan.units.num_layers
+    for g in gates:
+        for v in (g.attn, g.heads, g.mlp, g.channels):
+            assert float(v.min()) >= 0 and float(v.max()) <= 1
+    ppl = ppn.perplexity(fitted.model, TOKENS[:512], seqlen=64, gates=gates, progress=False).perplexity
+    assert np.isfinite(ppl) and ppl > 1
