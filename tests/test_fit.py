@@ -297,8 +297,8 @@ def test_self_distillation_is_logged():
     assert all(r["distill_kl"] >= 0 for r in result.metrics) and any(r["distill_kl"] > 0 for r in result.metrics)
 
 
-def test_soft_gates_hit_the_size_and_match_hard_gates_when_decided(plan, fitted):
-    """Soft gates are in [0, 1]; gates the plan keeps with certainty are near one."""
+def test_soft_gates_lie_in_the_unit_interval_and_drive_the_gated_model(plan, fitted):
+    """Soft gates are in [0, 1], one BlockGates per block, and perplexity runs through them."""
     gates = plan.soft_gates(0.5)
     assert len(gates) == plan.units.num_layers
     for g in gates:
