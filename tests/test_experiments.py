@@ -52,3 +52,10 @@ def test_gate_gap_smoke(tmp_path):
     rows = json.loads((tmp_path / "gate_gap_smoke.json").read_text())["records"]
     assert [r["size"] for r in rows] == [0.9, 0.7, 0.5, 0.4, 0.3]
     assert all(r["hard_pruned_perplexity"] > 1 and r["soft_gated_perplexity"] > 1 for r in rows)
+
+
+def test_finetune_dense_smoke(tmp_path):
+    _smoke("finetune_dense.py", "--out-dir", tmp_path)
+    rows = json.loads((tmp_path / "finetune_dense_smoke.json").read_text())["records"]
+    assert [r["method"] for r in rows] == ["dense", "dense fine-tuned (ppn fit budget)"]
+    assert rows[1]["train_tokens"] == 4 * 2 * 33

@@ -306,3 +306,15 @@ def test_soft_gates_lie_in_the_unit_interval_and_drive_the_gated_model(plan, fit
             assert float(v.min()) >= 0 and float(v.max()) <= 1
     ppl = ppn.perplexity(fitted.model, TOKENS[:512], seqlen=64, gates=gates, progress=False).perplexity
     assert np.isfinite(ppl) and ppl > 1
+
+
+def test_finetune_learns_a_repeating_text_and_leaves_the_input_model_alone():
+    from ppn.finetune import finetune
+
+    model = tiny_model()
+    before = [np.asarray(x).copy() for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
+    tokens = np.tile(np.arange(10), 400)
+    result = finetune(model, tokens, FitConfig(steps=40, batch_size=4, seqlen=16, lr_weights=3e-3), progress=False)
+    assert np.mean(result.nll[-5:]) < 0.5 * np.mean(result.nll[:5])
+    for a, b in zip(before, jax.tree.leaves(nnx.state(model, nnx.Param))):
+        np.testing.assert_array_equal(a, np.asarray(b))

@@ -1,0 +1,69 @@
+"""The fairness row: the dense model fine-tuned on exactly the tokens, steps and
+optimiser of the push puppet fit (FitConfig's budget), then its quick validation
+perplexity, beside the untouched dense model.
+
+    python experiments/finetune_dense.py            # SmolLM2-135M, FitConfig() budget
+    python experiments/finetune_dense.py --smoke    # tiny model, seconds
+
+Writes results/finetune_dense.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import numpy as np
+
+import ppn
+from ppn import data
+from ppn.finetune import finetune
+from ppn.report import write_results
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: str = "smollm2-135m"
+    fit: ppn.FitConfig = ppn.FitConfig()
+    eval_windows: int = 64
+    out_dir: str = "results"
+    smoke: bool = False
+
+
+def main(cfg: Config) -> list[dict]:
+    if cfg.smoke:
+        from ppn.testing import tiny_model
+
+        model, seqlen = tiny_model(), 64
+        rng = np.random.default_rng(0)
+        train, valid = rng.integers(0, 97, 10_000), rng.integers(0, 97, 4 * seqlen)
+    else:
+        model, seqlen = ppn.load_model(cfg.model), 512
+        tokenizer = ppn.load_tokenizer(cfg.model)
+        train = data.tokenize(data.shakespeare("train"), tokenizer)
+        valid = data.tokenize(data.shakespeare("validation"), tokenizer)
+    before = ppn.perplexity(model, valid, seqlen=seqlen, max_windows=cfg.eval_windows).perplexity
+    tuned = finetune(model, train, cfg.fit)
+    after = ppn.perplexity(tuned.model, valid, seqlen=seqlen, max_windows=cfg.eval_windows).perplexity
+    tokens = cfg.fit.steps * cfg.fit.batch_size * (cfg.fit.seqlen + 1)
+    n = model.config.num_params()
+    rows = [{"method": "dense", "kept_total": n, "perplexity": before, "train_tokens": 0, "seconds": 0.0},
+            {"method": "dense fine-tuned (ppn fit budget)", "kept_total": n, "perplexity": after,
+             "train_tokens": tokens, "seconds": tuned.seconds, "steps": cfg.fit.steps}]
+    write_results("finetune_dense_smoke" if cfg.smoke else "finetune_dense", rows,
+                  ["method", "kept_total", "perplexity", "train_tokens", "steps", "seconds"], out_dir=cfg.out_dir,
+                  title=f"Dense model fine-tuned with the fit's budget (validation, {cfg.eval_windows} windows)")
+    return rows
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--steps", type=int, help="override FitConfig's steps")
+    parser.add_argument("--out-dir", default="results")
+    a = parser.parse_args()
+    fit = ppn.FitConfig(steps=4, batch_size=2, seqlen=32, group_width=16) if a.smoke else ppn.FitConfig()
+    if a.steps:
+        fit = dataclasses.replace(fit, steps=a.steps)
+    for row in main(Config(fit=fit, eval_windows=2 if a.smoke else 64, out_dir=a.out_dir, smoke=a.smoke)):
+        print(row)
