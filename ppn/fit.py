@@ -317,6 +317,8 @@ def fit(model: Llama, tokens, config: FitConfig = FitConfig(), run_dir: str | os
     # Start latents at their prior medians (not numpyro's default uniform draw in
     # (-2, 2)), or at the units' first-order importances.
     start = taylor_init(model, units, tokens, cfg) if cfg.init == "taylor" and cfg.prior != "independent" else {}
+    if not all(np.isfinite(v).all() for v in start.values()):
+        start = {}  # a network that yields non-finite gradients fails the finiteness check below
     guide = GUIDES[cfg.guide](model_fn, init_loc_fn=functools.partial(_init_loc, values=start),
                               init_scale=cfg.guide_init_scale)
     svi = SVI(model_fn, guide, _optimizer(cfg), Trace_ELBO())

@@ -72,7 +72,7 @@ def test_bfloat16_is_close_to_float32(tmp_path):
     path, _ = hf_reference(tmp_path, "llama")
     f32 = np.asarray(load_model(path)(IDS))
     bf16_model = load_model(path, dtype="bfloat16")
-    assert bf16_model.embed.value.dtype == jnp.bfloat16
+    assert bf16_model.embed[...].dtype == jnp.bfloat16
     bf16 = np.asarray(bf16_model(IDS))
     assert bf16.dtype == np.float32  # logits are accumulated in float32
     assert np.abs(bf16 - f32).max() < 0.1 * np.abs(f32).max()
