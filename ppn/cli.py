@@ -87,6 +87,10 @@ def job_config(args):
         fit_fields["steps"] = FULL_STEPS
     if args.steps is not None:
         fit_fields["steps"] = args.steps
+    if args.init is not None:
+        fit_fields["init"] = args.init
+    if args.rho_warmup is not None:
+        fit_fields["rho_warmup"] = args.rho_warmup
     return JobConfig(model=args.model, run_dir=args.run_dir, fit=FitConfig(**fit_fields), smoke=args.smoke,
                      results=args.results, eval_windows=None if args.full_eval else (2 if args.smoke else 64))
 
@@ -96,6 +100,8 @@ def add_job_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", default="runs/smollm2-135m", help="run folder (an unfinished run resumes)")
     p.add_argument("--steps", type=int, help="SVI steps (default: the CPU budget of FitConfig)")
     p.add_argument("--full", action="store_true", help=f"the full budget ({FULL_STEPS} steps)")
+    p.add_argument("--init", choices=["taylor", "prior"], help="where the guide starts (default: taylor)")
+    p.add_argument("--rho-warmup", type=float, help="fraction of steps for the size warm-up (default 0.3; 0 = off)")
     p.add_argument("--full-eval", action="store_true", help="full validation perplexity instead of quick")
     p.add_argument("--results", default="results/fit.json")
     p.add_argument("--smoke", action="store_true", help="tiny random model: checks the pipeline in seconds")
