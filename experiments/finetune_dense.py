@@ -45,11 +45,10 @@ def main(cfg: Config) -> list[dict]:
     before = ppn.perplexity(model, valid, seqlen=seqlen, max_windows=cfg.eval_windows).perplexity
     tuned = finetune(model, train, cfg.fit)
     after = ppn.perplexity(tuned.model, valid, seqlen=seqlen, max_windows=cfg.eval_windows).perplexity
-    tokens = cfg.fit.steps * cfg.fit.batch_size * (cfg.fit.seqlen + 1)
     n = model.config.num_params()
     rows = [{"method": "dense", "kept_total": n, "perplexity": before, "train_tokens": 0, "seconds": 0.0},
             {"method": "dense fine-tuned (ppn fit budget)", "kept_total": n, "perplexity": after,
-             "train_tokens": tokens, "seconds": tuned.seconds, "steps": cfg.fit.steps}]
+             "train_tokens": cfg.fit.train_tokens, "seconds": tuned.seconds, "steps": cfg.fit.steps}]
     write_results("finetune_dense_smoke" if cfg.smoke else "finetune_dense", rows,
                   ["method", "kept_total", "perplexity", "train_tokens", "steps", "seconds"], out_dir=cfg.out_dir,
                   title=f"Dense model fine-tuned with the fit's budget (validation, {cfg.eval_windows} windows)")

@@ -120,6 +120,11 @@ class FitConfig:
         low = 1.0 - (1.0 - self.rho_min) * warm
         return float(np.random.default_rng([self.seed, step, 1]).uniform(low, 1.0))
 
+    @property
+    def train_tokens(self) -> int:
+        """Tokens a fit with this budget reads: steps x batch_size windows of seqlen + 1."""
+        return self.steps * self.batch_size * (self.seqlen + 1)
+
     def temperature(self, step: int) -> float:
         frac = step / max(self.steps - 1, 1)
         return self.temperature_start * (self.temperature_end / self.temperature_start) ** frac

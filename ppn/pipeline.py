@@ -87,7 +87,7 @@ def run(cfg: JobConfig, progress: bool = True) -> list[dict]:
     fit_start = time.perf_counter()
     result = fit(model, train, cfg.fit, run_dir=run_dir, progress=progress)
     fit_seconds = time.perf_counter() - fit_start
-    train_tokens = cfg.fit.steps * cfg.fit.batch_size * (cfg.fit.seqlen + 1)
+    train_tokens = cfg.fit.train_tokens
     plan = Plan.from_fit(result, meta={"model": cfg.model, "checkpoint": str(run_dir / "model")})
     plan.save(run_dir / "plan.json")
     save_model(result.model, run_dir / "model", tokenizer=tokenizer, overwrite=True)

@@ -89,7 +89,7 @@ class Plan:
     def from_fit(cls, result, meta: dict[str, Any] | None = None) -> Plan:
         """The plan of a `ppn.fit.FitResult`."""
         cfg = result.config
-        info = {"fit": dataclasses.asdict(cfg), "train_tokens": cfg.steps * cfg.batch_size * cfg.seqlen,
+        info = {"fit": dataclasses.asdict(cfg), "train_tokens": cfg.train_tokens,
                 "nonfinite_steps": result.nonfinite_steps} | dict(meta or {})
         return cls.from_guide_params(result.units, cfg.prior, result.guide_params, info)
 
