@@ -153,7 +153,8 @@ def expected_size(units: Units, p: dict) -> jax.Array:
     """
     L, K, G = units.num_layers, units.config.num_kv_heads, units.config.group_size
     heads = p["attn_layer"][:, None] * p["head"]
-    kv = 1.0 - jnp.prod(1.0 - heads.reshape(L, K, G), axis=-1)
+    # The layer gate is shared by a KV head's query heads: P(kv) = P(layer) P(any head).
+    kv = p["attn_layer"][:, None] * (1.0 - jnp.prod(1.0 - p["head"].reshape(L, K, G), axis=-1))
     groups = p["mlp_layer"][:, None] * p["mlp_group"]
     return (units.attn_fixed_cost * p["attn_layer"].sum() + units.head_cost * heads.sum()
             + units.kv_cost * kv.sum() + units.mlp_fixed_cost * p["mlp_layer"].sum()

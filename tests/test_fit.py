@@ -318,3 +318,17 @@ def test_finetune_learns_a_repeating_text_and_leaves_the_input_model_alone():
     assert np.mean(result.nll[-5:]) < 0.5 * np.mean(result.nll[:5])
     for a, b in zip(before, jax.tree.leaves(nnx.state(model, nnx.Param))):
         np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_expected_size_matches_monte_carlo_over_bernoulli_gates():
+    units = Units(tiny_config(), 16)
+    rng = np.random.default_rng(1)
+    p = {k: rng.uniform(0.1, 0.9, s) for k, s in bayes._shapes(units).items()}
+    draws = 4000
+    total = 0
+    for _ in range(draws):
+        z = {k: rng.random(v.shape) < v for k, v in p.items()}
+        total += ppn.KeepSet(units, z["attn_layer"], z["mlp_layer"], z["head"], z["mlp_group"]).num_params()
+    expected = float(bayes.expected_size(units, {k: jnp.asarray(v) for k, v in p.items()}))
+    # exact up to the norms, which the expectation counts with the layer gate alone
+    assert abs(total / draws - expected) < 0.01 * units.total
