@@ -75,6 +75,35 @@ def _eval(args) -> int:
 FULL_STEPS = 2000
 
 
+def parse_overrides(cls, pairs: list[str]) -> dict:
+    """{field: value} from "FIELD=VALUE" strings, each value parsed as its
+    dataclass field's type (int, float, bool, str, or None for "none")."""
+    import dataclasses
+    import typing
+
+    types = typing.get_type_hints(cls)
+    out = {}
+    for pair in pairs:
+        name, sep, raw = pair.partition("=")
+        if not sep or name not in types:
+            raise ValueError(f"--set {pair!r}: expected FIELD=VALUE with FIELD one of "
+                             f"{', '.join(f.name for f in dataclasses.fields(cls))}")
+        options = typing.get_args(types[name]) or (types[name],)
+        kinds = [t for t in options if t is not type(None)]
+        if raw.lower() == "none" and type(None) in options:
+            out[name] = None
+        elif kinds[0] is bool:
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"--set {pair!r}: {name} takes true or false")
+            out[name] = raw.lower() in ("true", "1")
+        else:
+            try:
+                out[name] = kinds[0](raw)
+            except ValueError:
+                raise ValueError(f"--set {pair!r}: {name} takes a {kinds[0].__name__}") from None
+    return out
+
+
 def job_config(args):
     """The main job's config from `ppn fit` / `experiments/fit.py` arguments."""
     from ppn.fit import FitConfig
@@ -87,10 +116,7 @@ def job_config(args):
         fit_fields["steps"] = FULL_STEPS
     if args.steps is not None:
         fit_fields["steps"] = args.steps
-    if args.init is not None:
-        fit_fields["init"] = args.init
-    if args.rho_warmup is not None:
-        fit_fields["rho_warmup"] = args.rho_warmup
+    fit_fields.update(parse_overrides(FitConfig, args.set))
     return JobConfig(model=args.model, run_dir=args.run_dir, fit=FitConfig(**fit_fields), smoke=args.smoke,
                      results=args.results, eval_windows=None if args.full_eval else (2 if args.smoke else 64))
 
@@ -100,8 +126,8 @@ def add_job_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", default="runs/smollm2-135m", help="run folder (an unfinished run resumes)")
     p.add_argument("--steps", type=int, help="SVI steps (default: the CPU budget of FitConfig)")
     p.add_argument("--full", action="store_true", help=f"the full budget ({FULL_STEPS} steps)")
-    p.add_argument("--init", choices=["taylor", "prior"], help="where the guide starts (default: taylor)")
-    p.add_argument("--rho-warmup", type=float, help="fraction of steps for the size warm-up (default 0.3; 0 = off)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="any FitConfig field, e.g. --set lr_weights=1e-4 --set init=prior (repeatable)")
     p.add_argument("--full-eval", action="store_true", help="full validation perplexity instead of quick")
     p.add_argument("--results", default="results/fit.json")
     p.add_argument("--smoke", action="store_true", help="tiny random model: checks the pipeline in seconds")

@@ -70,3 +70,19 @@ def test_resize_writes_a_smaller_checkpoint(tmp_path, tiny_checkpoint, capsys):
     assert cli.main(["resize", "--plan", str(tmp_path / "plan.json"), "--size", "1.7", "--from", str(path),
                      "--out", str(tmp_path / "x")]) == 2
     assert "must be whole" in capsys.readouterr().err
+
+
+def test_fit_set_overrides_any_fit_config_field():
+    from ppn.cli import build_parser, job_config
+
+    args = build_parser().parse_args(["fit", "--steps", "7", "--set", "lr_weights=1e-4", "--set", "init=prior",
+                                      "--set", "train_weights=false", "--set", "data_tokens=none"])
+    fit = job_config(args).fit
+    assert (fit.steps, fit.lr_weights, fit.init, fit.train_weights, fit.data_tokens) == (7, 1e-4, "prior", False, None)
+
+
+@pytest.mark.parametrize("pair, message", [("nope=1", "FIELD one of"), ("steps=many", "takes a int"),
+                                           ("train_weights=maybe", "true or false"), ("init=bogus", "unknown init")])
+def test_fit_set_rejects_bad_overrides(pair, message, capsys):
+    assert cli.main(["fit", "--smoke", "--set", pair]) == 2
+    assert message in capsys.readouterr().err
