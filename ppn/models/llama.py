@@ -136,6 +136,17 @@ class Attention(nnx.Module):
     def __call__(self, x, positions, cache_kv=None, cache_length=None, head_gates=None):
         """Attends x (B, T, D) at `positions` (B, T); returns (B, T, D) and the
         updated (k, v) cache arrays when a cache is given."""
+        out, cache_kv = self.head_outputs(x, positions, cache_kv, cache_length)
+        if head_gates is not None:
+            out = out * head_gates[:, None].astype(out.dtype)
+        y = jnp.einsum("BTNH,DNH->BTD", out, self.o[...])
+        if self.o_bias is not None:
+            y = y + self.o_bias[...]
+        return y, cache_kv
+
+    def head_outputs(self, x, positions, cache_kv=None, cache_length=None):
+        """Every query head's attention output (B, T, N, H), the input of the
+        output projection, and the updated cache (see `__call__`)."""
         inv_freq = np.asarray(self.inv_freq, np.float32)
         q = jnp.einsum("BTD,NHD->BTNH", x, self.q[...])
         k = jnp.einsum("BTD,KHD->BTKH", x, self.k[...])
@@ -168,13 +179,7 @@ class Attention(nnx.Module):
             allowed &= key_pos[:, None, :] > positions[:, :, None] - self.sliding_window
         scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(b, t, n, h)
-        if head_gates is not None:
-            out = out * head_gates[:, None].astype(out.dtype)
-        y = jnp.einsum("BTNH,DNH->BTD", out, self.o[...])
-        if self.o_bias is not None:
-            y = y + self.o_bias[...]
-        return y, cache_kv
+        return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(b, t, n, h), cache_kv
 
 
 class MLP(nnx.Module):
@@ -187,11 +192,14 @@ class MLP(nnx.Module):
         self.down = _normal(rngs, (d, width), dtype)
 
     def __call__(self, x, channel_gates=None):
-        hidden = jax.nn.silu(jnp.einsum("BTD,FD->BTF", x, self.gate[...]))
-        hidden = hidden * jnp.einsum("BTD,FD->BTF", x, self.up[...])
+        hidden = self.hidden(x)
         if channel_gates is not None:
             hidden = hidden * channel_gates.astype(hidden.dtype)
         return jnp.einsum("BTF,DF->BTD", hidden, self.down[...])
+
+    def hidden(self, x):
+        """The SwiGLU channels silu(gate x) * up x, (B, T, F): the input of `down`."""
+        return jax.nn.silu(jnp.einsum("BTD,FD->BTF", x, self.gate[...])) * jnp.einsum("BTD,FD->BTF", x, self.up[...])
 
 
 class Block(nnx.Module):
