@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from ppn import data, plots
+from ppn.baselines.structured import structured_keep
 from ppn.checkpoint import load_model, load_tokenizer, save_model
 from ppn.evaluate import perplexity
 from ppn.fit import FitConfig, fit, mark_done
 from ppn.gates import Units
-from ppn.plan import Plan, fill_budget
+from ppn.plan import Plan
 from ppn.prune import prune
 from ppn.report import atomic_write_text, markdown_table, write_results
 
@@ -97,7 +98,6 @@ def run(cfg: JobConfig, progress: bool = True) -> list[dict]:
                  "kept_fraction": 1.0, "kept_total": total, "perplexity": ppl(result.model).perplexity,
                  "eval": mode, "train_tokens": train_tokens})
     units = Units(model.config, cfg.fit.group_width)
-    rng = np.random.default_rng(0)
     for size in cfg.sizes:
         start = time.perf_counter()
         pruned = prune(result.model, plan, size)
@@ -107,8 +107,7 @@ def run(cfg: JobConfig, progress: bool = True) -> list[dict]:
                      "kept_total": pruned.config.num_params(), "perplexity": ppl(pruned).perplexity, "eval": mode,
                      "train_tokens": train_tokens, "resize_seconds": resize})
         if cfg.random_floor:
-            scores = {k: rng.normal(size=v.shape) for k, v in plan.median_logits(0.5).items()}
-            rand = prune(result.model, fill_budget(units, scores, units.budget(size)))
+            rand = prune(result.model, structured_keep(result.model, "random", size, units=units, seed=0))
             kept = rand.config.num_prunable_params()
             rows.append({"method": "random structure (same weights)", "size": size, "kept_prunable": kept,
                          "kept_fraction": kept / prunable, "kept_total": rand.config.num_params(),

@@ -1,0 +1,174 @@
+"""Structured one-shot baselines: scores for layers, heads and MLP groups, and the
+keep-sets they give at any size (BENCHMARK.md, "structured baselines").
+
+Methods (`STRUCTURED_METHODS`):
+
+- "block_influence": ShortGPT (Men et al. 2024). Block l's Block Influence is
+  BI_l = 1 - mean over calibration tokens of cos(x_in, x_out), the cosine
+  between the residual stream entering and leaving the block, measured on the
+  unpruned model (`BlockStats.block_influence`). Whole blocks, attention and MLP
+  together, are removed in increasing BI order.
+- "flap": FLAP (An et al. 2024). For every input channel j of o (N*H, head-major)
+  and of down (F), the fluctuation metric Var_tokens(X_j) * ||W_{:,j}||^2, with
+  W in the (out, in) view. A head scores the sum over its H channels, an MLP
+  group the sum over its channels. Scores are standardised per unit kind over
+  the whole model (mean 0, sd 1 across all layers' heads, and likewise groups),
+  FLAP's adaptive structure search, then ranked globally. FLAP's bias
+  compensation (adding the removed channels' mean contribution to the output
+  bias) is skipped: our LLaMA has no o or down bias to put it in.
+- "wanda_structured": Wanda-sp, the structured Wanda of FLAP's comparisons:
+  channel score sum_i |W_ij| * ||X_j||_2, summed into heads and groups like
+  FLAP's and searched the same way (standardised per kind, global ranking), so
+  the two differ only in the channel metric.
+- "random": standard-normal scores per unit, seeded: the floor any method
+  should beat at the same size.
+
+`structured_scores` computes a method's scores once (from the calibration
+statistics, the expensive part); `structured_keep` turns them into a keep-set
+at one size. Resizing only re-runs the cheap budget fill.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ppn.baselines.calibration import BlockStats
+from ppn.gates import KeepSet, Units
+from ppn.models.llama import Llama
+from ppn.plan import fill_budget
+
+STRUCTURED_METHODS = ("block_influence", "flap", "wanda_structured", "random")
+_NEEDS_STATS = ("block_influence", "flap", "wanda_structured")
+
+
+def structured_scores(model: Llama, method: str, *, stats: list[BlockStats] | None = None,
+                      units: Units | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """A method's importance scores, shaped like the logits `ppn.plan.fill_budget` ranks.
+
+    Args:
+        model: the dense model the scores are for.
+        method: one of `STRUCTURED_METHODS`.
+        stats: `ppn.baselines.calibration.layerwise(model, windows)` of the dense
+            model (no visit); required by every method but "random".
+        units: the unit registry; `Units(model.config)` (MLP groups of 64) by default.
+        seed: the seed of "random"'s scores.
+
+    Returns:
+        {"attn_layer": (L,), "mlp_layer": (L,), "head": (L, N), "mlp_group": (L, M)},
+        higher = more important. For "block_influence" both layer entries are BI_l
+        and every unit of block l also scores BI_l (a unit is worth its block).
+        For the other methods the layer entries are +inf, so a sub-layer goes only
+        when all its units have, and the unit entries are the method's scores.
+
+    Raises:
+        ValueError: unknown method, missing or mismatched stats, or units of another model.
+    """
+    units = _check(model, method, stats, units)
+    L, N, M = units.num_layers, units.num_heads, units.num_groups
+    if method == "block_influence":
+        bi = np.array([s.block_influence for s in stats], np.float64)
+        return {"attn_layer": bi, "mlp_layer": bi.copy(), "head": np.repeat(bi[:, None], N, 1),
+                "mlp_group": np.repeat(bi[:, None], M, 1)}
+    if method == "random":
+        rng = np.random.default_rng(seed)
+        scores = {"head": rng.standard_normal((L, N)), "mlp_group": rng.standard_normal((L, M))}
+    else:
+        scores = {k: _standardise(v) for k, v in unit_scores(model, method, stats, units).items()}
+    return {"attn_layer": np.full(L, np.inf), "mlp_layer": np.full(L, np.inf)} | scores
+
+
+def structured_keep(model: Llama, method: str, size: float | int, *, stats: list[BlockStats] | None = None,
+                    units: Units | None = None, seed: int = 0) -> KeepSet:
+    """The keep-set of `method` at `size`.
+
+    "flap", "wanda_structured" and "random" fill the budget greedily, best unit
+    first (`fill_budget`): the kept size is at most the budget and within one
+    unit's cost of it. "block_influence" removes whole blocks, lowest BI first,
+    until the kept size is at most the budget (`remove_blocks`): a coarse
+    granularity, the kept size can fall up to one block's cost short of it.
+
+    Args:
+        model, method, stats, units, seed: as for `structured_scores`.
+        size: a fraction of prunable parameters in (0, 1], or an absolute count of them.
+
+    Raises:
+        ValueError: as `structured_scores`, or an invalid size.
+    """
+    units = units or Units(model.config)
+    budget = units.budget(size)
+    scores = structured_scores(model, method, stats=stats, units=units, seed=seed)
+    if method == "block_influence":
+        return remove_blocks(units, scores["attn_layer"], budget)
+    return fill_budget(units, scores, budget)
+
+
+def remove_blocks(units: Units, influence: np.ndarray, budget: int) -> KeepSet:
+    """ShortGPT's layer removal: drops whole blocks (attention and MLP together) in
+    increasing `influence` (L,) order, ties by index, until the kept prunable size
+    is at most `budget`. The fewest blocks that fit are removed, so the kept size
+    is the largest whole-block size within the budget."""
+    L = units.num_layers
+    block_cost = units.total // L  # every block of a dense model has the same shape
+    n_remove = min(L, max(0, -(-(units.total - budget) // block_cost)))
+    kept = np.ones(L, bool)
+    kept[np.argsort(influence, kind="stable")[:n_remove]] = False
+    return KeepSet(units, kept, kept, np.repeat(kept[:, None], units.num_heads, 1),
+                   np.repeat(kept[:, None], units.num_groups, 1))
+
+
+def unit_scores(model: Llama, method: str, stats: list[BlockStats], units: Units) -> dict[str, np.ndarray]:
+    """Raw (unstandardised) channel metrics of "flap" or "wanda_structured", summed into units.
+
+    Channel j of o (j = n*H + h) and of down (j = f) is scored from the weight
+    column W_{:,j} (o: o[:, n, h] of the (D, N, H) array; down: down[:, f]) and the
+    calibration inputs X_j of that layer:
+        flap:              Var(X_j) * ||W_{:,j}||_2^2
+        wanda_structured:  ||X_j||_2 * sum_i |W_ij|
+
+    Returns:
+        {"head": (L, N) sum over each head's H channels,
+         "mlp_group": (L, M) sum over each group's channels}.
+    """
+    heads, groups = [], []
+    starts = np.concatenate([[0], np.cumsum(units.group_widths)[:-1]])
+    for block, s in zip(model.blocks, stats):
+        o = np.asarray(block.attn.o[...], np.float64).reshape(units.config.hidden_size, -1)  # (D, N*H)
+        down = np.asarray(block.mlp.down[...], np.float64)  # (D, F)
+        o_ch = _channel_metric(method, o, s.inputs["o_in"])
+        down_ch = _channel_metric(method, down, s.inputs["down_in"])
+        heads.append(o_ch.reshape(units.num_heads, -1).sum(1))
+        groups.append(np.add.reduceat(down_ch, starts))
+    return {"head": np.stack(heads), "mlp_group": np.stack(groups)}
+
+
+def _channel_metric(method: str, weight: np.ndarray, x) -> np.ndarray:
+    """(I,) score of each input channel of `weight` (out, I) given its input statistics."""
+    if method == "flap":
+        return x.variance * (weight ** 2).sum(0)
+    return np.sqrt(x.sq_norm) * np.abs(weight).sum(0)
+
+
+def _standardise(scores: np.ndarray) -> np.ndarray:
+    """(scores - mean) / sd over every entry, so heads and groups rank on one scale
+    (an all-equal array maps to zeros)."""
+    sd = scores.std()
+    return (scores - scores.mean()) / (sd if sd > 0 else 1.0)
+
+
+def _check(model: Llama, method: str, stats: list[BlockStats] | None, units: Units | None) -> Units:
+    """Validates the arguments of `structured_scores`; returns the units to use."""
+    if method not in STRUCTURED_METHODS:
+        raise ValueError(f"unknown structured method {method!r}; choose one of {STRUCTURED_METHODS}")
+    units = units or Units(model.config)
+    if units.config != model.config:
+        raise ValueError(f"units describe another architecture than the model's: {units.config} vs {model.config}")
+    if method not in _NEEDS_STATS:
+        return units
+    if stats is None:
+        raise ValueError(f"method {method!r} needs calibration stats: pass stats=layerwise(model, windows)")
+    if len(stats) != units.num_layers:
+        raise ValueError(f"stats cover {len(stats)} blocks, the model has {units.num_layers}")
+    if method != "block_influence" and any({"o_in", "down_in"} - set(s.inputs) for s in stats):
+        raise ValueError(f"method {method!r} needs the o_in and down_in statistics of every block "
+                         "(calibrate the dense model)")
+    return units
