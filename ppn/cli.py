@@ -4,6 +4,7 @@
     ppn eval --model smollm2-135m --split validation [--quick] [--out results/eval.json]
     ppn fit [--model smollm2-135m] [--run-dir runs/smollm2-135m] [--steps N | --full]
     ppn resize --plan runs/smollm2-135m/plan.json --size 0.4 --out DIR [--from CHECKPOINT]
+    ppn bench [--quick] [--plan PLAN] [--methods ppn,wanda,...] [--smoke]
 """
 
 from __future__ import annotations
@@ -168,6 +169,46 @@ def _resize(args) -> int:
     return 0
 
 
+def bench_config(args):
+    """The benchmark's config from `ppn bench` / `experiments/benchmark.py` arguments."""
+    from ppn.benchmark import BenchConfig
+
+    fields = {k: v for k, v in dict(model=args.model, plan=args.plan, state_dir=args.state_dir,
+                                    out=args.out).items() if v is not None}
+    if args.methods:
+        fields["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    if args.no_speed:
+        fields["speed"] = False
+    if args.smoke:
+        return BenchConfig.smoke_test(args.state_dir or "runs/benchmark-smoke",
+                                      **{k: v for k, v in fields.items() if k != "state_dir"})
+    return BenchConfig.quick(**fields) if args.quick else BenchConfig(**fields)
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true",
+                   help="the CPU preset: quick perplexity, 32 calibration windows, unstructured at 0.5 and below")
+    p.add_argument("--model", help="dense model: zoo name, checkpoint directory or .gguf (default smollm2-135m)")
+    p.add_argument("--plan", help="fitted plan for the ppn rows (default runs/smollm2-135m/plan.json; "
+                                  "fitted first when missing)")
+    p.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
+    p.add_argument("--no-speed", action="store_true", help="skip the throughput measurements")
+    p.add_argument("--state-dir", help="folder of finished rows, for resuming")
+    p.add_argument("--out", help="results JSON (default results/benchmark.json, or benchmark_quick.json)")
+    p.add_argument("--smoke", action="store_true", help="tiny random model: checks the benchmark in seconds")
+
+
+def _bench(args) -> int:
+    from ppn.benchmark import COLUMNS, run
+    from ppn.report import markdown_table
+
+    cfg = bench_config(args)
+    rows = run(cfg)
+    print(markdown_table(rows, COLUMNS))
+    print(f"results: {cfg.out} (.md, .png beside it)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ppn", description="Push Puppet Networks: Bayesian structured pruning")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -200,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="source", help="checkpoint to cut (default: the one the plan names)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(run=_resize)
+
+    p = sub.add_parser("bench", help="the benchmark: ppn against every baseline at every size, one table")
+    add_bench_arguments(p)
+    p.set_defaults(run=_bench)
     return parser
 
 

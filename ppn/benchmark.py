@@ -1,0 +1,446 @@
+"""The benchmark of BENCHMARK.md: every method at every size, one table, one plot.
+
+    ppn bench --quick                          # about an hour on a 2-core CPU
+    ppn bench                                  # the full preset (a GPU's job)
+    python experiments/benchmark.py --smoke    # tiny model, seconds
+
+Methods: the dense model; ppn (every size from one fitted plan); one-shot
+unstructured magnitude, Wanda and SparseGPT (sparsity 1 - rho, and 2:4 at
+rho = 0.5); structured Block Influence layer removal, FLAP and Wanda-sp scores,
+and random structure; and the fairness rows: the dense model and the best
+structured baseline at rho = 0.5 fine-tuned with the fit's exact budget.
+
+Each row is computed once and appended to `<state_dir>/rows.jsonl` as soon as it
+is done, so an interrupted benchmark resumes where it stopped (a state folder
+made with other settings is refused). The results are `results/benchmark.json`
+(one record per row), `.md` (the table and the wall time per method for all
+sizes) and `.png` (perplexity against kept parameters; speed ratios).
+
+Speed: prefill and decode throughput of every structured model against the
+dense model measured in the same process. Unstructured and N:M sparse models
+keep dense shapes: on this hardware they run at dense speed (ratio 1 by
+construction, not measured), and the table says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from ppn import data
+from ppn.baselines.calibration import calibration_windows, layerwise
+from ppn.baselines.structured import STRUCTURED_METHODS, structured_keep
+from ppn.baselines.unstructured import METHODS as UNSTRUCTURED_METHODS
+from ppn.baselines.unstructured import prune_unstructured
+from ppn.evaluate import perplexity
+from ppn.finetune import finetune
+from ppn.fit import FitConfig
+from ppn.gates import Units
+from ppn.models.llama import Llama
+from ppn.plan import Plan
+from ppn.prune import prune
+from ppn.report import atomic_write_text, markdown_table, write_results
+
+SIZES = (0.9, 0.7, 0.5, 0.4, 0.3)
+METHODS = ("dense", "ppn", *UNSTRUCTURED_METHODS, *STRUCTURED_METHODS, "finetuned")
+COLUMNS = ["method", "pattern", "size", "kept_prunable", "kept_fraction", "kept_total", "perplexity", "eval",
+           "tokens_used", "prune_seconds", "prefill_ratio", "decode_ratio"]
+TOTAL_COLUMNS = ["method", "sizes", "total_seconds", "one_time_seconds", "per_size_seconds"]
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """The benchmark's settings (defaults: the full preset of BENCHMARK.md).
+
+    Attributes:
+        model: zoo name, checkpoint directory or .gguf file of the dense model.
+        plan: the fitted plan of the ppn rows (its checkpoint is the plan's
+            `meta["checkpoint"]`); when the file is missing, the main job fits
+            one first into the plan's folder.
+        methods: which of `METHODS` to run.
+        sizes: target fractions of prunable parameters (ppn and structured).
+        unstructured_sizes: the sizes of the unstructured one-shot rows.
+        nm: N:M patterns, run at rho = N / M (2:4 at 0.5).
+        calibration_windows, calibration_seqlen: windows drawn from the train
+            split with seed 0 for Wanda, SparseGPT and the structured scores.
+        eval_windows: validation windows per perplexity (64 = quick, None = full).
+        speed: measure prefill/decode throughput of structured models.
+        speed_repeats: timed runs per throughput measurement.
+        state_dir: where finished rows are kept for resuming.
+        out: the results JSON (the .md and .png go beside it).
+        smoke: a tiny random model and random tokens (seconds).
+    """
+
+    model: str = "smollm2-135m"
+    plan: str = "runs/smollm2-135m/plan.json"
+    methods: tuple[str, ...] = METHODS
+    sizes: tuple[float, ...] = SIZES
+    unstructured_sizes: tuple[float, ...] = SIZES
+    nm: tuple[tuple[int, int], ...] = ((2, 4),)
+    calibration_windows: int = 128
+    calibration_seqlen: int = 512
+    eval_windows: int | None = None
+    speed: bool = True
+    speed_repeats: int = 5
+    state_dir: str = "runs/benchmark"
+    out: str = "results/benchmark.json"
+    smoke: bool = False
+
+    def __post_init__(self):
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        for s in (*self.sizes, *self.unstructured_sizes):
+            if not 0 < s <= 1:
+                raise ValueError(f"sizes must lie in (0, 1], got {s}")
+        for n, m in self.nm:
+            if not 0 < n < m:
+                raise ValueError(f"N:M needs 0 < N < M, got {n}:{m}")
+
+    @classmethod
+    def quick(cls, **overrides) -> BenchConfig:
+        """The CPU preset: quick perplexity, 32 calibration windows, unstructured
+        rows at the sizes of the aim (0.5 and below), fewer timing repeats."""
+        fields = dict(eval_windows=64, calibration_windows=32, unstructured_sizes=(0.5, 0.4, 0.3), speed_repeats=2,
+                      out="results/benchmark_quick.json", state_dir="runs/benchmark-quick")
+        return cls(**(fields | overrides))
+
+    @classmethod
+    def smoke_test(cls, root: str | os.PathLike, **overrides) -> BenchConfig:
+        """A tiny random model and random tokens, everything written under `root`."""
+        root = Path(root)
+        fields = dict(smoke=True, plan=str(root / "fit" / "plan.json"), state_dir=str(root / "state"),
+                      out=str(root / "benchmark_smoke.json"), eval_windows=2, calibration_windows=4,
+                      calibration_seqlen=32, sizes=(0.7, 0.5), unstructured_sizes=(0.5,), speed_repeats=1)
+        return cls(**(fields | overrides))
+
+
+class _State:
+    """Rows finished so far, kept one JSON line each in `<state_dir>/rows.jsonl`."""
+
+    def __init__(self, cfg: BenchConfig):
+        self.dir = Path(cfg.state_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        settings = json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("methods", "out")},
+                              sort_keys=True, default=list)
+        cfg_path = self.dir / "config.json"
+        if cfg_path.exists() and cfg_path.read_text() != settings:
+            raise ValueError(f"{self.dir} holds a benchmark with other settings; pass another state folder "
+                             "or delete it")
+        atomic_write_text(cfg_path, settings)
+        self.path = self.dir / "rows.jsonl"
+        self.rows: dict[str, dict] = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill mid-write: that row is recomputed
+                self.rows[row["key"]] = row
+
+    def add(self, row: dict) -> None:
+        self.rows[row["key"]] = row
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row, default=float) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+class _Bench:
+    """Loads what the pending rows need, lazily, once."""
+
+    def __init__(self, cfg: BenchConfig, progress: bool, rows: dict[str, dict]):
+        self.cfg, self.progress, self.rows = cfg, progress, rows
+        self._cache: dict[str, object] = {}
+
+    def _once(self, name: str, make: Callable[[], object]):
+        if name not in self._cache:
+            self._cache[name] = make()
+        return self._cache[name]
+
+    # ------------------------------------------------------------- inputs
+    def inputs(self):
+        """(dense model, tokenizer or None, train tokens, validation tokens, eval seqlen)."""
+        def make():
+            if self.cfg.smoke:
+                from ppn.testing import tiny_model
+
+                rng = np.random.default_rng(0)
+                return tiny_model(), None, rng.integers(0, 97, 20_000), rng.integers(0, 97, 4 * 64), 64
+            from ppn.checkpoint import load_model, load_tokenizer
+
+            tok = load_tokenizer(self.cfg.model)
+            return (load_model(self.cfg.model), tok, data.tokenize(data.shakespeare("train"), tok),
+                    data.tokenize(data.shakespeare("validation"), tok), 512)
+        return self._once("inputs", make)
+
+    @property
+    def dense(self) -> Llama:
+        return self.inputs()[0]
+
+    def perplexity(self, model: Llama) -> float:
+        _, _, _, valid, seqlen = self.inputs()
+        return perplexity(model, valid, seqlen=seqlen, max_windows=self.cfg.eval_windows,
+                          progress=self.progress).perplexity
+
+    def windows(self) -> np.ndarray:
+        return self._once("windows", lambda: calibration_windows(
+            self.inputs()[2], self.cfg.calibration_windows, self.cfg.calibration_seqlen, seed=0))
+
+    def stats(self):
+        """Calibration statistics of the dense model (one pass) and its wall time."""
+        def make():
+            start = time.perf_counter()
+            stats = layerwise(self.dense, self.windows(), progress=self.progress, desc="calibration (structured)")
+            return stats, time.perf_counter() - start
+        return self._once("stats", make)
+
+    def plan(self) -> tuple[Plan, Llama, float]:
+        """The fitted plan, its fitted model, and the fit's wall time (fitting first if needed)."""
+        def make():
+            from ppn.checkpoint import load_model
+
+            path = Path(self.cfg.plan)
+            if not path.exists():
+                from ppn import pipeline
+
+                fit = FitConfig(steps=8, batch_size=2, seqlen=32, group_width=16) if self.cfg.smoke else FitConfig()
+                pipeline.run(pipeline.JobConfig(model=self.cfg.model, run_dir=str(path.parent), fit=fit,
+                                                results=str(path.parent / "fit.json"), smoke=self.cfg.smoke,
+                                                eval_windows=self.cfg.eval_windows, random_floor=False),
+                             progress=self.progress)
+            plan = Plan.load(path)
+            model = load_model(plan.meta.get("checkpoint") or path.parent / "model")
+            plan.check_model(model.config)
+            return plan, model, _fit_seconds(path.parent)
+        return self._once("plan", make)
+
+    def fit_config(self) -> FitConfig:
+        return FitConfig(**self.plan()[0].meta["fit"])
+
+    # -------------------------------------------------------------- speed
+    def speed(self, model: Llama) -> dict:
+        """Prefill and decode throughput of `model` as ratios to the dense model's."""
+        from ppn import speed
+
+        if not self.cfg.speed:
+            return {}
+        reps = self.cfg.speed_repeats
+        kw = dict(batch=2, seqlen=32) if self.cfg.smoke else {}
+        dkw = dict(prompt_len=8, new_tokens=8) if self.cfg.smoke else {}
+        dense = self._once("dense_speed", lambda: (speed.prefill_throughput(self.dense, repeats=reps, **kw),
+                                                   speed.decode_throughput(self.dense, repeats=reps, **dkw)))
+        prefill = speed.prefill_throughput(model, repeats=reps, **kw)
+        decode = speed.decode_throughput(model, repeats=reps, **dkw)
+        return {"prefill_ratio": prefill.tokens_per_second / dense[0].tokens_per_second,
+                "decode_ratio": decode.tokens_per_second / dense[1].tokens_per_second,
+                "prefill_tokens_per_second": prefill.tokens_per_second,
+                "decode_tokens_per_second": decode.tokens_per_second}
+
+
+def _fit_seconds(run_dir: Path) -> float:
+    """Wall time of a fit: the sum of its steps' times in metrics.jsonl (0 if absent)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0.0
+    return float(sum(json.loads(line).get("seconds", 0.0) for line in path.read_text().splitlines() if line))
+
+
+def _row(method: str, size: float, model: Llama, dense: Llama, **fields) -> dict:
+    prunable = dense.config.num_prunable_params()
+    kept = fields.pop("kept_prunable", model.config.num_prunable_params())
+    extra = dense.config.num_params() - prunable
+    return {"method": method, "size": size, "kept_prunable": int(kept), "kept_fraction": kept / prunable,
+            "kept_total": int(kept + extra), **fields}
+
+
+def _tasks(cfg: BenchConfig, b: _Bench) -> list[tuple[str, Callable[[], dict]]]:
+    """(key, compute-the-row) for every row the config asks for, in table order."""
+    mode = "quick" if cfg.eval_windows == 64 else ("full" if cfg.eval_windows is None else
+                                                   f"{cfg.eval_windows} windows")
+    calib_tokens = cfg.calibration_windows * cfg.calibration_seqlen
+    tasks = []
+
+    def dense_row():
+        return _row("dense", 1.0, b.dense, b.dense, pattern="dense", perplexity=b.perplexity(b.dense), eval=mode,
+                    tokens_used=0, prune_seconds=0.0)
+
+    def ppn_row(size):
+        def run():
+            plan, fitted, fit_seconds = b.plan()
+            start = time.perf_counter()
+            pruned = prune(fitted, plan, size)
+            seconds = time.perf_counter() - start
+            return _row("ppn", size, pruned, b.dense, pattern="structured", perplexity=b.perplexity(pruned),
+                        eval=mode, tokens_used=plan.meta.get("train_tokens", 0), prune_seconds=seconds,
+                        fit_seconds=fit_seconds, **b.speed(pruned))
+        return run
+
+    def unstructured_row(method, size, nm):
+        def run():
+            result = prune_unstructured(b.dense, method, 1.0 - size, nm=nm,
+                                        windows=None if method == "magnitude" else b.windows(),
+                                        progress=b.progress)
+            zeros = _zeros(result.model)
+            return _row(method, size, result.model, b.dense, kept_prunable=b.dense.config.num_prunable_params() - zeros,
+                        pattern=f"{nm[0]}:{nm[1]}" if nm else "unstructured", perplexity=b.perplexity(result.model),
+                        eval=mode, tokens_used=0 if method == "magnitude" else calib_tokens,
+                        prune_seconds=result.seconds, prefill_ratio=None, decode_ratio=None,
+                        speed_note="dense kernels: runs at dense speed")
+        return run
+
+    def structured_row(method, size):
+        def run():
+            units = Units(b.dense.config, 16 if cfg.smoke else 64)
+            stats, calib_seconds = (None, 0.0) if method == "random" else b.stats()
+            start = time.perf_counter()
+            keep = structured_keep(b.dense, method, size, stats=stats, units=units)
+            pruned = prune(b.dense, keep)
+            seconds = time.perf_counter() - start
+            return _row(method, size, pruned, b.dense, pattern="structured", perplexity=b.perplexity(pruned),
+                        eval=mode, tokens_used=0 if method == "random" else calib_tokens, prune_seconds=seconds,
+                        calibration_seconds=calib_seconds, **b.speed(pruned))
+        return run
+
+    def dense_finetuned_row():
+        fit = b.fit_config()
+        tuned = finetune(b.dense, b.inputs()[2], fit, progress=b.progress)
+        return _row("dense fine-tuned (fit budget)", 1.0, tuned.model, b.dense, pattern="dense",
+                    perplexity=b.perplexity(tuned.model), eval=mode, tokens_used=fit.train_tokens,
+                    prune_seconds=0.0, finetune_seconds=tuned.seconds)
+
+    if "dense" in cfg.methods:
+        tasks.append(("dense", dense_row))
+    if "ppn" in cfg.methods:
+        tasks += [(f"ppn@{s}", ppn_row(s)) for s in cfg.sizes]
+    for method in UNSTRUCTURED_METHODS:
+        if method in cfg.methods:
+            tasks += [(f"{method}@{s}", unstructured_row(method, s, None)) for s in cfg.unstructured_sizes]
+            tasks += [(f"{method} {n}:{m}@{n / m}", unstructured_row(method, n / m, (n, m))) for n, m in cfg.nm]
+    for method in STRUCTURED_METHODS:
+        if method in cfg.methods:
+            tasks += [(f"{method}@{s}", structured_row(method, s)) for s in cfg.sizes]
+    if "finetuned" in cfg.methods:
+        tasks.append(("dense fine-tuned", dense_finetuned_row))
+        tasks.append(("best structured fine-tuned@0.5", lambda: _best_structured_finetuned(b, mode, calib_tokens)))
+    return tasks
+
+
+def _best_structured_finetuned(b: _Bench, mode: str, calib_tokens: int) -> dict:
+    """The structured baseline with the lowest perplexity at 0.5 (random excluded), fine-tuned."""
+    candidates = [m for m in STRUCTURED_METHODS if m != "random"]
+    best, best_ppl = None, np.inf
+    for m in candidates:
+        row = b.rows.get(f"{m}@0.5")
+        if row and row["perplexity"] < best_ppl:
+            best, best_ppl = m, row["perplexity"]
+    if best is None:
+        raise ValueError("the fine-tuned structured row needs a structured baseline at size 0.5 in the same run")
+    fit = b.fit_config()
+    units = Units(b.dense.config, 16 if b.cfg.smoke else 64)
+    pruned = prune(b.dense, structured_keep(b.dense, best, 0.5, stats=b.stats()[0], units=units))
+    tuned = finetune(pruned, b.inputs()[2], fit, progress=b.progress)
+    return _row(f"{best} fine-tuned (fit budget)", 0.5, tuned.model, b.dense, pattern="structured",
+                perplexity=b.perplexity(tuned.model), eval=mode, tokens_used=fit.train_tokens + calib_tokens,
+                prune_seconds=0.0, finetune_seconds=tuned.seconds)
+
+
+def _zeros(model: Llama) -> int:
+    """Exact zeros in the prunable (block) weights of `model`."""
+    return int(sum(int((np.asarray(p) == 0).sum()) for p in jax.tree.leaves(nnx.state(model.blocks, nnx.Param))))
+
+
+def run(cfg: BenchConfig, progress: bool = True) -> list[dict]:
+    """Computes every row not already in the state folder, then writes the results.
+
+    Returns:
+        The rows of the table (also in `cfg.out`, .md and .png).
+    """
+    state = _State(cfg)
+    bench = _Bench(cfg, progress, state.rows)
+    for key, compute in _tasks(cfg, bench):
+        if key in state.rows:
+            continue
+        start = time.perf_counter()
+        row = compute()
+        row.update(key=key, wall_seconds=time.perf_counter() - start)
+        state.add(row)
+    rows = [state.rows[k] for k, _ in _tasks(cfg, bench) if k in state.rows]
+    totals = wall_time_per_method(rows)
+    out = Path(cfg.out)
+    name = out.stem
+    write_results(name, rows, COLUMNS, out_dir=out.parent,
+                  title=f"Benchmark on {cfg.model if not cfg.smoke else 'a tiny model'}: validation perplexity "
+                        f"by kept size")
+    md = out.parent / f"{name}.md"
+    atomic_write_text(md, md.read_text() + "\n## Wall time per method, all sizes\n\n"
+                      + markdown_table(totals, TOTAL_COLUMNS)
+                      + "\nUnstructured and N:M rows keep dense shapes and run at dense speed here.\n")
+    plot(rows, out.parent / f"{name}.png")
+    return rows
+
+
+def wall_time_per_method(rows: list[dict]) -> list[dict]:
+    """Total seconds each method spends to produce all its sizes: ppn fits once and
+    resizes per size; structured baselines score once (one calibration pass) and
+    cut per size; unstructured baselines run a whole calibrated pruning per size;
+    fine-tuned rows count their fine-tuning."""
+    totals = []
+    for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"):
+        mine = [r for r in rows if r["method"] == method]
+        per_size = float(sum(r.get("prune_seconds") or 0.0 for r in mine))
+        once = max(r.get("fit_seconds", 0.0) + r.get("calibration_seconds", 0.0) for r in mine) + float(
+            sum(r.get("finetune_seconds", 0.0) for r in mine))
+        totals.append({"method": method, "sizes": len(mine), "total_seconds": once + per_size,
+                       "one_time_seconds": once, "per_size_seconds": per_size})
+    return totals
+
+
+def plot(rows: list[dict], path: str | os.PathLike):
+    """Perplexity against kept fraction, one line per method and pattern; and the
+    structured models' prefill and decode speed against dense."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, sp) = plt.subplots(1, 2, figsize=(12, 4.5))
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["method"] != "dense":
+            groups.setdefault(f"{r['method']} ({r['pattern']})" if r["pattern"] not in ("structured", "dense")
+                              else r["method"], []).append(r)
+    for label, rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["kept_fraction"])
+        style = "o-" if len(rs) > 1 else "s"
+        ax.plot([r["kept_fraction"] for r in rs], [r["perplexity"] for r in rs], style, label=label,
+                lw=2.5 if label == "ppn" else 1.2)
+    dense = [r for r in rows if r["method"] == "dense"]
+    if dense:
+        ax.axhline(dense[0]["perplexity"], color="k", ls=":", label="dense")
+    ax.set(xlabel="kept fraction of prunable parameters", ylabel="validation perplexity", yscale="log",
+           title="Quality")
+    ax.legend(fontsize=7)
+    for label, rs in groups.items():
+        rs = sorted((r for r in rs if r.get("prefill_ratio")), key=lambda r: r["kept_fraction"])
+        if rs:
+            sp.plot([r["kept_fraction"] for r in rs], [r["prefill_ratio"] for r in rs], "o-", label=f"{label} prefill")
+            sp.plot([r["kept_fraction"] for r in rs], [r["decode_ratio"] for r in rs], "x--", label=f"{label} decode")
+    sp.axhline(1.0, color="k", ls=":")
+    sp.set(xlabel="kept fraction of prunable parameters", ylabel="throughput / dense", title="Speed (structured)")
+    if sp.get_legend_handles_labels()[0]:
+        sp.legend(fontsize=6)
+    fig.tight_layout()
+    tmp = Path(path).with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,98 @@
+"""The benchmark end to end on a tiny model: every method's rows, the results
+schema, resuming, and bad settings."""
+
+import json
+
+import pytest
+
+from ppn import benchmark
+from ppn.benchmark import BenchConfig
+from ppn.cli import main
+
+ROW_TYPES = {"method": str, "pattern": str, "size": float, "kept_prunable": int, "kept_fraction": float,
+             "kept_total": int, "perplexity": float, "eval": str, "tokens_used": int, "prune_seconds": float}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    cfg = BenchConfig.smoke_test(root)
+    return cfg, benchmark.run(cfg, progress=False)
+
+
+def test_every_method_has_its_rows(smoke):
+    cfg, rows = smoke
+    keys = {r["key"] for r in rows}
+    assert "dense" in keys and "dense fine-tuned" in keys and "best structured fine-tuned@0.5" in keys
+    for s in cfg.sizes:
+        assert {f"{m}@{s}" for m in ("ppn", "block_influence", "flap", "wanda_structured", "random")} <= keys
+    for s in cfg.unstructured_sizes:
+        assert {f"{m}@{s}" for m in ("magnitude", "wanda", "sparsegpt")} <= keys
+    assert {"magnitude 2:4@0.5", "wanda 2:4@0.5", "sparsegpt 2:4@0.5"} <= keys
+
+
+def test_results_match_the_schema(smoke):
+    cfg, rows = smoke
+    doc = json.loads(open(cfg.out).read())
+    assert doc["experiment"] == "benchmark_smoke" and doc["machine"]["cpu_count"] >= 1
+    assert len(doc["records"]) == len(rows)
+    dense = next(r for r in doc["records"] if r["method"] == "dense")
+    for r in doc["records"]:
+        for column, kind in ROW_TYPES.items():
+            assert isinstance(r[column], kind) or (kind is float and isinstance(r[column], int)), (r["key"], column)
+        assert 0 < r["kept_fraction"] <= 1 and r["perplexity"] > 1
+        assert r["kept_total"] - r["kept_prunable"] == dense["kept_total"] - dense["kept_prunable"]
+        if r["pattern"] == "structured" and "fine-tuned" not in r["method"]:
+            assert r["prefill_ratio"] > 0 and r["decode_ratio"] > 0
+    for r in doc["records"]:
+        if r["pattern"] in ("unstructured", "2:4"):
+            # one-shot unstructured pruning removes exactly 1 - rho of every block linear (norms stay)
+            assert r["kept_fraction"] == pytest.approx(r["size"], abs=0.01)
+        elif r["method"] == "ppn":
+            assert r["kept_fraction"] <= r["size"] + 1e-9
+    md = open(cfg.out.replace(".json", ".md")).read()
+    assert "Wall time per method" in md and "| ppn |" in md
+    assert open(cfg.out.replace(".json", ".png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_finished_benchmark_resumes_without_recomputing(smoke, monkeypatch):
+    cfg, rows = smoke
+    lines = open(f"{cfg.state_dir}/rows.jsonl").read().splitlines()
+    monkeypatch.setattr(benchmark, "prune_unstructured", lambda *a, **k: pytest.fail("recomputed a finished row"))
+    again = benchmark.run(cfg, progress=False)
+    assert [r["perplexity"] for r in again] == [r["perplexity"] for r in rows]
+    assert open(f"{cfg.state_dir}/rows.jsonl").read().splitlines() == lines
+
+
+def test_a_row_cut_by_a_kill_is_recomputed(tmp_path):
+    cfg = BenchConfig.smoke_test(tmp_path, methods=("dense", "magnitude"), speed=False)
+    first = benchmark.run(cfg, progress=False)
+    path = tmp_path / "state" / "rows.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])  # killed mid-write
+    again = benchmark.run(cfg, progress=False)
+    assert [r["key"] for r in again] == [r["key"] for r in first]
+    assert again[-1]["perplexity"] == pytest.approx(first[-1]["perplexity"], rel=1e-6)
+
+
+def test_a_state_folder_of_other_settings_is_refused(tmp_path):
+    benchmark.run(BenchConfig.smoke_test(tmp_path, methods=("dense",), speed=False), progress=False)
+    with pytest.raises(ValueError, match="other settings"):
+        benchmark.run(BenchConfig.smoke_test(tmp_path, methods=("dense",), speed=False, eval_windows=3),
+                      progress=False)
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(methods=("dense", "obs")), "unknown method"),
+    (dict(nm=((4, 4),)), "0 < N < M"),
+    (dict(sizes=(0.5, 1.5)), r"\(0, 1\]"),
+    (dict(unstructured_sizes=(0.0,)), r"\(0, 1\]"),
+])
+def test_bad_settings_are_refused(fields, message):
+    with pytest.raises(ValueError, match=message):
+        BenchConfig(**fields)
+
+
+def test_cli_names_an_unknown_method(tmp_path, capsys):
+    assert main(["bench", "--smoke", "--state-dir", str(tmp_path), "--methods", "dense,obs"]) == 2
+    assert "unknown method" in capsys.readouterr().err
