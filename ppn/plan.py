@@ -100,7 +100,7 @@ class Plan:
             "config": self.units.config.to_hf(),
             "group_width": self.units.group_width,
             "prior": self.prior,
-            "sites": {k: {"loc": s.loc.tolist(), "scale": s.scale.tolist(), "positive": s.positive}
+            "sites": {k: {"loc": _short(s.loc), "scale": _short(s.scale), "positive": s.positive}
                       for k, s in self.sites.items()},
             "gates": self.summary(),
             "meta": self.meta,
@@ -209,8 +209,9 @@ class Plan:
         for name, values in (("alpha", alpha), ("beta", beta)):
             for k in KINDS:
                 v = values[k]
-                out[f"{name}_{k}"] = {"mean": np.round(v.mean(0), 4).tolist(), "sd": np.round(v.std(0), 4).tolist(),
-                                      **{f"q{int(q * 100):02d}": np.round(np.quantile(v, q, axis=0), 4).tolist()
+                v = np.asarray(v, np.float64)
+                out[f"{name}_{k}"] = {"mean": np.round(v.mean(0), 3).tolist(), "sd": np.round(v.std(0), 3).tolist(),
+                                      **{f"q{int(q * 100):02d}": np.round(np.quantile(v, q, axis=0), 3).tolist()
                                          for q in QUANTILES}}
         return out
 
@@ -308,6 +309,11 @@ def _draws(plan: Plan, num_samples: int, seed: int) -> tuple[dict, dict]:
 
     alpha, beta = jax.vmap(one)(latents)
     return ({k: np.asarray(v) for k, v in alpha.items()}, {k: np.asarray(v) for k, v in beta.items()})
+
+
+def _short(x: np.ndarray) -> list:
+    """float32 values as nested lists of the shortest decimals that read back to the same float32."""
+    return np.asarray(x, np.float32).astype(str).astype(np.float64).tolist()
 
 
 def _json_default(o):
