@@ -61,14 +61,14 @@ def _slopes(units: Units) -> dict[str, jax.Array]:
     return beta
 
 
-def _hierarchical(units: Units, unit_noise: dist.Distribution) -> tuple[dict, dict]:
+def _hierarchical(units: Units, unit_noise: dist.Distribution, margin: bool = True) -> tuple[dict, dict]:
     shapes = _shapes(units)
     L = units.num_layers
     alpha0 = numpyro.sample("alpha0", dist.Normal(0.0, 3.0))
     tau_layer = numpyro.sample("tau_layer", dist.HalfNormal(1.0))
     tau_unit = numpyro.sample("tau_unit", dist.HalfNormal(1.0))
     delta = numpyro.sample("delta", dist.Normal(0.0, 1.0).expand([L, 2]).to_event(2))
-    margin = _layer_margin()
+    margin = _layer_margin() if margin else jnp.zeros(2)
     layer_level = alpha0 + tau_layer * delta  # (L, 2): attention, MLP
     alpha = {"attn_layer": layer_level[:, 0] + margin[0], "mlp_layer": layer_level[:, 1] + margin[1]}
     for i, kind in enumerate(("head", "mlp_group")):
@@ -90,8 +90,15 @@ def _layer_margin() -> jax.Array:
 
 
 def hierarchical_prior(units: Units) -> tuple[dict, dict]:
-    """DESIGN.md's prior: model -> layer -> unit intercepts, Normal unit deviations."""
+    """DESIGN.md's prior (model -> layer -> unit intercepts, Normal unit
+    deviations) with layer gates a learned margin above their units: the default."""
     return _hierarchical(units, dist.Normal(0.0, 1.0))
+
+
+def design_prior(units: Units) -> tuple[dict, dict]:
+    """DESIGN.md's prior exactly as written: layer gates share their units'
+    layer intercept, with no margin (the ablation of `_layer_margin`)."""
+    return _hierarchical(units, dist.Normal(0.0, 1.0), margin=False)
 
 
 def laplace_prior(units: Units) -> tuple[dict, dict]:
@@ -112,6 +119,7 @@ def independent_prior(units: Units) -> tuple[dict, dict]:
 
 PRIORS: dict[str, Callable[[Units], tuple[dict, dict]]] = {
     "hierarchical": hierarchical_prior,
+    "design": design_prior,
     "laplace": laplace_prior,
     "independent": independent_prior,
 }
