@@ -196,6 +196,23 @@ def push_offset(units: Units, logits: dict, rho: jax.Array, temperature) -> jax.
     return c_star - (size(c_star, logits) - jax.lax.stop_gradient(size(c_star, fixed))) / slope
 
 
+@jax.custom_vjp
+def _ascend(x: jax.Array) -> jax.Array:
+    """Identity whose gradient is negated: an optimiser that descends the loss
+    ascends it in x (the Lagrange multipliers of the size constraint)."""
+    return x
+
+
+_ascend.defvjp(lambda x: (x, None), lambda _, g: (-g,))
+
+
+def lagrange_penalty(size_error: jax.Array) -> jax.Array:
+    """lambda_1 (s - rho) + lambda_2 (s - rho)^2 with multipliers that the same
+    optimiser step ascends (targeted structured pruning's constraint, DESIGN.md (b))."""
+    lam = _ascend(numpyro.param("size_lagrange", jnp.zeros(2)))
+    return lam[0] * size_error + lam[1] * size_error ** 2
+
+
 def block_gates(units: Units, z: dict) -> list[BlockGates]:
     """Per-block gates of the network from gate samples (MLP groups spread over their channels)."""
     widths = units.group_widths
@@ -213,7 +230,7 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
 def push_puppet_model(batch: jax.Array, rho: jax.Array, temperature: jax.Array, *, network: Llama,
                       units: Units, prior: str = "hierarchical", data_tokens: int,
                       likelihood_temperature: float = 1.0, train_weights: bool = True,
-                      weights=None, distill_weight: float = 0.0):
+                      weights=None, distill_weight: float = 0.0, constraint: str = "offset"):
     """One step's joint density: prior on gates, hard-concrete gates at size rho,
     and the tokens of `batch` under the gated network.
 
@@ -233,6 +250,10 @@ def push_puppet_model(batch: jax.Array, rho: jax.Array, temperature: jax.Array, 
         weights: the network's `nnx.Param` state when `train_weights` is False.
         distill_weight: weight of a self-distillation KL from the ungated pass
             (stop-gradient teacher) to the gated pass, in nats per token.
+        constraint: how the expected size is held at rho: "offset" (the push
+            offset c(rho), exact at every step) or "lagrange" (no offset;
+            multipliers ascended by the optimiser, in units of the data scale,
+            so the constraint is met only as they converge).
 
     Returns:
         The gate samples, a dict by kind.
@@ -241,7 +262,12 @@ def push_puppet_model(batch: jax.Array, rho: jax.Array, temperature: jax.Array, 
 
     alpha, beta = get_prior(prior)(units)
     logits = gate_logits(alpha, beta, rho)
-    offset = push_offset(units, logits, rho, temperature)
+    if constraint == "offset":
+        offset = push_offset(units, logits, rho, temperature)
+    elif constraint == "lagrange":
+        offset = jnp.zeros(())
+    else:
+        raise ValueError(f"unknown size constraint {constraint!r}; choose 'offset' or 'lagrange'")
     shifted = {k: v - offset for k, v in logits.items()}
     keys = jax.random.split(numpyro.prng_key(), len(KINDS))
     z = {k: sample_hard_concrete(key, shifted[k], temperature) for k, key in zip(KINDS, keys)}
@@ -265,6 +291,8 @@ def push_puppet_model(batch: jax.Array, rho: jax.Array, temperature: jax.Array, 
         numpyro.factor("distill", -distill_weight * kl * scale)
 
     expected = expected_size(units, {k: open_probability(v, temperature) for k, v in shifted.items()})
+    if constraint == "lagrange":
+        numpyro.factor("size", -lagrange_penalty(expected / units.total - rho) * data_tokens / likelihood_temperature)
     metrics = numpyro_mutable("ppn$metrics", {"nll": jnp.zeros(()), "expected_size": jnp.zeros(()),
                                               "offset": jnp.zeros(()), "distill_kl": jnp.zeros(())})
     metrics["nll"] = jax.lax.stop_gradient(nll / n_tokens)

@@ -69,6 +69,9 @@ class FitConfig:
         temperature_start, temperature_end: geometric schedule of the hard-concrete temperature.
         likelihood_temperature: divides the log-likelihood (a tempered posterior; 1 = exact).
         distill_weight: weight of self-distillation from the ungated pass (0 = off).
+        constraint: "offset" (push offset: expected size = rho exactly at every
+            step) or "lagrange" (gradient-ascended multipliers; DESIGN.md's
+            alternative, kept for comparison).
         data_tokens: tokens the likelihood is scaled to; None = len(tokens).
         checkpoint_every: steps between checkpoints of the run folder.
         max_nonfinite: consecutive non-finite steps tolerated before giving up.
@@ -92,6 +95,7 @@ class FitConfig:
     temperature_end: float = 0.2
     likelihood_temperature: float = 1.0
     distill_weight: float = 0.0
+    constraint: str = "offset"
     data_tokens: int | None = None
     checkpoint_every: int = 25
     max_nonfinite: int = 20
@@ -111,6 +115,8 @@ class FitConfig:
             raise ValueError("checkpoint_every must be >= 1")
         if not 0 <= self.rho_warmup < 1:
             raise ValueError(f"rho_warmup must lie in [0, 1), got {self.rho_warmup}")
+        if self.constraint not in ("offset", "lagrange"):
+            raise ValueError(f"unknown size constraint {self.constraint!r}; choose 'offset' or 'lagrange'")
         if self.init not in ("taylor", "prior"):
             raise ValueError(f"unknown init {self.init!r}; choose 'taylor' or 'prior'")
 
@@ -161,7 +167,7 @@ def _network_model(network: Llama, units: Units, cfg: FitConfig, data_tokens: in
     return functools.partial(
         bayes.push_puppet_model, network=network, units=units, prior=cfg.prior, data_tokens=data_tokens,
         likelihood_temperature=cfg.likelihood_temperature, train_weights=cfg.train_weights,
-        distill_weight=cfg.distill_weight)
+        distill_weight=cfg.distill_weight, constraint=cfg.constraint)
 
 
 def _optimizer(cfg: FitConfig):

@@ -335,3 +335,20 @@ def test_expected_size_matches_monte_carlo_over_bernoulli_gates():
     expected = float(bayes.expected_size(units, {k: jnp.asarray(v) for k, v in p.items()}))
     # exact up to the norms, which the expectation counts with the layer gate alone
     assert abs(total / draws - expected) < 0.01 * units.total
+
+
+def test_lagrange_multipliers_are_ascended():
+    # the optimiser descends the loss; through _ascend the multipliers climb the penalty instead
+    assert float(jax.grad(lambda x: bayes._ascend(x) ** 2)(3.0)) == -6.0
+    cfg = FitConfig(**{**SMALL.__dict__, "steps": 8, "constraint": "lagrange", "lr_gates": 0.1})
+    result = fit(tiny_model(), TOKENS, cfg, progress=False)
+    lam = result.guide_params["size_lagrange"]
+    assert lam[1] > 0  # the quadratic multiplier only grows while the size is off target
+    errors = [r["size_error"] for r in result.metrics]
+    assert all(np.isfinite(errors)) and max(abs(e) for e in errors) > 1e-4  # no offset: not exact
+    assert Plan.from_fit(result).keep(0.5).num_params() <= Units(tiny_config(), 16).budget(0.5)
+
+
+def test_unknown_constraint_is_refused():
+    with pytest.raises(ValueError, match="unknown size constraint 'soft'"):
+        FitConfig(constraint="soft")
