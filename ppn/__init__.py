@@ -8,8 +8,9 @@ The data flow, one module per step:
     bayes        push_puppet_model                         (hierarchical prior, hard-concrete gates)
     fit          fit, FitConfig                            (SVI with the network weights)
     plan         Plan                                      (posterior summary: size -> structure)
-    prune        prune                                     (the smaller dense model)
+    prune        prune, load_pruned                        (the smaller dense model, in memory or from disk)
     evaluate     perplexity;  generate: generate;  speed: throughput
+    speculative  speculative_generate, draft_from_plan, choose_draft  (a pruned draft speeds up its target)
 """
 
 from ppn.checkpoint import count_params, load_model, load_tokenizer, save_model
@@ -20,10 +21,11 @@ from ppn.generate import generate
 from ppn.models.config import LayerShape, LlamaConfig, RopeScaling
 from ppn.models.llama import KVCache, Llama
 from ppn.plan import Plan
-from ppn.prune import prune
+from ppn.prune import load_pruned, prune
+from ppn.speculative import SpeculativeResult, choose_draft, draft_from_plan, speculative_generate
 
 __all__ = [
     "FitConfig", "FitResult", "KVCache", "KeepSet", "LayerShape", "Llama", "LlamaConfig", "Plan", "RopeScaling",
-    "Units", "count_params", "fit", "generate", "load_model", "load_tokenizer", "perplexity", "prune",
-    "save_model",
+    "SpeculativeResult", "Units", "choose_draft", "count_params", "draft_from_plan", "fit", "generate", "load_model",
+    "load_pruned", "load_tokenizer", "perplexity", "prune", "save_model", "speculative_generate",
 ]

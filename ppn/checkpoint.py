@@ -12,9 +12,11 @@ the tensor and the file.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -105,13 +107,18 @@ def build_model(config: LlamaConfig, tensors: Callable[[str, TensorSpec], jax.Ar
     Args:
         config: the architecture, dense or pruned.
         tensors: called as `tensors(hf_name, spec)` for every name of
-            `hf_layout(config)`; returns an array of shape `spec.hf_shape`.
+            `hf_layout(config)`; returns an array (numpy or jax) of shape
+            `spec.hf_shape`, which the model may keep without a copy: it must
+            not be modified afterwards.
         dtype: dtype of the weights.
     """
     dtype = _resolve_dtype(dtype)
     model = nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0)))
     for name, spec in hf_layout(config).items():
-        value = jnp.asarray(tensors(name, spec), dtype=dtype).reshape(spec.shape)
+        # reshaped before conversion: free for numpy, and no reshape kernel compiled per shape
+        value = tensors(name, spec).reshape(spec.shape)
+        # device_put adopts a 64-byte aligned host array without a copy on CPU
+        value = jax.device_put(value) if value.dtype == dtype else jnp.asarray(value, dtype=dtype)
         _param(model, spec.path).set_value(value)
     return model
 
@@ -128,50 +135,79 @@ def _safetensor_files(directory: Path) -> dict[str, Path]:
         return {name: directory / file for name, file in weight_map.items()}
     single = directory / SINGLE_FILE
     if single.exists():
-        return {name: single for name in _safetensor_names(single)}
+        return {name: single for name in _header(single)}
     others = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt"))
     hint = f" (found {', '.join(others)}: ppn reads safetensors only; re-save with safe_serialization=True)" if others else ""
     raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {directory}{hint}")
 
 
-def _safetensor_names(file: Path) -> list[str]:
+def _header(file: Path) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} of one safetensors file, read from its header only."""
     from safetensors import safe_open
 
+    if not file.exists():
+        raise FileNotFoundError(f"checkpoint shard {file} listed in {INDEX_FILE} does not exist")
     try:
-        with safe_open(file, framework="flax") as f:
-            return list(f.keys())
+        with safe_open(file, framework="numpy") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
     except Exception as e:  # safetensors raises its own error type for bad headers
         raise ValueError(f"cannot read safetensors file {file}: {e} (truncated or corrupt?)") from e
 
 
-class SafetensorsReader:
-    """Reads named tensors, or slices of them, from a checkpoint's safetensors files.
+CHUNK_BYTES = 4 << 20  # of a tensor's rows (counted at 4 bytes a value) mapped at a time
 
-    Files are memory-mapped and opened once each; `read` returns a jax array.
+
+def _aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialised array on a 64-byte boundary, which JAX on CPU adopts without a copy."""
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(size + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start:start + size].view(dtype).reshape(shape)
+
+
+def _runs(indices: np.ndarray) -> list[tuple[int, int, int]]:
+    """Maximal runs of consecutive indices: (start, stop, position of start in `indices`)."""
+    breaks = np.flatnonzero(np.diff(indices) != 1) + 1
+    firsts = np.concatenate([[0], breaks]).astype(int)
+    lasts = np.concatenate([breaks - 1, [indices.size - 1]]).astype(int)
+    return [(int(indices[a]), int(indices[b]) + 1, int(a)) for a, b in zip(firsts, lasts)] if indices.size else []
+
+
+class SafetensorsReader:
+    """Reads named tensors, or some of their rows or columns, from a checkpoint's
+    safetensors files, as numpy arrays of the file's dtype.
+
+    Files are memory-mapped, but a mapping is held only while one chunk of at
+    most `CHUNK_BYTES` of the file is read and then dropped: pages a process has
+    touched in a mapping count in its resident memory, so holding the mapping
+    would add a second copy of everything read to the peak.
     """
 
     def __init__(self, directory: Path):
         self.directory = directory
         self.files = _safetensor_files(directory)
-        self._open: dict[Path, object] = {}
-
-    def _handle(self, file: Path):
-        from safetensors import safe_open
-
-        if file not in self._open:
-            if not file.exists():
-                raise FileNotFoundError(f"checkpoint shard {file} listed in {INDEX_FILE} does not exist")
-            try:
-                self._open[file] = safe_open(file, framework="flax")
-            except Exception as e:
-                raise ValueError(f"cannot read safetensors file {file}: {e} (truncated or corrupt?)") from e
-        return self._open[file]
+        self._headers: dict[Path, dict[str, tuple[int, ...]]] = {}
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(self.files[name]).get_slice(name).get_shape())
+        file = self.files[name]
+        if file not in self._headers:
+            self._headers[file] = _header(file)
+        return self._headers[file][name]
 
-    def read(self, name: str, expected_shape: tuple[int, ...]) -> jax.Array:
-        """The whole tensor `name`, after checking its shape."""
+    def read(self, name: str, expected_shape: tuple[int, ...], axis: int = 0,
+             indices: np.ndarray | None = None) -> np.ndarray:
+        """Tensor `name`, or only `indices` along `axis` (0 or 1), after checking its full shape.
+
+        Each run of consecutive indices is read as one slice, chunk by chunk of
+        the file's rows: of the file, only the kept rows (axis 0) or the rows
+        holding the kept columns (axis 1) are touched, at most `CHUNK_BYTES` of
+        them at a time, and only the result is allocated.
+
+        Returns:
+            An array of `expected_shape` with axis `axis` cut to `len(indices)`.
+        """
+        from safetensors import safe_open
+
         file = self.files.get(name)
         if file is None:
             raise KeyError(f"checkpoint {self.directory} is missing tensor {name!r}")
@@ -179,13 +215,39 @@ class SafetensorsReader:
         if shape != tuple(expected_shape):
             raise ValueError(
                 f"tensor {name!r} in {file} has shape {shape}, expected {tuple(expected_shape)}")
+        runs = [(0, shape[axis], 0)] if indices is None else _runs(np.asarray(indices))
+        # (source, destination) index pairs: kept rows, or all rows and the kept columns
+        rows = runs if axis == 0 else [(0, shape[0], 0)]
+        cols = [((), ())] if axis == 0 else [((slice(a, b),), (slice(at, at + b - a),)) for a, b, at in runs]
+        out_shape = shape[:axis] + (sum(b - a for a, b, _ in runs),) + shape[axis + 1:]
+        rows_per_chunk = max(1, CHUNK_BYTES // max(1, 4 * int(np.prod(shape[1:]))))
+        out = np.empty(out_shape, np.float32) if 0 in out_shape else None
         try:
-            return self._handle(file).get_tensor(name)
+            for c0 in range(0, shape[0], rows_per_chunk):
+                c1 = min(shape[0], c0 + rows_per_chunk)
+                reads = [(slice(max(a, c0), min(b, c1)), slice(at + max(a, c0) - a, at + min(b, c1) - a))
+                         for a, b, at in rows if a < c1 and b > c0]
+                if not reads:
+                    continue
+                with safe_open(file, framework="numpy") as f:  # mapped for this chunk only
+                    for src_rows, dst_rows in reads:
+                        for src_cols, dst_cols in cols:
+                            piece = self._slice(f, name, (src_rows,) + src_cols)
+                            if out is None:
+                                out = _aligned_empty(out_shape, piece.dtype)
+                            out[(dst_rows,) + dst_cols] = piece
         except Exception as e:
             raise ValueError(f"cannot read tensor {name!r} from {file}: {e} (truncated or corrupt?)") from e
+        return out
+
+    @staticmethod
+    def _slice(f, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """`index` of tensor `name` of the open file `f`: the only place tensor data is read."""
+        return f.get_slice(name)[index]
 
 
-def _check_names(expected: set[str], found: set[str], where: str, tied: bool) -> None:
+def check_names(expected: set[str], found: set[str], where: str, tied: bool) -> None:
+    """Raises ValueError naming the tensors `found` lacks of `expected`, or has beyond them."""
     missing = sorted(expected - found)
     # Tied checkpoints sometimes also store the shared output head; it is the embedding.
     unexpected = sorted(found - expected - ({"lm_head.weight"} if tied else set()))
@@ -224,6 +286,37 @@ def resolve_source(source: str | os.PathLike) -> Path:
         f"nor a known model name ({', '.join(zoo.MODELS)})")
 
 
+def safetensors_dir(source: str | os.PathLike, *, progress: bool = True) -> Path:
+    """A safetensors checkpoint directory for `source`, converting a GGUF once.
+
+    A directory is returned as is and a zoo name as its converted cache entry
+    (`ppn.zoo.fetch`). A `.gguf` file is converted on first use, like the zoo's,
+    into float32 safetensors under `<cache>/gguf/<stem>-<key>/`, keyed by its path,
+    size and modification time; that conversion holds the whole model in memory,
+    later calls find it at once.
+    """
+    path = resolve_source(source)
+    if path.is_dir():
+        return path
+    if path.suffix != ".gguf":
+        raise ValueError(f"{path} is a file but not a .gguf; pass a checkpoint directory or a .gguf file")
+    from ppn import zoo
+    from ppn.gguf_reader import convert_gguf
+
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = zoo.cache_dir() / "gguf" / f"{path.stem}-{key}"
+    if not target.exists():
+        if progress:
+            print(f"ppn: converting {path.name} once to float32 safetensors in {target} ...", file=sys.stderr)
+        try:
+            convert_gguf(path, target, progress=progress)
+        except OSError:
+            if not (target / SINGLE_FILE).exists():  # else another process converted it first
+                raise
+    return target
+
+
 def load_model(source: str | os.PathLike, dtype="float32") -> Llama:
     """Loads a LLaMA-family model strictly.
 
@@ -248,7 +341,7 @@ def load_model(source: str | os.PathLike, dtype="float32") -> Llama:
 
         ckpt = read_gguf(path)
         config = LlamaConfig.from_hf(ckpt.config)
-        _check_names(set(hf_layout(config)), set(ckpt.tensors), str(path), config.tie_word_embeddings)
+        check_names(set(hf_layout(config)), set(ckpt.tensors), str(path), config.tie_word_embeddings)
 
         def from_gguf(name, spec):
             array = ckpt.tensors[name]
@@ -260,7 +353,7 @@ def load_model(source: str | os.PathLike, dtype="float32") -> Llama:
 
     config = read_config(path)
     reader = SafetensorsReader(path)
-    _check_names(set(hf_layout(config)), set(reader.files), str(path), config.tie_word_embeddings)
+    check_names(set(hf_layout(config)), set(reader.files), str(path), config.tie_word_embeddings)
     return build_model(config, lambda name, spec: reader.read(name, spec.hf_shape), dtype)
 
 

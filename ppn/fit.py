@@ -88,7 +88,7 @@ class FitConfig:
     prior: str = "hierarchical"
     guide: str = "normal"
     guide_init_scale: float = 0.05
-    lr_weights: float = 2e-5
+    lr_weights: float = 1e-4
     lr_gates: float = 0.05
     train_weights: bool = True
     temperature_start: float = 0.66

@@ -185,8 +185,10 @@ class KeepSet:
         return tuple(shapes)
 
     def config(self) -> LlamaConfig:
-        """The pruned model's config."""
-        return self.units.config.replace(layers=self.layer_shapes())
+        """The pruned model's config, in `LlamaConfig.canonical` form: a keep-set with the
+        same whole KV groups and channel count in every block (`Plan.keep(size, uniform=True)`,
+        or the full set) gives a plain dense config that Hugging Face can load."""
+        return self.units.config.replace(layers=self.layer_shapes()).canonical()
 
     def num_params(self) -> int:
         """Prunable parameters kept: exactly those of the pruned model's blocks."""

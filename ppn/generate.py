@@ -18,16 +18,13 @@ from flax import nnx
 from ppn.models.llama import KVCache, Llama
 
 
-def sample_logits(logits: jax.Array, key: jax.Array, temperature: float = 0.0,
-                  top_k: int | None = None, top_p: float | None = None) -> jax.Array:
-    """Draws token ids (B,) from logits (B, V).
+def warp_logits(logits: jax.Array, temperature: float, top_k: int | None = None,
+                top_p: float | None = None) -> jax.Array:
+    """The float32 logits (B, V) that sampling draws from, for temperature > 0.
 
-    temperature 0 is greedy (argmax). Otherwise logits are divided by the
-    temperature, restricted to the `top_k` largest and to the smallest set whose
-    probability reaches `top_p`, and sampled.
+    Logits are divided by the temperature, then restricted (others set to -inf)
+    to the `top_k` largest and to the smallest set whose probability reaches `top_p`.
     """
-    if temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits.astype(jnp.float32) / temperature
     if top_k is not None:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
@@ -40,7 +37,37 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature: float = 0.0,
         keep_sorted = (cum - jax.nn.softmax(sorted_logits, axis=-1)) < top_p
         keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
         logits = jnp.where(keep, logits, -jnp.inf)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    return logits
+
+
+def token_probs(logits: jax.Array, temperature: float = 0.0, top_k: int | None = None,
+                top_p: float | None = None) -> jax.Array:
+    """The distribution (B, V) that `sample_logits` draws from, given logits (B, V):
+    one-hot on the argmax for temperature 0, else the softmax of `warp_logits`."""
+    if temperature == 0.0:
+        return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+    return jax.nn.softmax(warp_logits(logits, temperature, top_k, top_p), axis=-1)
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, temperature: float = 0.0,
+                  top_k: int | None = None, top_p: float | None = None) -> jax.Array:
+    """Draws token ids (B,) from logits (B, V).
+
+    temperature 0 is greedy (argmax); otherwise a draw from `warp_logits`.
+    """
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, warp_logits(logits, temperature, top_k, top_p), axis=-1).astype(jnp.int32)
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, vocab_size: int) -> None:
+    """Raises ValueError unless the sampling settings are valid for a vocabulary of `vocab_size`."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and not 1 <= top_k <= vocab_size:
+        raise ValueError(f"top_k must be in [1, vocab_size], got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p"))
@@ -85,12 +112,7 @@ def generate(model: Llama, prompt_ids, max_new_tokens: int, *, temperature: floa
         raise ValueError(f"prompt_ids must have shape (B, T) or (T,) with T >= 1, got {np.shape(prompt_ids)}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and not 1 <= top_k <= model.config.vocab_size:
-        raise ValueError(f"top_k must be in [1, vocab_size], got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    check_sampling(temperature, top_k, top_p, model.config.vocab_size)
     if prompt.min() < 0 or prompt.max() >= model.config.vocab_size:
         raise ValueError(f"prompt token ids must lie in [0, {model.config.vocab_size})")
     graphdef, state = nnx.split(model)

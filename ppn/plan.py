@@ -158,18 +158,23 @@ class Plan:
         return {k: np.median(alpha[k] + beta[k] * lr, axis=0) for k in KINDS}
 
     # ------------------------------------------------------------- resizing
-    def keep(self, size: float | int) -> KeepSet:
+    def keep(self, size: float | int, uniform: bool = False) -> KeepSet:
         """The units to keep at `size` (a fraction of prunable parameters in (0, 1],
         or an absolute count of them). Deterministic; reads no weights.
 
-        The kept size is at most the budget and within one unit's cost
-        (a head with its KV head and norm, or an MLP group with its norm) of it.
+        By default (`fill_budget`) each block keeps what the ranking gives it, and
+        the kept size is at most the budget and within one unit's cost (a head
+        with its KV head and norm, or an MLP group with its norm) of it.
+
+        With `uniform=True` (`fill_uniform`) every block is kept, with the same
+        number of whole KV groups and of MLP groups: the pruned model is a
+        standard dense one that a Hugging Face config describes.
         """
         budget = self.units.budget(size)
         rho = float(np.clip(budget / self.units.total, 1e-6, 1 - 1e-6))
         if budget >= self.units.total:
             return self.units.full()
-        return fill_budget(self.units, self.median_logits(rho), budget)
+        return (fill_uniform if uniform else fill_budget)(self.units, self.median_logits(rho), budget)
 
     def soft_gates(self, size: float | int, temperature: float = 0.2):
         """Deterministic gates of the gated network at `size`: the hard-concrete
@@ -266,6 +271,73 @@ def fill_budget(units: Units, logits: dict[str, np.ndarray], budget: int) -> Kee
     kept[order[:n_kept]] = True
     heads, groups = kept[: L * N].reshape(L, N), kept[L * N:].reshape(L, M)
     return KeepSet(units, heads.any(1), groups.any(1), heads, groups)
+
+
+def fill_uniform(units: Units, logits: dict[str, np.ndarray], budget: int) -> KeepSet:
+    """Keeps every block, each with its top k KV groups (all G query heads of each)
+    and its top m MLP groups, for one k and one m shared by all blocks.
+
+    Within a block, a KV group ranks by the mean logit of its G heads and an MLP
+    group by its logit. The j-th best KV groups of all blocks form the j-th
+    attention slice (cost L * (G * head_cost + kv_cost)), scored by the mean over
+    blocks of their logits capped by their layer's, as in `fill_budget`; likewise
+    the MLP slices. From the fewest of each kind, the next step of the
+    better-scored kind is added while it fits; a kind stops at its first step that
+    does not. So the ranking, not the arithmetic, splits the budget between
+    attention and MLP, and at the end no further step of either kind fits.
+
+    Two constraints keep the result a standard Hugging Face model: k only takes
+    values with the hidden size a multiple of the k * G query heads (which
+    transformers' config validation demands), an attention step adding the slices
+    up to the next such k (scored by their mean); and when the last MLP group is
+    narrower than the others (F not a multiple of the group width) it comes after
+    them in every block, so that all blocks keep the same width.
+
+    Raises:
+        ValueError: the budget is below the smallest uniform model (the fewest KV
+            groups and one MLP group in every block).
+    """
+    L, K, G, M = units.num_layers, units.config.num_kv_heads, units.config.group_size, units.num_groups
+    kv_logit = logits["head"].reshape(L, K, G).mean(-1)
+    group_key = logits["mlp_group"].copy()
+    if units.group_widths[-1] < units.group_width:
+        group_key[:, -1] = -np.inf
+
+    def slices(unit_logit, layer_logit, key):
+        order = np.argsort(-key, axis=1, kind="stable")  # (L, units) best first in each block
+        capped = np.minimum(np.take_along_axis(unit_logit, order, 1), layer_logit[:, None])
+        return order, np.minimum.accumulate(capped.mean(0))  # (units,) slice scores, non-increasing
+
+    kv_order, kv_score = slices(kv_logit, logits["attn_layer"], kv_logit)
+    group_order, group_score = slices(logits["mlp_group"], logits["mlp_layer"], group_key)
+    kv_steps = [k for k in range(1, K + 1) if units.config.hidden_size % (k * G) == 0] or [K]
+    kv_cost = L * (G * units.head_cost + units.kv_cost)
+    group_cost = L * np.sort(units.group_costs)[::-1]  # a narrow last group is the last slice
+    k, m = kv_steps[0], 1
+    size = L * (units.attn_fixed_cost + units.mlp_fixed_cost) + k * kv_cost + int(group_cost[0])
+    if size > budget:
+        raise ValueError(f"a size of {budget:,} parameters is below the smallest uniform model ({size:,}: "
+                         f"{k} KV group(s) and one MLP group in every block); use a larger size or uniform=False")
+    open_kinds = {"attn", "mlp"}
+    while True:
+        k_next = next((s for s in kv_steps if s > k), None)
+        options = [(kv_score[k:k_next].mean(), "attn")] if k_next and "attn" in open_kinds else []
+        options += [(group_score[m], "mlp")] if m < M and "mlp" in open_kinds else []
+        if not options:
+            break
+        kind = max(options, key=lambda o: o[0])[1]  # ties: attention (listed first)
+        cost = (k_next - k) * kv_cost if kind == "attn" else int(group_cost[m])
+        if size + cost > budget:
+            open_kinds.discard(kind)
+            continue
+        size += cost
+        k, m = (k_next, m) if kind == "attn" else (k, m + 1)
+
+    kv = np.zeros((L, K), bool)
+    np.put_along_axis(kv, kv_order[:, :k], True, 1)
+    groups = np.zeros((L, M), bool)
+    np.put_along_axis(groups, group_order[:, :m], True, 1)
+    return KeepSet(units, np.ones(L, bool), np.ones(L, bool), np.repeat(kv, G, axis=1), groups)
 
 
 def _first_occurrence(keys: np.ndarray) -> np.ndarray:

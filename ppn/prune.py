@@ -2,21 +2,24 @@
 
 The cut is described once, in the Hugging Face tensor layout, as "take these
 indices along this axis of this tensor" (`gather_spec`). `prune` applies it to
-weights in memory with a jitted `jnp.take`; loading straight from a checkpoint
-can apply the same description to memory-mapped slices.
+weights in memory with a jitted `jnp.take`; `load_pruned` applies it to
+memory-mapped slices of a checkpoint, so the dense model is never in memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ppn.checkpoint import build_model, hf_layout, hf_tensors
+from ppn.checkpoint import (SafetensorsReader, build_model, check_names, hf_layout, hf_tensors, read_config,
+                            safetensors_dir)
 from ppn.gates import KeepSet
+from ppn.models.config import LlamaConfig
 from ppn.models.llama import BlockGates, Llama
 
 
@@ -68,7 +71,30 @@ def _take(x: jax.Array, indices: jax.Array, axis: int) -> jax.Array:
     return jnp.take(x, indices, axis=axis)
 
 
-def prune(model: Llama, keep, size: float | int | None = None) -> Llama:
+def keep_set(keep, size: float | int | None, config: LlamaConfig, uniform: bool = False) -> KeepSet:
+    """The keep-set of `keep` (a `KeepSet`, or a `ppn.Plan` with a `size`) for the dense `config`.
+
+    Raises:
+        ValueError: it belongs to another architecture, or the size is invalid.
+        TypeError: a plan without a size, or a keep-set with a size or `uniform`.
+    """
+    if size is not None:
+        if isinstance(keep, KeepSet):
+            raise TypeError("a keep-set has its size; pass a size only with a plan")
+        keep.check_model(config)
+        keep = keep.keep(size, uniform=uniform)
+    elif not isinstance(keep, KeepSet):
+        raise TypeError("a plan needs a size: prune(model, plan, size) / load_pruned(checkpoint, plan, size)")
+    elif uniform:
+        raise TypeError("uniform=True chooses units from a plan; it does not apply to a keep-set")
+    if keep.units.config != config.replace(layers=None) or config.layers is not None:
+        raise ValueError(
+            "this keep-set was computed for another architecture than the model's: "
+            f"plan {keep.units.config} vs model {config}")
+    return keep
+
+
+def prune(model: Llama, keep, size: float | int | None = None, *, uniform: bool = False) -> Llama:
     """The smaller dense model that keeps exactly the chosen units.
 
     Its logits equal those of `model` run with `hard_gates(keep)`, and its
@@ -79,19 +105,12 @@ def prune(model: Llama, keep, size: float | int | None = None) -> Llama:
         model: the dense model.
         keep: a `KeepSet`, or a `ppn.Plan` together with `size`.
         size: with a plan: a fraction of prunable parameters in (0, 1] or a count.
+        uniform: with a plan: the same counts in every block (`Plan.keep`).
 
     Raises:
         ValueError: the keep-set or plan belongs to another architecture, or the size is invalid.
     """
-    if size is not None:
-        keep.check_model(model.config)
-        keep = keep.keep(size)
-    elif not isinstance(keep, KeepSet):
-        raise TypeError("prune(model, plan, size) needs a size when given a plan")
-    if keep.units.config != model.config.replace(layers=None) or model.config.layers is not None:
-        raise ValueError(
-            "this keep-set was computed for another architecture than the model's: "
-            f"plan {keep.units.config} vs model {model.config}")
+    keep = keep_set(keep, size, model.config, uniform)
     dense = dict(hf_tensors(model))
     spec = gather_spec(keep)
 
@@ -100,6 +119,49 @@ def prune(model: Llama, keep, size: float | int | None = None) -> Llama:
         return dense[name] if t.indices is None else _take(dense[name], jnp.asarray(t.indices), t.axis)
 
     return build_model(keep.config(), take, dtype=model.dtype)
+
+
+def load_pruned(checkpoint: str | os.PathLike, plan, size: float | int | None = None, *, uniform: bool = False,
+                dtype="float32") -> Llama:
+    """Loads only the kept part of a checkpoint: the pruned model, without the dense one.
+
+    Equals `prune(load_model(checkpoint), plan, size, uniform=uniform)` exactly,
+    but reads from the safetensors files (single or sharded) only the tensors
+    of kept sub-layers and, of those, only the rows and columns of kept query
+    heads, KV heads and MLP channels (`gather_spec`), each run of consecutive
+    ones as one memory-mapped slice. Peak memory is the pruned model plus at
+    most one of its tensors and a few MiB of the file in flight
+    (`SafetensorsReader`), not the dense model. The loading
+    is as strict as `load_model`'s: every tensor of the dense checkpoint must be
+    present with its shape, and no other.
+
+    A GGUF source, a `.gguf` file or a zoo name (whose models are GGUFs), goes
+    first through the one-time conversion to float32 safetensors in ppn's cache
+    (`safetensors_dir`), which needs the whole model in memory once; this and
+    later loads then read only the kept slices of the converted file.
+
+    Args:
+        checkpoint: a Hugging Face checkpoint directory, a `.gguf` file or a zoo name.
+        plan: a `ppn.Plan` fitted on this checkpoint's architecture, or a `KeepSet`.
+        size: with a plan: a fraction of prunable parameters in (0, 1] or a count.
+        uniform: with a plan: the same counts in every block, a standard
+            Hugging Face architecture (`Plan.keep`).
+        dtype: weight dtype, "float32" (default) or "bfloat16".
+
+    Raises:
+        FileNotFoundError: no such checkpoint, or no config.json / weights in it.
+        ValueError: the plan was fitted on another architecture, an invalid
+            size, or a missing, unexpected, mis-shaped or corrupt tensor.
+    """
+    path = safetensors_dir(checkpoint)
+    config = read_config(path)
+    keep = keep_set(plan, size, config, uniform)
+    reader = SafetensorsReader(path)
+    dense = hf_layout(config)
+    check_names(set(dense), set(reader.files), str(path), config.tie_word_embeddings)
+    spec = gather_spec(keep)
+    return build_model(keep.config(), lambda name, _: reader.read(name, dense[name].hf_shape, spec[name].axis,
+                                                                  spec[name].indices), dtype)
 
 
 def hard_gates(keep: KeepSet, dtype=jnp.float32) -> list[BlockGates]:

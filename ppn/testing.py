@@ -23,3 +23,20 @@ def tiny_config(**overrides) -> LlamaConfig:
 def tiny_model(seed: int = 0, dtype=jnp.float32, **overrides) -> Llama:
     """A randomly initialised `Llama` of `tiny_config(**overrides)`."""
     return Llama(tiny_config(**overrides), dtype=dtype, rngs=nnx.Rngs(seed))
+
+
+def random_plan(config: LlamaConfig, seed: int = 0, group_width: int = 16, prior: str = "hierarchical"):
+    """A `Plan` for `config` with random guide locations (scale 0.1), without fitting:
+    its keep-sets vary from block to block like a fitted plan's."""
+    import numpy as np
+
+    from ppn.gates import Units
+    from ppn.plan import Plan, _prior_shapes
+
+    units = Units(config, group_width)
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name, shape in _prior_shapes(units, prior).items():
+        params[f"{name}_auto_loc"] = rng.normal(0.0, 1.0, shape)
+        params[f"{name}_auto_scale"] = np.full(shape, 0.1)
+    return Plan.from_guide_params(units, prior, params)

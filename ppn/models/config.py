@@ -191,6 +191,25 @@ class LlamaConfig:
     def replace(self, **changes) -> LlamaConfig:
         return dataclasses.replace(self, **changes)
 
+    def canonical(self) -> LlamaConfig:
+        """This architecture without `layers` when its blocks are a plain, smaller dense model.
+
+        That is the case when every block has the same shape, keeps attention and
+        MLP, and its query head n reads KV head n // G' (G' = N' / K'): then
+        num_heads N', num_kv_heads K' and intermediate_size F' say it all, and
+        `to_hf` writes a standard Hugging Face config. Otherwise returns self.
+        """
+        if self.layers is None or len(set(self.layers)) != 1:
+            return self
+        s = self.layers[0]
+        if not (s.has_attention and s.has_mlp) or s.num_heads % s.num_kv_heads:
+            return self
+        g = s.num_heads // s.num_kv_heads
+        if s.q_to_kv != tuple(n // g for n in range(s.num_heads)):
+            return self
+        return self.replace(num_heads=s.num_heads, num_kv_heads=s.num_kv_heads,
+                            intermediate_size=s.intermediate_size, layers=None)
+
     # ----------------------------------------------------------------- counts
     def layer_num_params(self, shape: LayerShape) -> int:
         """Parameters of one block with the given shape (norms and biases included)."""
@@ -283,7 +302,8 @@ class LlamaConfig:
         """The Hugging Face `config.json` dictionary of this config.
 
         A pruned config adds a `ppn_layers` list with every block's shape; that key
-        is ignored by transformers and read back by `from_hf`.
+        is ignored by transformers and read back by `from_hf`. A pruned config in
+        `canonical` form has none: it is a standard (smaller) dense config.
         """
         d: dict[str, Any] = {
             "architectures": [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",

@@ -1,0 +1,160 @@
+"""Speculative decoding with pruned drafts: decode tokens/s against the target alone.
+
+The target is the fitted model of a run (the checkpoint its plan names); each
+draft is the target pruned by the plan (ρ = 0.3, 0.5 with 4 draft tokens per
+round, and the size and k `choose_draft` picks on separate calibration prompts).
+Prompts are windows of the validation text; greedy decoding, batch 1, KV cache
+(BENCHMARK.md, "Speed, memory and cost").
+
+    python experiments/speculative.py --run-dir runs/smollm2-135m   # after `ppn fit`
+    python experiments/speculative.py --smoke                        # tiny model, seconds
+
+Writes results/speculative.json and .md (one row per decoder), speculative.png
+(speed-up and acceptance by draft), and speculative_choice.json and .md (the
+estimate of every candidate (size, k)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+import ppn
+from ppn import data
+from ppn.report import write_results
+from ppn.speculative import choose_draft, draft_from_plan, speculative_generate
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    run_dir: str = "runs/smollm2-135m"
+    sizes: tuple[float, ...] = (0.3, 0.5)
+    num_draft_tokens: int = 4
+    ks: tuple[int, ...] = (1, 2, 3, 4, 6, 8)  # candidates of the automatic choice
+    prompt_len: int = 128
+    new_tokens: int = 128
+    num_prompts: int = 4
+    calibration_prompts: int = 4  # for the automatic choice, disjoint from the timed prompts
+    seed: int = 0
+    out_dir: str = "results"
+    smoke: bool = False
+
+
+SMOKE = dict(prompt_len=16, new_tokens=16, num_prompts=2, calibration_prompts=1, ks=(4,))  # a tiny model's run
+
+
+def _setup(cfg: Config):
+    """(target, plan, validation token stream) of the run, or of a tiny random model in smoke mode."""
+    if cfg.smoke:
+        from ppn.testing import random_plan, tiny_model
+
+        target = tiny_model()
+        return target, random_plan(target.config), np.random.default_rng(cfg.seed).integers(0, 97, 4000)
+    plan = ppn.Plan.load(Path(cfg.run_dir) / "plan.json")
+    checkpoint = plan.meta.get("checkpoint", str(Path(cfg.run_dir) / "model"))
+    target = ppn.load_model(checkpoint)
+    return target, plan, data.tokenize(data.shakespeare("validation"), ppn.load_tokenizer(checkpoint))
+
+
+def _timed(decode, prompts) -> tuple[list, float]:
+    """Outputs of decode(prompt) for each prompt (1, T), and their total seconds; one untimed compile run first."""
+    decode(prompts[0])
+    outputs, seconds = [], 0.0
+    for p in prompts:
+        start = time.perf_counter()
+        outputs.append(decode(p))
+        seconds += time.perf_counter() - start
+    return outputs, seconds
+
+
+def plot(records: list[dict], path) -> None:
+    """Two panels: speed-up over the target alone, and acceptance rate, one bar per decoder."""
+    import matplotlib
+
+    matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
+    import matplotlib.pyplot as plt
+
+    labels = [r["method"] for r in records]
+    x = np.arange(len(records))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.bar(x, [r["speedup"] for r in records], color="tab:blue", label="measured")
+    expected = [(i, r["expected_speedup"]) for i, r in enumerate(records) if r.get("expected_speedup") is not None]
+    if expected:
+        left.scatter(*zip(*expected), color="tab:orange", zorder=3, label="expected (choose_draft)")
+    left.axhline(1.0, color="grey", lw=0.8)
+    left.set_ylabel("decode tokens/s relative to the target alone")
+    left.legend(fontsize=8, framealpha=0.9)
+    right.bar(x, [r["acceptance_rate"] if r["acceptance_rate"] is not None else 0.0 for r in records],
+              color="tab:green")
+    right.set_ylim(0, 1)
+    right.set_ylabel("acceptance rate of draft tokens")
+    for ax in (left, right):
+        ax.set_xticks(x, labels, rotation=20, ha="right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(cfg: Config) -> list[dict]:
+    target, plan, tokens = _setup(cfg)
+    windows = data.eval_windows(tokens, cfg.prompt_len)
+    picks = np.random.default_rng(cfg.seed).choice(len(windows), cfg.num_prompts + cfg.calibration_prompts,
+                                                   replace=False)
+    prompts = [windows[i][None] for i in picks[:cfg.num_prompts]]
+    choice = choose_draft(target, plan, windows[picks[cfg.num_prompts:]], cfg.sizes,
+                          tuple(sorted(set(cfg.ks) | {cfg.num_draft_tokens})), new_tokens=cfg.new_tokens)
+    expected = {(r["size"], r["k"]): r["expected_speedup"] for r in choice.table}
+
+    reference, seconds = _timed(lambda p: ppn.generate(target, p, cfg.new_tokens), prompts)
+    new = cfg.new_tokens * len(prompts)
+    base_tps = new / seconds
+    records = [{"method": "target alone", "draft_size": None, "k": None, "kept_fraction": 1.0,
+                "acceptance_rate": None, "tokens_per_round": 1.0, "tokens_per_second": base_tps, "speedup": 1.0,
+                "expected_speedup": None, "matches_target": 1.0, "seconds": seconds}]
+    full = target.config.num_prunable_params()
+    runs = [(f"ρ={s}, k={cfg.num_draft_tokens}", s, cfg.num_draft_tokens) for s in cfg.sizes]
+    runs.append((f"auto: ρ={choice.size}, k={choice.k}", choice.size, choice.k))
+    for method, size, k in runs:
+        draft = draft_from_plan(target, plan, size)
+        results, seconds = _timed(lambda p: speculative_generate(target, draft, p, cfg.new_tokens, k), prompts)
+        accepted, proposed = sum(r.accepted for r in results), sum(r.proposed for r in results)
+        rounds = sum(r.target_calls - 1 for r in results)
+        records.append({
+            "method": method, "draft_size": size, "k": k,
+            "kept_fraction": draft.config.num_prunable_params() / full,
+            "acceptance_rate": accepted / proposed, "tokens_per_round": (new - len(prompts)) / rounds,
+            "tokens_per_second": new / seconds, "speedup": new / seconds / base_tps,
+            "expected_speedup": expected[(size, k)],
+            "matches_target": float(np.mean([np.array_equal(r.tokens, ref) for r, ref in zip(results, reference)])),
+            "seconds": seconds})
+
+    name = "speculative_smoke" if cfg.smoke else "speculative"
+    title = (f"Speculative decoding with pruned drafts: greedy, batch 1, {cfg.prompt_len}-token prompts, "
+             f"{cfg.new_tokens} new tokens, {len(prompts)} prompts")
+    write_results(name, records, ["method", "kept_fraction", "acceptance_rate", "tokens_per_round",
+                                  "tokens_per_second", "speedup", "expected_speedup", "matches_target"],
+                  out_dir=cfg.out_dir, title=title)
+    write_results(f"{name}_choice", [dict(r) for r in choice.table],
+                  ["size", "k", "alpha", "cost_ratio", "verify_ratio", "expected_tokens_per_round",
+                   "expected_speedup"], out_dir=cfg.out_dir,
+                  title=f"choose_draft estimates ({cfg.calibration_prompts} calibration prompts); "
+                        f"chosen: ρ={choice.size}, k={choice.k}")
+    plot(records, Path(cfg.out_dir) / f"{name}.png")
+    return records
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-dir", default="runs/smollm2-135m")
+    parser.add_argument("--num-prompts", type=int, default=4)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--out-dir", default="results")
+    a = parser.parse_args()
+    sizes = SMOKE if a.smoke else {"num_prompts": a.num_prompts}
+    for row in main(Config(run_dir=a.run_dir, out_dir=a.out_dir, smoke=a.smoke, **sizes)):
+        print(row)
