@@ -73,15 +73,21 @@ class Plan:
     @classmethod
     def from_guide_params(cls, units: Units, prior: str, guide_params: dict[str, np.ndarray],
                           meta: dict[str, Any] | None = None) -> Plan:
-        """Builds a plan from AutoNormal parameters (`<site>_auto_loc`, `<site>_auto_scale`)."""
+        """Builds a plan from AutoNormal parameters (`<site>_auto_loc`, `<site>_auto_scale`),
+        or from AutoLowRankMultivariateNormal ones (`auto_loc`, `auto_cov_factor`,
+        `auto_scale`), of which the plan keeps each site's marginal Normal: the
+        ranking uses medians, which marginals keep exactly; draws lose the
+        correlations between sites."""
         supports = _prior_supports(units, prior)
+        if "auto_loc" in guide_params:
+            guide_params = _lowrank_marginals(units, prior, guide_params)
         sites = {}
         for name, positive in supports.items():
             try:
                 loc, scale = guide_params[f"{name}_auto_loc"], guide_params[f"{name}_auto_scale"]
             except KeyError as e:
                 raise ValueError(f"guide parameters lack site {name!r} of the {prior!r} prior; "
-                                 "plans are built from an AutoNormal guide") from e
+                                 "plans are built from an AutoNormal or low-rank guide") from e
             sites[name] = Site(np.asarray(loc, np.float32), np.asarray(scale, np.float32), positive)
         return cls(units, prior, sites, dict(meta or {}))
 
@@ -366,6 +372,27 @@ def _prior_supports(units: Units, prior: str) -> dict[str, bool]:
 
 def _prior_shapes(units: Units, prior: str) -> dict[str, tuple]:
     return {n: tuple(np.shape(s["value"])) for n, s in _prior_trace(units, prior).items() if s["type"] == "sample"}
+
+
+def _lowrank_marginals(units: Units, prior: str, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-site `<site>_auto_loc` / `_auto_scale` of a low-rank guide's marginals.
+
+    The guide's latent vector (D,) concatenates the sites in the model's trace
+    order; its covariance is diag(s) (W W^T + I) diag(s) with W (D, rank) the
+    cov_factor and s the scale, so a coordinate's marginal sd is s_i sqrt(1 + |W_i|^2).
+    """
+    loc = np.asarray(params["auto_loc"], np.float64)
+    w, s = np.asarray(params["auto_cov_factor"], np.float64), np.asarray(params["auto_scale"], np.float64)
+    sd = s * np.sqrt(1.0 + (w ** 2).sum(-1))
+    out, start = {}, 0
+    for name, shape in _prior_shapes(units, prior).items():
+        n = int(np.prod(shape))
+        out[f"{name}_auto_loc"] = loc[start:start + n].reshape(shape)
+        out[f"{name}_auto_scale"] = sd[start:start + n].reshape(shape)
+        start += n
+    if start != loc.size:
+        raise ValueError(f"low-rank guide has {loc.size} latent values; the {prior!r} prior has {start}")
+    return out
 
 
 def _draws(plan: Plan, num_samples: int, seed: int) -> tuple[dict, dict]:

@@ -352,3 +352,24 @@ def test_lagrange_multipliers_are_ascended():
 def test_unknown_constraint_is_refused():
     with pytest.raises(ValueError, match="unknown size constraint 'soft'"):
         FitConfig(constraint="soft")
+
+
+def test_lowrank_guide_gives_a_plan_of_its_marginals():
+    from numpyro.infer.autoguide import AutoLowRankMultivariateNormal
+
+    from ppn.fit import _network_model
+
+    cfg = FitConfig(**{**SMALL.__dict__, "steps": 3, "guide": "lowrank", "init": "prior"})
+    result = fit(tiny_model(), TOKENS, cfg, progress=False)
+    plan = Plan.from_fit(result)
+    # the guide's own per-site medians (constrained) equal the plan's site locations
+    guide = AutoLowRankMultivariateNormal(_network_model(result.model, result.units, cfg, len(TOKENS)))
+    batch = jnp.zeros((cfg.batch_size, cfg.seqlen + 1), jnp.int32)
+    with numpyro.handlers.seed(rng_seed=0):
+        guide(batch, jnp.float32(0.5), jnp.float32(0.5))
+    medians = guide.median({k: jnp.asarray(v) for k, v in result.guide_params.items()})
+    for name, site in plan.sites.items():
+        expected = np.log(medians[name]) if site.positive else medians[name]
+        np.testing.assert_allclose(site.loc, expected, rtol=1e-5, atol=1e-5, err_msg=name)
+        assert np.all(site.scale > 0)
+    assert plan.keep(0.5).num_params() <= plan.units.budget(0.5)
