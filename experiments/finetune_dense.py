@@ -5,7 +5,8 @@ perplexity, beside the untouched dense model.
     python experiments/finetune_dense.py            # SmolLM2-135M, FitConfig() budget
     python experiments/finetune_dense.py --smoke    # tiny model, seconds
 
-Writes results/finetune_dense.json and .md.
+Writes results/finetune_dense.json and .md (finetune_dense_steps<N> with --steps N
+other than the default).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class Config:
     fit: ppn.FitConfig = ppn.FitConfig()
     eval_windows: int = 64
     out_dir: str = "results"
+    name: str = "finetune_dense"
     smoke: bool = False
 
 
@@ -49,7 +51,7 @@ def main(cfg: Config) -> list[dict]:
     rows = [{"method": "dense", "kept_total": n, "perplexity": before, "train_tokens": 0, "seconds": 0.0},
             {"method": "dense fine-tuned (ppn fit budget)", "kept_total": n, "perplexity": after,
              "train_tokens": cfg.fit.train_tokens, "seconds": tuned.seconds, "steps": cfg.fit.steps}]
-    write_results("finetune_dense_smoke" if cfg.smoke else "finetune_dense", rows,
+    write_results(f"{cfg.name}_smoke" if cfg.smoke else cfg.name, rows,
                   ["method", "kept_total", "perplexity", "train_tokens", "steps", "seconds"], out_dir=cfg.out_dir,
                   title=f"Dense model fine-tuned with the fit's budget (validation, {cfg.eval_windows} windows)")
     return rows
@@ -62,7 +64,9 @@ if __name__ == "__main__":
     parser.add_argument("--out-dir", default="results")
     a = parser.parse_args()
     fit = ppn.FitConfig(steps=4, batch_size=2, seqlen=32, group_width=16) if a.smoke else ppn.FitConfig()
+    name = "finetune_dense"
     if a.steps:
-        fit = dataclasses.replace(fit, steps=a.steps)
-    for row in main(Config(fit=fit, eval_windows=2 if a.smoke else 64, out_dir=a.out_dir, smoke=a.smoke)):
+        fit, name = dataclasses.replace(fit, steps=a.steps), f"finetune_dense_steps{a.steps}"
+    for row in main(Config(fit=fit, eval_windows=2 if a.smoke else 64, out_dir=a.out_dir, name=name,
+                           smoke=a.smoke)):
         print(row)
