@@ -10,16 +10,20 @@ Methods (`STRUCTURED_METHODS`):
   together, are removed in increasing BI order.
 - "flap": FLAP (An et al. 2024). For every input channel j of o (N*H, head-major)
   and of down (F), the fluctuation metric Var_tokens(X_j) * ||W_{:,j}||^2, with
-  W in the (out, in) view. A head scores the sum over its H channels, an MLP
-  group the sum over its channels. Scores are standardised per unit kind over
-  the whole model (mean 0, sd 1 across all layers' heads, and likewise groups),
-  FLAP's adaptive structure search, then ranked globally. FLAP's bias
+  W in the (out, in) view. FLAP's adaptive structure search: each layer's
+  channel scores are standardised (mean 0, sd 1 over that layer's o channels,
+  and likewise its down channels), a head scores the mean of its H standardised
+  channels and an MLP group the mean of its channels, and all units of all
+  layers are ranked together. Per-layer standardisation matters: raw scores grow
+  with depth as the residual stream grows, and a global ranking of raw (or
+  model-wide standardised) scores removes every head of the early layers first
+  (measured on SmolLM2-135M: perplexity 16,000 at size 0.9). FLAP's bias
   compensation (adding the removed channels' mean contribution to the output
   bias) is skipped: our LLaMA has no o or down bias to put it in.
 - "wanda_structured": Wanda-sp, the structured Wanda of FLAP's comparisons:
-  channel score sum_i |W_ij| * ||X_j||_2, summed into heads and groups like
-  FLAP's and searched the same way (standardised per kind, global ranking), so
-  the two differ only in the channel metric.
+  channel score ||X_j||_2 * sum_i |W_ij|, standardised and averaged into heads
+  and groups like FLAP's and searched the same way, so the two differ only in
+  the channel metric.
 - "random": standard-normal scores per unit, seeded: the floor any method
   should beat at the same size.
 
@@ -73,7 +77,8 @@ def structured_scores(model: Llama, method: str, *, stats: list[BlockStats] | No
         rng = np.random.default_rng(seed)
         scores = {"head": rng.standard_normal((L, N)), "mlp_group": rng.standard_normal((L, M))}
     else:
-        scores = {k: _standardise(v) for k, v in unit_scores(model, method, stats, units).items()}
+        o_ch, down_ch = _channel_scores(model, method, stats, units)
+        scores = _into_units(_standardise(o_ch), _standardise(down_ch), units, np.mean)
     return {"attn_layer": np.full(L, np.inf), "mlp_layer": np.full(L, np.inf)} | scores
 
 
@@ -119,26 +124,36 @@ def remove_blocks(units: Units, influence: np.ndarray, budget: int) -> KeepSet:
 def unit_scores(model: Llama, method: str, stats: list[BlockStats], units: Units) -> dict[str, np.ndarray]:
     """Raw (unstandardised) channel metrics of "flap" or "wanda_structured", summed into units.
 
+    Returns:
+        {"head": (L, N) sum over each head's H channels,
+         "mlp_group": (L, M) sum over each group's channels}.
+    """
+    return _into_units(*_channel_scores(model, method, stats, units), units, np.sum)
+
+
+def _channel_scores(model: Llama, method: str, stats: list[BlockStats], units: Units):
+    """Each layer's score of every input channel of o and of down: (L, N*H) and (L, F).
+
     Channel j of o (j = n*H + h) and of down (j = f) is scored from the weight
     column W_{:,j} (o: o[:, n, h] of the (D, N, H) array; down: down[:, f]) and the
     calibration inputs X_j of that layer:
         flap:              Var(X_j) * ||W_{:,j}||_2^2
         wanda_structured:  ||X_j||_2 * sum_i |W_ij|
-
-    Returns:
-        {"head": (L, N) sum over each head's H channels,
-         "mlp_group": (L, M) sum over each group's channels}.
     """
-    heads, groups = [], []
-    starts = np.concatenate([[0], np.cumsum(units.group_widths)[:-1]])
+    o_ch, down_ch = [], []
     for block, s in zip(model.blocks, stats):
         o = np.asarray(block.attn.o[...], np.float64).reshape(units.config.hidden_size, -1)  # (D, N*H)
-        down = np.asarray(block.mlp.down[...], np.float64)  # (D, F)
-        o_ch = _channel_metric(method, o, s.inputs["o_in"])
-        down_ch = _channel_metric(method, down, s.inputs["down_in"])
-        heads.append(o_ch.reshape(units.num_heads, -1).sum(1))
-        groups.append(np.add.reduceat(down_ch, starts))
-    return {"head": np.stack(heads), "mlp_group": np.stack(groups)}
+        o_ch.append(_channel_metric(method, o, s.inputs["o_in"]))
+        down_ch.append(_channel_metric(method, np.asarray(block.mlp.down[...], np.float64), s.inputs["down_in"]))
+    return np.stack(o_ch), np.stack(down_ch)
+
+
+def _into_units(o_ch: np.ndarray, down_ch: np.ndarray, units: Units, reduce) -> dict[str, np.ndarray]:
+    """Channel scores (L, N*H) and (L, F) reduced (np.sum or np.mean) over each head's
+    and each MLP group's channels: {"head": (L, N), "mlp_group": (L, M)}."""
+    edges = np.cumsum(units.group_widths)[:-1]
+    groups = np.stack([reduce(g, axis=1) for g in np.split(down_ch, edges, axis=1)], axis=1)
+    return {"head": reduce(o_ch.reshape(units.num_layers, units.num_heads, -1), axis=2), "mlp_group": groups}
 
 
 def _channel_metric(method: str, weight: np.ndarray, x) -> np.ndarray:
@@ -149,10 +164,10 @@ def _channel_metric(method: str, weight: np.ndarray, x) -> np.ndarray:
 
 
 def _standardise(scores: np.ndarray) -> np.ndarray:
-    """(scores - mean) / sd over every entry, so heads and groups rank on one scale
-    (an all-equal array maps to zeros)."""
-    sd = scores.std()
-    return (scores - scores.mean()) / (sd if sd > 0 else 1.0)
+    """(L, C) scores standardised within each layer (row): mean 0, sd 1 (an all-equal
+    row maps to zeros), so that every layer's channels rank on one scale."""
+    sd = scores.std(axis=1, keepdims=True)
+    return (scores - scores.mean(axis=1, keepdims=True)) / np.where(sd > 0, sd, 1.0)
 
 
 def _check(model: Llama, method: str, stats: list[BlockStats] | None, units: Units | None) -> Units:
