@@ -12,8 +12,11 @@ import argparse
 
 from ppn.cli import add_job_arguments, job_config
 from ppn.pipeline import run
+from ppn.sharding import initialize_distributed
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_job_arguments(parser)
-    run(job_config(parser.parse_args()))
+    args = parser.parse_args()
+    initialize_distributed(args.distributed)
+    run(job_config(args))

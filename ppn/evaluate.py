@@ -16,8 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 from tqdm.auto import tqdm
 
+from ppn import sharding
 from ppn.data import eval_batches, eval_windows
 
 
@@ -38,8 +40,9 @@ class PerplexityResult:
     num_tokens: int
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _window_nll(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array, gates=None) -> jax.Array:
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _window_nll(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array, gates=None,
+                gathered: NamedSharding | None = None) -> jax.Array:
     """Summed next-token NLL of each window.
 
     A pure function of (graphdef, state) rather than an `nnx.jit` method: it compiles
@@ -51,10 +54,14 @@ def _window_nll(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array, gates=
         state: the model's arrays, from `nnx.split`.
         ids: int32 windows, shape (B, T).
         gates: optional per-block gates passed to the model (a gated `Llama`).
+        gathered: on a mesh, the replicated sharding the weights are gathered to
+            where they are read (each device runs its own rows, as in FSDP).
 
     Returns:
         float32 NLL summed over positions 2..T of each window, shape (B,).
     """
+    if gathered is not None:
+        state = jax.lax.with_sharding_constraint(state, gathered)
     model = nnx.merge(graphdef, state)
     logits = (model(ids) if gates is None else model(ids, gates=gates))[:, :-1].astype(jnp.float32)  # (B, T-1, V); bfloat16 models too
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:])  # (B, T-1)
@@ -62,12 +69,17 @@ def _window_nll(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array, gates=
 
 
 def perplexity(model: nnx.Module, tokens, seqlen: int = 512, max_windows: int | None = None,
-               batch_size: int = 4, progress: bool = True, gates=None) -> PerplexityResult:
+               batch_size: int = 4, progress: bool = True, gates=None, mesh: Mesh | None = None) -> PerplexityResult:
     """Measures a language model's perplexity on a token stream (BENCHMARK.md).
 
     Every batch has shape (batch_size, seqlen), the last one padded and its padding
     left out of the sums, so the jitted forward pass compiles once. Per-window sums
     are added up on the host in float64.
+
+    With a `mesh`, every batch is split over its data x fsdp devices (batch_size
+    is rounded up to a multiple of that; padding rows do not count, so the
+    result is the same); weights already laid out on the mesh are used as they
+    are, others are FSDP-sharded over it as in `ppn.fit`.
 
     Args:
         model: an NNX module called as `model(ids)`, ids int32 (B, T) -> logits (B, T, V)
@@ -80,6 +92,7 @@ def perplexity(model: nnx.Module, tokens, seqlen: int = 512, max_windows: int | 
         batch_size: windows per forward pass.
         progress: show a progress bar.
         gates: per-block `BlockGates` for a gated `Llama` (e.g. `Plan.soft_gates`).
+        mesh: a ("data", "fsdp") mesh (`ppn.sharding.make_mesh`) to run on; None: the default device.
 
     Returns:
         The perplexity, the mean NLL and the counts it was measured over.
@@ -98,20 +111,28 @@ def perplexity(model: nnx.Module, tokens, seqlen: int = 512, max_windows: int | 
         windows = eval_windows(tokens, seqlen, max_windows)
 
     graphdef, state = nnx.split(model)
+    put, gathered = jnp.asarray, None
+    if mesh is not None:
+        sharding.check_mesh(mesh)
+        batch_size = -(-batch_size // sharding.batch_shards(mesh)) * sharding.batch_shards(mesh)
+        state = sharding.on_mesh(state, mesh)
+        gates = None if gates is None else sharding.place(gates, sharding.replicated(mesh))
+        put, gathered = functools.partial(sharding.global_batch, mesh=mesh), sharding.replicated(mesh)
     total = 0.0  # float64 on the host: exact enough for any number of windows
     done = 0
     pending = None
-    with tqdm(total=len(windows), desc="perplexity", unit="window", disable=not progress) as bar:
+    with tqdm(total=len(windows), desc="perplexity", unit="window",
+              disable=not (progress and sharding.is_main_process())) as bar:
 
         def collect(result, valid):
             nonlocal total, done
-            total += float(np.asarray(result, np.float64)[valid].sum())
+            total += float(sharding.to_host(result).astype(np.float64)[valid].sum())
             done += int(valid.sum())
             bar.update(int(valid.sum()))
             bar.set_postfix(ppl=f"{math.exp(total / (done * (seqlen - 1))):.3f}")
 
         for ids, valid in eval_batches(windows, batch_size):
-            result = _window_nll(graphdef, state, jnp.asarray(ids), gates)
+            result = _window_nll(graphdef, state, put(ids), gates, gathered)
             if pending is not None:  # read the previous batch while this one runs
                 collect(*pending)
             pending = (result, valid)

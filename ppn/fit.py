@@ -11,6 +11,13 @@ are not finite is skipped (the state is left as it was) and counted.
 
 A run folder holds config.json, metrics.jsonl (one line per step) and orbax
 checkpoints; it is written by process 0 only.
+
+With a `mesh` (see `ppn.sharding`) the same step runs data-parallel and fully
+sharded: each batch is split over the mesh's data x fsdp devices, the network
+weights, their gradients and Adam moments are split over fsdp, and the gate and
+guide parameters are replicated. The jitted step pins those layouts on its
+inputs and outputs (so it still compiles once) and the partitioner propagates
+them through the NumPyro model; checkpoints are saved and restored sharded.
 """
 
 from __future__ import annotations
@@ -30,12 +37,13 @@ import numpy as np
 import numpyro
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoNormal
 from numpyro.infer.initialization import init_to_median
 from tqdm.auto import tqdm
 
-from ppn import bayes, data
+from ppn import bayes, data, sharding
 from ppn.gates import Units
 from ppn.models.llama import Llama
 from ppn.report import atomic_write_text
@@ -170,6 +178,31 @@ def _network_model(network: Llama, units: Units, cfg: FitConfig, data_tokens: in
         distill_weight=cfg.distill_weight, constraint=cfg.constraint)
 
 
+class _GatherWeights(numpyro.primitives.Messenger):
+    """Gathers the FSDP-sharded network weights whole where the model reads them.
+
+    This is ZeRO-3's forward and backward: every device runs its own batch rows
+    through the whole weights, and the gradients flow back (reduced, then cut to
+    each device's shard) through the transpose of the constraint. Without it the
+    partitioner, seeing weights split along a layer's input or output dimension,
+    may keep them in place and move activations instead, and fall back to
+    replicating tensors it cannot reshard (XLA's "involuntary full
+    rematerialization"). Outside a trace (numpyro's eager initialisation on one
+    device) there is nothing to partition, and it does nothing.
+    """
+
+    def __init__(self, fn, layout):
+        self.layout = layout
+        super().__init__(fn)
+
+    def postprocess_message(self, msg):
+        if msg["type"] != "param" or msg["name"] != WEIGHTS_SITE:
+            return
+        leaves = jax.tree.leaves(msg["value"])  # none when nnx_module first asks for the site
+        if leaves and isinstance(leaves[0], jax.core.Tracer):
+            msg["value"] = jax.lax.with_sharding_constraint(msg["value"], self.layout)
+
+
 def _optimizer(cfg: FitConfig):
     """Adam with separate learning rates: network weights vs. gate variational parameters."""
     weights = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(cfg.lr_weights))
@@ -188,16 +221,22 @@ def _init_loc(site=None, values=None):
     return init_to_median(site, num_samples=15)
 
 
-def gate_gradients(model: Llama, units: Units, batches) -> dict[str, np.ndarray]:
+def gate_gradients(model: Llama, units: Units, batches, mesh: Mesh | None = None) -> dict[str, np.ndarray]:
     """Mean |d NLL / d z_g| over `batches` (each int (B, T+1)) at all gates open:
-    the first-order change of the loss when a unit is removed (Taylor importance)."""
+    the first-order change of the loss when a unit is removed (Taylor importance).
+    With a `mesh`, batches are split over it and weights FSDP-sharded as in `fit`."""
     from ppn.bayes import block_gates, token_nll
 
     graphdef, state = nnx.split(model)
     ones = {k: jnp.ones(v) for k, v in bayes._shapes(units).items()}
+    if mesh is not None:
+        state = sharding.on_mesh(state, mesh)
 
     @jax.jit
     def grad(state, z, batch):
+        if mesh is not None:
+            state = jax.lax.with_sharding_constraint(state, sharding.replicated(mesh))  # see _GatherWeights
+
         def loss(z):
             net = nnx.merge(graphdef, state)
             return token_nll(net(batch[:, :-1], gates=block_gates(units, z)), batch[:, 1:]) / batch[:, 1:].size
@@ -206,13 +245,14 @@ def gate_gradients(model: Llama, units: Units, batches) -> dict[str, np.ndarray]
     total = {k: np.zeros(v.shape) for k, v in ones.items()}
     count = 0
     for batch in batches:
-        g = grad(state, ones, jnp.asarray(batch))
-        total = {k: total[k] + np.abs(np.asarray(g[k])) for k in total}
+        g = grad(state, ones, jnp.asarray(batch) if mesh is None else sharding.global_batch(batch, mesh))
+        total = {k: total[k] + np.abs(sharding.to_host(g[k])) for k in total}
         count += 1
     return {k: v / count for k, v in total.items()}
 
 
-def taylor_init(model: Llama, units: Units, tokens: np.ndarray, cfg: FitConfig, num_batches: int = 4) -> dict:
+def taylor_init(model: Llama, units: Units, tokens: np.ndarray, cfg: FitConfig, num_batches: int = 4,
+                mesh: Mesh | None = None) -> dict:
     """Initial guide locations from Taylor importances, in the hierarchy's coordinates.
 
     A unit's score is log(|dNLL/dz| / cost). A (layer, kind) cell's score is the
@@ -221,7 +261,7 @@ def taylor_init(model: Llama, units: Units, tokens: np.ndarray, cfg: FitConfig, 
     """
     batches = itertools.islice(data.train_batches(tokens, cfg.batch_size, cfg.seqlen + 1, cfg.seed + 7919),
                                num_batches)
-    imp = gate_gradients(model, units, batches)
+    imp = gate_gradients(model, units, batches, mesh)
     costs = {"head": np.full((units.num_layers, units.num_heads), units.head_cost),
              "mlp_group": np.broadcast_to(units.group_costs, (units.num_layers, units.num_groups))}
     score = {k: np.log(imp[k] / costs[k] + 1e-20) for k in costs}
@@ -253,6 +293,8 @@ class _Run:
             raise FileExistsError(f"{run_dir} holds a finished run; choose another run folder or delete it")
         run_dir.mkdir(parents=True, exist_ok=True)
         record = {"fit": dataclasses.asdict(cfg), "model": model.config.to_hf()}
+        if model.dtype != jnp.float32:  # recorded only then, so float32 runs of earlier versions still resume
+            record["dtype"] = str(model.dtype)
         config_file = run_dir / "config.json"
         if config_file.exists():
             previous = json.loads(config_file.read_text())
@@ -268,13 +310,17 @@ class _Run:
             options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
 
     def restore(self, state):
-        """(step, state, nonfinite) from the latest checkpoint, or (0, state, 0)."""
+        """(step, state, nonfinite) from the latest checkpoint, or (0, state, 0).
+
+        The restored arrays take the shapes, dtypes and shardings of `state`'s
+        (each process reads only its own shards)."""
         if self.manager is None or self.manager.latest_step() is None:
             return 0, state, 0
         import orbax.checkpoint as ocp
 
         step = self.manager.latest_step()
-        target = {"state": state, "nonfinite": np.zeros((), np.int64)}
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        target = {"state": abstract, "nonfinite": np.zeros((), np.int64)}
         restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
         return step, restored["state"], int(restored["nonfinite"])
 
@@ -299,7 +345,7 @@ class _Run:
 
 
 def fit(model: Llama, tokens, config: FitConfig = FitConfig(), run_dir: str | os.PathLike | None = None,
-        progress: bool = True) -> FitResult:
+        progress: bool = True, mesh: Mesh | None = None) -> FitResult:
     """Fits the gates (and, by default, the weights) of `model` on `tokens` by SVI.
 
     Args:
@@ -307,33 +353,51 @@ def fit(model: Llama, tokens, config: FitConfig = FitConfig(), run_dir: str | os
         tokens: int array (N,) of training tokens.
         config: the fit's knobs.
         run_dir: folder for config, metrics and checkpoints; an unfinished run
-            there is resumed, a finished one is refused.
-        progress: show a progress bar with ELBO, NLL per token and size error.
+            there is resumed, a finished one is refused. With several processes
+            it must be a folder they all see.
+        progress: show a progress bar with ELBO, NLL per token and size error
+            (process 0 only).
+        mesh: run on this ("data", "fsdp") mesh (`ppn.sharding.make_mesh`); None runs on
+            the default device. `batch_size` must be a multiple of data x fsdp.
+            The fitted weights come back FSDP-sharded on the mesh.
 
     Raises:
+        ValueError: a pruned model, or a mesh with an unknown axis, other than
+            Auto axis types, or a data x fsdp size that does not divide batch_size.
         FileExistsError: `run_dir` holds a finished run.
         FloatingPointError: more than `max_nonfinite` consecutive non-finite steps.
     """
     start_time = time.perf_counter()
     if model.config.layers is not None:
         raise ValueError("fit needs the dense model; this one is already pruned")
-    tokens = np.asarray(tokens)
     cfg = config
+    if mesh is not None:
+        sharding.check_mesh(mesh)
+        if cfg.batch_size % sharding.batch_shards(mesh):
+            raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the mesh's data x fsdp = "
+                             f"{sharding.batch_shards(mesh)} devices, which split every batch")
+    tokens = np.asarray(tokens)
     units = Units(model.config, cfg.group_width)
     data_tokens = cfg.data_tokens or len(tokens)
     run = _Run(Path(run_dir) if run_dir is not None else None, cfg, model)
 
     model_fn = _network_model(model, units, cfg, data_tokens)
+    if mesh is not None:
+        model_fn = _GatherWeights(model_fn, sharding.replicated(mesh))
     weights = None if cfg.train_weights else nnx.state(model, nnx.Param)
     # Start latents at their prior medians (not numpyro's default uniform draw in
     # (-2, 2)), or at the units' first-order importances.
-    start = taylor_init(model, units, tokens, cfg) if cfg.init == "taylor" and cfg.prior != "independent" else {}
+    start = (taylor_init(model, units, tokens, cfg, mesh=mesh)
+             if cfg.init == "taylor" and cfg.prior != "independent" else {})
     if not all(np.isfinite(v).all() for v in start.values()):
         start = {}  # a network that yields non-finite gradients fails the finiteness check below
     guide = GUIDES[cfg.guide](model_fn, init_loc_fn=functools.partial(_init_loc, values=start),
                               init_scale=cfg.guide_init_scale)
     svi = SVI(model_fn, guide, _optimizer(cfg), Trace_ELBO())
 
+    # The state is built on one device, then laid out on the mesh: numpyro's
+    # initialisation runs op by op, and on sharded arrays each op would compile
+    # for the mesh.
     batches = data.train_batches(tokens, cfg.batch_size, cfg.seqlen + 1, cfg.seed)
     first = jnp.asarray(next(batches))
     try:
@@ -343,24 +407,43 @@ def fit(model: Llama, tokens, config: FitConfig = FitConfig(), run_dir: str | os
         raise FloatingPointError(
             f"the log density is not finite at the initial parameters ({e}); "
             "check the model's weights for NaN/inf") from e
-    step0, state, nonfinite = run.restore(state)
-    history = run.metrics(step0)
 
-    @jax.jit
+    # With a mesh every boundary of the step is pinned: the state keeps its
+    # layout from step to step (one compilation) and is donated, so old and new
+    # states never coexist in device memory.
+    jit = jax.jit
+    if mesh is not None:
+        rep = sharding.replicated(mesh)
+        state_layout = sharding.state_shardings(state, mesh, WEIGHTS_SITE)
+        weights_layout = None if weights is None else sharding.weight_shardings(weights, mesh)
+        state = sharding.place(state, state_layout)
+        weights = None if weights is None else sharding.place(weights, weights_layout)
+        jit = functools.partial(jax.jit, donate_argnums=0, out_shardings=(state_layout, rep, rep, rep),
+                                in_shardings=(state_layout, sharding.batch_sharding(mesh), rep, rep, weights_layout))
+
+    @jit
     def update(state, batch, rho, temperature, weights):
+        if mesh is not None and weights is not None:  # frozen weights: gathered where read, as _GatherWeights does
+            weights = jax.lax.with_sharding_constraint(weights, rep)
         new, loss = svi.update(state, batch, rho, temperature, weights=weights)
         ok = jnp.isfinite(loss) & _all_finite(svi.get_params(new))
         kept = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
         return kept, loss, ok, new.mutable_state["ppn$metrics"]
 
+    step0, state, nonfinite = run.restore(state)
+    history = run.metrics(step0)
+
     batches = data.train_batches(tokens, cfg.batch_size, cfg.seqlen + 1, cfg.seed, start_step=step0)
     consecutive = 0
-    bar = tqdm(range(step0, cfg.steps), initial=step0, total=cfg.steps, disable=not progress, desc="fit")
+    bar = tqdm(range(step0, cfg.steps), initial=step0, total=cfg.steps, desc="fit",
+               disable=not (progress and sharding.is_main_process()))
     for step in bar:
         rho, temperature = cfg.rho(step), cfg.temperature(step)
         tick = time.perf_counter()
-        state, loss, ok, metrics = update(state, jnp.asarray(next(batches)), jnp.float32(rho),
-                                          jnp.float32(temperature), weights)
+        batch = next(batches)
+        state, loss, ok, metrics = update(state, jnp.asarray(batch) if mesh is None else
+                                          sharding.global_batch(batch, mesh),
+                                          jnp.float32(rho), jnp.float32(temperature), weights)
         ok = bool(ok)
         nonfinite += not ok
         consecutive = 0 if ok else consecutive + 1
@@ -387,12 +470,13 @@ def fit(model: Llama, tokens, config: FitConfig = FitConfig(), run_dir: str | os
         graphdef, fitted_weights, rest = nnx.split(model, nnx.Param, ...)
         nnx.replace_by_pure_dict(fitted_weights, params[WEIGHTS_SITE])
         fitted = nnx.merge(graphdef, fitted_weights, rest)
-    guide_params = {k: np.asarray(v) for k, v in params.items() if k != WEIGHTS_SITE}
+    guide_params = {k: sharding.to_host(v) for k, v in params.items() if k != WEIGHTS_SITE}
     return FitResult(model=fitted, units=units, config=cfg, guide_params=guide_params, metrics=history,
                      nonfinite_steps=nonfinite, seconds=time.perf_counter() - start_time)
 
 
 def mark_done(run_dir: str | os.PathLike) -> None:
-    """Marks a run folder finished: later fits into it are refused."""
-    atomic_write_text(Path(run_dir) / "DONE", time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+    """Marks a run folder finished: later fits into it are refused (written by process 0)."""
+    if sharding.is_main_process():
+        atomic_write_text(Path(run_dir) / "DONE", time.strftime("%Y-%m-%dT%H:%M:%S\n"))
 

@@ -1,11 +1,14 @@
 """The main job: fit a push puppet on Shakespeare, then cut the model to every size.
 
     ppn fit                                  # SmolLM2-135M, default CPU budget
+    ppn fit --mesh data=2,fsdp=4             # on 8 devices (see ppn.sharding)
     python experiments/fit.py --smoke        # tiny model, seconds
 
 Writes into the run folder: config.json, metrics.jsonl, checkpoints/, model/
 (the fitted dense weights, HF format), plan.json, posterior.nc (ArviZ), PNG
 plots and table.md; and results/<name>.json + .md with one row per size.
+With several processes (`jax.distributed`) every process computes, and
+process 0 alone writes those files.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ import json
 import time
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from ppn import data, plots
 from ppn.baselines.structured import structured_keep
@@ -26,6 +31,7 @@ from ppn.gates import Units
 from ppn.plan import Plan
 from ppn.prune import prune
 from ppn.report import atomic_write_text, markdown_table, write_results
+from ppn.sharding import addressable, is_main_process, make_mesh
 
 SIZES = (0.9, 0.7, 0.5, 0.4, 0.3)
 COLUMNS = ["method", "size", "kept_prunable", "kept_fraction", "kept_total", "perplexity", "eval", "train_tokens",
@@ -45,6 +51,10 @@ class JobConfig:
         results: the results JSON to write (a markdown table goes beside it).
         random_floor: also evaluate a random structure at each size (same weights).
         smoke: a tiny random model and random tokens instead of the real ones.
+        dtype: weight and activation dtype of the model, "float32" or "bfloat16"
+            (gates, softmax and losses stay float32).
+        mesh: "data=D,fsdp=F" to fit and evaluate on that many devices
+            (`ppn.sharding.make_mesh`); None: the default device.
     """
 
     model: str = "smollm2-135m"
@@ -55,6 +65,8 @@ class JobConfig:
     results: str = "results/fit.json"
     random_floor: bool = True
     smoke: bool = False
+    dtype: str = "float32"
+    mesh: str | None = None
 
 
 def _inputs(cfg: JobConfig):
@@ -63,8 +75,9 @@ def _inputs(cfg: JobConfig):
         from ppn.testing import tiny_model
 
         rng = np.random.default_rng(0)
-        return tiny_model(), None, rng.integers(0, 97, 20_000), rng.integers(0, 97, 4 * 512)
-    model = load_model(cfg.model)
+        return (tiny_model(dtype=jnp.dtype(cfg.dtype)), None, rng.integers(0, 97, 20_000),
+                rng.integers(0, 97, 4 * 512))
+    model = load_model(cfg.model, dtype=cfg.dtype)
     tokenizer = load_tokenizer(cfg.model)
     return (model, tokenizer, data.tokenize(data.shakespeare("train"), tokenizer),
             data.tokenize(data.shakespeare("validation"), tokenizer))
@@ -73,11 +86,13 @@ def _inputs(cfg: JobConfig):
 def run(cfg: JobConfig, progress: bool = True) -> list[dict]:
     """Runs the whole pipeline and returns the result rows (also written to disk)."""
     run_dir = Path(cfg.run_dir)
+    mesh = make_mesh(cfg.mesh) if cfg.mesh else None
+    main = is_main_process()
     model, tokenizer, train, valid = _inputs(cfg)
     seqlen = 512 if not cfg.smoke else 64
 
     def ppl(m):
-        return perplexity(m, valid, seqlen=seqlen, max_windows=cfg.eval_windows, progress=progress)
+        return perplexity(m, valid, seqlen=seqlen, max_windows=cfg.eval_windows, progress=progress, mesh=mesh)
 
     mode = "quick" if cfg.eval_windows == 64 else ("full" if cfg.eval_windows is None else f"{cfg.eval_windows} windows")
     total = model.config.num_params()
@@ -86,13 +101,16 @@ def run(cfg: JobConfig, progress: bool = True) -> list[dict]:
              "perplexity": ppl(model).perplexity, "eval": mode, "train_tokens": 0}]
 
     fit_start = time.perf_counter()
-    result = fit(model, train, cfg.fit, run_dir=run_dir, progress=progress)
+    result = fit(model, train, cfg.fit, run_dir=run_dir, progress=progress, mesh=mesh)
     fit_seconds = time.perf_counter() - fit_start
     train_tokens = cfg.fit.train_tokens
     plan = Plan.from_fit(result, meta={"model": cfg.model, "checkpoint": str(run_dir / "model")})
-    plan.save(run_dir / "plan.json")
-    save_model(result.model, run_dir / "model", tokenizer=tokenizer, overwrite=True)
-    _posterior_outputs(plan, result.metrics, run_dir)
+    graphdef, state = nnx.split(result.model)
+    fitted = nnx.merge(graphdef, addressable(state))  # gathered for process 0 to write: a collective
+    if main:
+        plan.save(run_dir / "plan.json")
+        save_model(fitted, run_dir / "model", tokenizer=tokenizer, overwrite=True)
+        _posterior_outputs(plan, result.metrics, run_dir)
 
     rows.append({"method": "ppn (fitted weights, unpruned)", "size": 1.0, "kept_prunable": prunable,
                  "kept_fraction": 1.0, "kept_total": total, "perplexity": ppl(result.model).perplexity,
@@ -115,12 +133,14 @@ def run(cfg: JobConfig, progress: bool = True) -> list[dict]:
     for r in rows:
         r["fit_seconds"] = fit_seconds if r["train_tokens"] else 0.0
     results = Path(cfg.results)
-    write_results(results.stem, rows, COLUMNS, out_dir=results.parent,
-                  title=f"Push puppet fit on {cfg.model}: validation perplexity by size ({mode})")
-    atomic_write_text(run_dir / "table.md", markdown_table(rows, COLUMNS))
-    atomic_write_text(run_dir / "job.json", json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
+    if main:
+        write_results(results.stem, rows, COLUMNS, out_dir=results.parent,
+                      title=f"Push puppet fit on {cfg.model}: validation perplexity by size ({mode})")
+        atomic_write_text(run_dir / "table.md", markdown_table(rows, COLUMNS))
+        atomic_write_text(run_dir / "job.json", json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
     mark_done(run_dir)
     return rows
+
 
 
 def _posterior_outputs(plan: Plan, metrics: list[dict], run_dir: Path) -> None:
