@@ -127,7 +127,7 @@ class BenchConfig:
         root = Path(root)
         fields = dict(smoke=True, plan=str(root / "fit" / "plan.json"), state_dir=str(root / "state"),
                       out=str(root / "benchmark_smoke.json"), eval_windows=2, calibration_windows=4,
-                      calibration_seqlen=32, sizes=(0.7, 0.5), unstructured_sizes=(0.5,), speed_repeats=1)
+                      calibration_seqlen=32, sizes=(0.5,), unstructured_sizes=(0.5,), speed_repeats=1)
         return cls(**(fields | overrides))
 
 
