@@ -32,11 +32,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ppn import data
 from ppn.baselines.calibration import calibration_windows, layerwise
 from ppn.baselines.structured import STRUCTURED_METHODS, structured_keep
 from ppn.baselines.unstructured import METHODS as UNSTRUCTURED_METHODS
@@ -181,18 +179,9 @@ class _Bench:
     def inputs(self):
         """(dense model, tokenizer or None, train tokens, validation tokens, eval seqlen)."""
         def make():
-            if self.cfg.smoke:
-                from ppn.testing import tiny_model
+            from ppn.pipeline import load_inputs
 
-                rng = np.random.default_rng(0)
-                return (tiny_model(dtype=jnp.dtype(self.cfg.dtype)), None, rng.integers(0, 97, 20_000),
-                        rng.integers(0, 97, 4 * 64), 64)
-            from ppn.checkpoint import load_model, load_tokenizer
-
-            tok = load_tokenizer(self.cfg.model)
-            return (load_model(self.cfg.model, dtype=self.cfg.dtype), tok,
-                    data.tokenize(data.shakespeare("train"), tok), data.tokenize(data.shakespeare("validation"), tok),
-                    512)
+            return (*load_inputs(self.cfg.model, self.cfg.dtype, self.cfg.smoke), 64 if self.cfg.smoke else 512)
         return self._once("inputs", make)
 
     @property

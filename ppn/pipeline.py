@@ -69,16 +69,18 @@ class JobConfig:
     mesh: str | None = None
 
 
-def _inputs(cfg: JobConfig):
-    """(model, tokenizer or None, train tokens, validation tokens)."""
-    if cfg.smoke:
+def load_inputs(source: str, dtype: str = "float32", smoke: bool = False):
+    """(model, tokenizer or None, train tokens, validation tokens) of a job: the model
+    at `source` and the Shakespeare splits, or with `smoke` a tiny random model and
+    random tokens."""
+    if smoke:
         from ppn.testing import tiny_model
 
         rng = np.random.default_rng(0)
-        return (tiny_model(dtype=jnp.dtype(cfg.dtype)), None, rng.integers(0, 97, 20_000),
+        return (tiny_model(dtype=jnp.dtype(dtype)), None, rng.integers(0, 97, 20_000),
                 rng.integers(0, 97, 4 * 512))
-    model = load_model(cfg.model, dtype=cfg.dtype)
-    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(source, dtype=dtype)
+    tokenizer = load_tokenizer(source)
     return (model, tokenizer, data.tokenize(data.shakespeare("train"), tokenizer),
             data.tokenize(data.shakespeare("validation"), tokenizer))
 
@@ -88,7 +90,7 @@ def run(cfg: JobConfig, progress: bool = True) -> list[dict]:
     run_dir = Path(cfg.run_dir)
     mesh = make_mesh(cfg.mesh) if cfg.mesh else None
     main = is_main_process()
-    model, tokenizer, train, valid = _inputs(cfg)
+    model, tokenizer, train, valid = load_inputs(cfg.model, cfg.dtype, cfg.smoke)
     seqlen = 512 if not cfg.smoke else 64
 
     def ppl(m):
