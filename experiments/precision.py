@@ -12,7 +12,8 @@ perplexity ratio, the mean per-token KL(float32 || bfloat16) of the next-token
 distributions on the first windows (maxtext's parity measure: elementwise
 bfloat16 logits are expected to differ), and the fraction of block weights
 that one step of size `lr` (the fit's default lr_weights; Adam's first steps
-are about lr per weight) leaves unchanged when rounded to bfloat16.
+are about lr per weight) leaves unchanged when rounded to bfloat16: why a
+bfloat16 fit keeps float32 master weights (`ppn.fit`).
 
 Writes results/precision.json and .md (precision_smoke.* with --smoke).
 """

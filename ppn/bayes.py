@@ -230,7 +230,8 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
 def push_puppet_model(batch: jax.Array, rho: jax.Array, temperature: jax.Array, *, network: Llama,
                       units: Units, prior: str = "hierarchical", data_tokens: int,
                       likelihood_temperature: float = 1.0, train_weights: bool = True,
-                      weights=None, distill_weight: float = 0.0, constraint: str = "offset"):
+                      weights=None, distill_weight: float = 0.0, constraint: str = "offset",
+                      compute_dtype=None):
     """One step's joint density: prior on gates, hard-concrete gates at size rho,
     and the tokens of `batch` under the gated network.
 
@@ -254,6 +255,10 @@ def push_puppet_model(batch: jax.Array, rho: jax.Array, temperature: jax.Array, 
             offset c(rho), exact at every step) or "lagrange" (no offset;
             multipliers ascended by the optimiser, in units of the data scale,
             so the constraint is met only as they converge).
+        compute_dtype: run the network in this dtype (e.g. bfloat16) while its
+            trained weights, the `llama$params` site, stay in `network`'s dtype
+            (float32 master weights: an Adam step of 1e-4 is below bfloat16's
+            resolution for most weights, which would never move). None: as stored.
 
     Returns:
         The gate samples, a dict by kind.
@@ -274,6 +279,9 @@ def push_puppet_model(batch: jax.Array, rho: jax.Array, temperature: jax.Array, 
 
     if train_weights:
         net = nnx_module("llama", network)
+        if compute_dtype is not None and compute_dtype != network.dtype:
+            graphdef, state, rest = nnx.split(net, nnx.Param, ...)
+            net = nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(compute_dtype), state), rest)
     else:
         graphdef, _ = nnx.split(network, nnx.Param)
         net = nnx.merge(graphdef, jax.lax.stop_gradient(weights))

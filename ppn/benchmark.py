@@ -17,7 +17,8 @@ made with other settings is refused). The results are `results/benchmark.json`
 sizes) and `.png` (perplexity against kept parameters; speed ratios).
 
 Speed: prefill and decode throughput of every structured model against the
-dense model measured in the same process. Unstructured and N:M sparse models
+dense model, measured in the same process, the two timed back to back in each
+round (`ppn.speed.relative_speed`). Unstructured and N:M sparse models
 keep dense shapes: on this hardware they run at dense speed (ratio 1 by
 construction, not measured), and the table says so.
 """
@@ -36,7 +37,7 @@ import numpy as np
 from flax import nnx
 
 from ppn.baselines.calibration import calibration_windows, layerwise
-from ppn.baselines.structured import STRUCTURED_METHODS, structured_keep
+from ppn.baselines.structured import STRUCTURED_METHODS, prune_compensated, structured_keep
 from ppn.baselines.unstructured import METHODS as UNSTRUCTURED_METHODS
 from ppn.baselines.unstructured import prune_unstructured
 from ppn.evaluate import perplexity
@@ -73,7 +74,7 @@ class BenchConfig:
             split with seed 0 for Wanda, SparseGPT and the structured scores.
         eval_windows: validation windows per perplexity (64 = quick, None = full).
         speed: measure prefill/decode throughput of structured models.
-        speed_repeats: timed runs per throughput measurement.
+        speed_repeats: timed rounds per speed ratio (dense and pruned back to back in each).
         state_dir: where finished rows are kept for resuming.
         out: the results JSON (the .md and .png go beside it).
         smoke: a tiny random model and random tokens (seconds).
@@ -115,7 +116,7 @@ class BenchConfig:
     def quick(cls, **overrides) -> BenchConfig:
         """The CPU preset: quick perplexity, 32 calibration windows, unstructured
         rows at the sizes of the aim (0.5 and below), fewer timing repeats."""
-        fields = dict(eval_windows=64, calibration_windows=32, unstructured_sizes=(0.5, 0.4, 0.3), speed_repeats=2,
+        fields = dict(eval_windows=64, calibration_windows=32, unstructured_sizes=(0.5, 0.4, 0.3), speed_repeats=3,
                       out="results/benchmark_quick.json", state_dir="runs/benchmark-quick")
         return cls(**(fields | overrides))
 
@@ -240,17 +241,8 @@ class _Bench:
 
         if not self.cfg.speed:
             return {}
-        reps = self.cfg.speed_repeats
-        kw = dict(batch=2, seqlen=32) if self.cfg.smoke else {}
-        dkw = dict(prompt_len=8, new_tokens=8) if self.cfg.smoke else {}
-        dense = self._once("dense_speed", lambda: (speed.prefill_throughput(self.dense, repeats=reps, **kw),
-                                                   speed.decode_throughput(self.dense, repeats=reps, **dkw)))
-        prefill = speed.prefill_throughput(model, repeats=reps, **kw)
-        decode = speed.decode_throughput(model, repeats=reps, **dkw)
-        return {"prefill_ratio": prefill.tokens_per_second / dense[0].tokens_per_second,
-                "decode_ratio": decode.tokens_per_second / dense[1].tokens_per_second,
-                "prefill_tokens_per_second": prefill.tokens_per_second,
-                "decode_tokens_per_second": decode.tokens_per_second}
+        kw = dict(prefill=dict(batch=2, seqlen=32), decode=dict(prompt_len=8, new_tokens=8)) if self.cfg.smoke else {}
+        return speed.relative_speed(model, self.dense, repeats=self.cfg.speed_repeats, **kw)
 
 
 def _fit_seconds(run_dir: Path) -> float:
@@ -310,7 +302,7 @@ def _tasks(cfg: BenchConfig, b: _Bench) -> list[tuple[str, Callable[[], dict]]]:
             stats, calib_seconds = (None, 0.0) if method == "random" else b.stats()
             start = time.perf_counter()
             keep = structured_keep(b.dense, method, size, stats=stats, units=units)
-            pruned = prune(b.dense, keep)
+            pruned = prune_compensated(b.dense, keep, stats) if method == "flap" else prune(b.dense, keep)
             seconds = time.perf_counter() - start
             return _row(method, size, pruned, b.dense, pattern="structured", perplexity=b.perplexity(pruned),
                         eval=mode, tokens_used=0 if method == "random" else calib_tokens, prune_seconds=seconds,

@@ -170,12 +170,18 @@ class FitResult:
     seconds: float
 
 
-def _network_model(network: Llama, units: Units, cfg: FitConfig, data_tokens: int):
+def _network_model(network: Llama, units: Units, cfg: FitConfig, data_tokens: int, compute_dtype=None):
     """The NumPyro model with everything but (batch, rho, temperature, weights) bound."""
     return functools.partial(
         bayes.push_puppet_model, network=network, units=units, prior=cfg.prior, data_tokens=data_tokens,
         likelihood_temperature=cfg.likelihood_temperature, train_weights=cfg.train_weights,
-        distill_weight=cfg.distill_weight, constraint=cfg.constraint)
+        distill_weight=cfg.distill_weight, constraint=cfg.constraint, compute_dtype=compute_dtype)
+
+
+def _cast(model: Llama, dtype) -> Llama:
+    """A copy of `model` with its weights (`nnx.Param`s) in `dtype`."""
+    graphdef, weights, rest = nnx.split(model, nnx.Param, ...)
+    return nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(dtype), weights), rest)
 
 
 class _GatherWeights(numpyro.primitives.Messenger):
@@ -381,7 +387,11 @@ def fit(model: Llama, tokens, config: FitConfig = FitConfig(), run_dir: str | os
     data_tokens = cfg.data_tokens or len(tokens)
     run = _Run(Path(run_dir) if run_dir is not None else None, cfg, model)
 
-    model_fn = _network_model(model, units, cfg, data_tokens)
+    # Trained low-precision weights get float32 master copies: the optimiser
+    # updates those, the forward pass runs in the model's dtype.
+    master = cfg.train_weights and model.dtype != jnp.float32
+    model_fn = (_network_model(_cast(model, jnp.float32), units, cfg, data_tokens, compute_dtype=model.dtype)
+                if master else _network_model(model, units, cfg, data_tokens))
     if mesh is not None:
         model_fn = _GatherWeights(model_fn, sharding.replicated(mesh))
     weights = None if cfg.train_weights else nnx.state(model, nnx.Param)
@@ -468,7 +478,7 @@ def fit(model: Llama, tokens, config: FitConfig = FitConfig(), run_dir: str | os
     fitted = model
     if cfg.train_weights:
         graphdef, fitted_weights, rest = nnx.split(model, nnx.Param, ...)
-        nnx.replace_by_pure_dict(fitted_weights, params[WEIGHTS_SITE])
+        nnx.replace_by_pure_dict(fitted_weights, jax.tree.map(lambda x: x.astype(model.dtype), params[WEIGHTS_SITE]))
         fitted = nnx.merge(graphdef, fitted_weights, rest)
     guide_params = {k: sharding.to_host(v) for k, v in params.items() if k != WEIGHTS_SITE}
     return FitResult(model=fitted, units=units, config=cfg, guide_params=guide_params, metrics=history,

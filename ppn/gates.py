@@ -94,12 +94,15 @@ class Units:
 
     @property
     def group_costs(self) -> np.ndarray:
-        """(M,) parameters of each MLP group: rows of gate and up, columns of down."""
-        return 3 * self.config.hidden_size * self.group_widths
+        """(M,) parameters of each MLP group: rows of gate and up, columns of down (plus gate and up biases)."""
+        c = self.config
+        return (3 * c.hidden_size + (2 if c.mlp_bias else 0)) * self.group_widths
 
     @property
     def mlp_fixed_cost(self) -> int:
-        return self.config.hidden_size
+        """Parameters an MLP sub-layer keeps whatever its channels: norm, down bias."""
+        c = self.config
+        return c.hidden_size * (2 if c.mlp_bias else 1)
 
     @property
     def total(self) -> int:

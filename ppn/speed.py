@@ -2,7 +2,10 @@
 
 Each function compiles first (untimed), then reports the median of `repeats`
 timed runs, blocking on the result so asynchronous dispatch is not mistaken for
-speed. Ratios between models measured in the same process are what reports quote.
+speed. Ratios between models measured in the same process are what reports
+quote; `relative_speed` measures them interleaved (reference, model, reference,
+model, ...), so that a slow spell of the machine slows both sides of a pair
+rather than one model's whole measurement.
 """
 
 from __future__ import annotations
@@ -56,21 +59,66 @@ def _logits(graphdef, state, ids):
     return nnx.merge(graphdef, state)(ids)
 
 
-def prefill_throughput(model: Llama, batch: int = 4, seqlen: int = 512, repeats: int = 5,
-                       seed: int = 0) -> Throughput:
-    """Forward-only throughput on random token windows (B=batch, T=seqlen)."""
+def _prefill_call(model: Llama, batch: int = 4, seqlen: int = 512, seed: int = 0) -> tuple[Callable, int]:
+    """A blocking forward pass on random token windows (B=batch, T=seqlen), and its token count."""
     ids = jnp.asarray(np.random.default_rng(seed).integers(0, model.config.vocab_size, (batch, seqlen)),
                       jnp.int32)
     graphdef, state = nnx.split(model)
-    return time_call(lambda: _logits(graphdef, state, ids).block_until_ready(), batch * seqlen, repeats)
+    return (lambda: _logits(graphdef, state, ids).block_until_ready()), batch * seqlen
+
+
+def _decode_call(model: Llama, prompt_len: int = 128, new_tokens: int = 128, seed: int = 0) -> tuple[Callable, int]:
+    """Greedy decoding of `new_tokens` after a random prompt at batch 1, and the new token count."""
+    prompt = np.random.default_rng(seed).integers(0, model.config.vocab_size, (1, prompt_len))
+    return (lambda: generate(model, prompt, new_tokens)), new_tokens
+
+
+def prefill_throughput(model: Llama, batch: int = 4, seqlen: int = 512, repeats: int = 5,
+                       seed: int = 0) -> Throughput:
+    """Forward-only throughput on random token windows (B=batch, T=seqlen)."""
+    return time_call(*_prefill_call(model, batch, seqlen, seed), repeats)
 
 
 def decode_throughput(model: Llama, prompt_len: int = 128, new_tokens: int = 128, repeats: int = 3,
                       seed: int = 0) -> Throughput:
     """Greedy decoding with the KV cache at batch 1: generated tokens per second
     (the prompt's prefill included in the time, as a user experiences it)."""
-    prompt = np.random.default_rng(seed).integers(0, model.config.vocab_size, (1, prompt_len))
-    return time_call(lambda: generate(model, prompt, new_tokens), new_tokens, repeats)
+    return time_call(*_decode_call(model, prompt_len, new_tokens, seed), repeats)
+
+
+def interleaved_ratio(fn: Callable[[], object], reference: Callable[[], object], repeats: int = 5) -> float:
+    """Median over `repeats` rounds of time(reference) / time(fn), the two timed
+    back to back in each round (after one untimed call of each): > 1 means `fn`
+    is faster. Both must block until done."""
+    fn(), reference()
+    ratios = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        reference()
+        middle = time.perf_counter()
+        fn()
+        ratios.append((middle - start) / (time.perf_counter() - middle))
+    return statistics.median(ratios)
+
+
+def relative_speed(model: Llama, reference: Llama, repeats: int = 5, prefill: dict | None = None,
+                   decode: dict | None = None) -> dict[str, float]:
+    """Prefill and decode speed of `model` as ratios to `reference`'s, interleaved.
+
+    Args:
+        model, reference: e.g. a pruned model and the dense one it came from.
+        repeats: timed rounds per ratio.
+        prefill, decode: keyword arguments of `prefill_throughput` / `decode_throughput`
+            (batch, seqlen / prompt_len, new_tokens), the same for both models.
+
+    Returns:
+        {"prefill_ratio", "decode_ratio"}: median ratios of the models' tokens per second.
+    """
+    prefill, decode = prefill or {}, decode or {}
+    return {"prefill_ratio": interleaved_ratio(_prefill_call(model, **prefill)[0],
+                                               _prefill_call(reference, **prefill)[0], repeats),
+            "decode_ratio": interleaved_ratio(_decode_call(model, **decode)[0],
+                                              _decode_call(reference, **decode)[0], repeats)}
 
 
 def decode_without_cache_throughput(model: Llama, prompt_len: int = 128, new_tokens: int = 128,

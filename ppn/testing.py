@@ -6,6 +6,7 @@ They run the same code paths as the real model in milliseconds.
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ppn.models.config import LlamaConfig
@@ -21,15 +22,22 @@ def tiny_config(**overrides) -> LlamaConfig:
 
 
 def tiny_model(seed: int = 0, dtype=jnp.float32, **overrides) -> Llama:
-    """A randomly initialised `Llama` of `tiny_config(**overrides)`."""
-    return Llama(tiny_config(**overrides), dtype=dtype, rngs=nnx.Rngs(seed))
+    """A randomly initialised `Llama` of `tiny_config(**overrides)`.
+
+    Its biases, if the config has any, are random too (`Llama` starts them at
+    zero), so that a bias lost or misplaced by a test's subject shows.
+    """
+    model = Llama(tiny_config(**overrides), dtype=dtype, rngs=nnx.Rngs(seed))
+    rng = np.random.default_rng(seed)
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Param) and str(path[-1]).endswith("_bias"):
+            node.set_value(jnp.asarray(rng.normal(0.0, 0.1, node.shape), dtype))
+    return model
 
 
 def random_plan(config: LlamaConfig, seed: int = 0, group_width: int = 16, prior: str = "hierarchical"):
     """A `Plan` for `config` with random guide locations (scale 0.1), without fitting:
     its keep-sets vary from block to block like a fitted plan's."""
-    import numpy as np
-
     from ppn.gates import Units
     from ppn.plan import Plan, _prior_shapes
 

@@ -4,10 +4,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import ppn
 from ppn import prune
 from ppn.baselines.calibration import calibration_windows, layerwise
-from ppn.baselines.structured import STRUCTURED_METHODS, structured_keep, structured_scores, unit_scores
-from ppn.gates import Units
+from ppn.baselines.structured import (STRUCTURED_METHODS, prune_compensated, structured_keep, structured_scores,
+                                      unit_scores)
+from ppn.checkpoint import hf_tensors
+from ppn.gates import KeepSet, Units
 from ppn.testing import tiny_model
 
 SIZES = (0.9, 0.6, 0.35, 0.2)
@@ -147,3 +150,128 @@ def test_random_is_seeded():
     a, b, c = (structured_scores(model, "random", units=units, seed=s)["head"] for s in (0, 0, 1))
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
+
+
+# ------------------------------------------------------------- FLAP's bias compensation
+# Two blocks, 4 heads, 3 MLP groups of 16. Block 0 is the first cut: it loses heads 1
+# and 3 ("attention") or MLP groups 1 ("mlp"), with the other sub-layer whole, so its
+# input is the dense model's. Block 1 loses units and a whole sub-layer, which is
+# dropped without compensation.
+CUTS = {
+    "attention": dict(attn=[1, 1], mlp=[1, 0], heads=[[1, 0, 1, 0], [1, 1, 0, 1]], groups=[[1, 1, 1], [1, 1, 1]]),
+    "mlp": dict(attn=[1, 0], mlp=[1, 1], heads=[[1, 1, 1, 1], [1, 1, 1, 1]], groups=[[1, 0, 1], [0, 1, 1]]),
+}
+DENSE_BIASES = {"no-biases": {}, "biases": dict(qkv_bias=True, o_bias=True, mlp_bias=True)}
+
+
+@pytest.fixture(scope="module", params=DENSE_BIASES)
+def calibrated(request):
+    """A dense tiny model (with random biases or none), calibration windows and its stats."""
+    model = tiny_model(seed=5, **DENSE_BIASES[request.param])
+    windows = calibration_windows(np.random.default_rng(2).integers(0, 97, 2_000), num_windows=4, seqlen=16)
+    return model, windows, layerwise(model, windows, progress=False)
+
+
+def _cut(model, name):
+    units = Units(model.config, group_width=16)
+    return KeepSet(units, **{k: np.asarray(v, bool) for k, v in CUTS[name].items()})
+
+
+def _block0_output_mean(model, windows, sublayer):
+    """(D,) mean over the calibration tokens of block 0's attention or MLP output."""
+    block = model.blocks[0]
+    x = model.embed[...][jnp.asarray(windows)]
+    positions = jnp.broadcast_to(jnp.arange(windows.shape[1]), windows.shape)
+    y = block.attn(block.input_norm(x), positions)[0]
+    if sublayer == "mlp":
+        y = block.mlp(block.post_attention_norm(x + y))
+    return np.asarray(y, np.float64).mean(axis=(0, 1))
+
+
+def test_calibration_means_are_those_of_the_models_own_forward_pass(calibrated):
+    """The input means the compensation uses, in block 1: the calibration pass applies
+    every bias of block 0, the MLP's included, as the model does."""
+    model, windows, stats = calibrated
+    positions = jnp.broadcast_to(jnp.arange(windows.shape[1]), windows.shape)
+    x = model.blocks[0](model.embed[...][jnp.asarray(windows)], positions)[0]
+    block = model.blocks[1]
+    heads = block.attn.head_outputs(block.input_norm(x), positions)[0]
+    hidden = block.mlp.hidden(block.post_attention_norm(x + block.attn(block.input_norm(x), positions)[0]))
+    for name, inputs in (("o_in", heads), ("down_in", hidden)):
+        mean = np.asarray(inputs, np.float64).reshape(windows.size, -1).mean(0)
+        np.testing.assert_allclose(stats[1].inputs[name].mean, mean, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+@pytest.mark.parametrize("sublayer", CUTS)
+def test_compensation_keeps_the_mean_output_of_the_first_cut_sublayer(calibrated, sublayer):
+    model, windows, stats = calibrated
+    keep = _cut(model, sublayer)
+    dense = _block0_output_mean(model, windows, sublayer)
+    compensated = _block0_output_mean(prune_compensated(model, keep, stats), windows, sublayer)
+    uncompensated = _block0_output_mean(prune(model, keep), windows, sublayer)
+    shift = np.abs(uncompensated - dense).max()
+    assert shift > 1e-3 * np.abs(dense).max()  # the cut does move the mean ...
+    assert np.abs(compensated - dense).max() < 1e-4 * shift  # ... and the bias moves it back (float32 rounding)
+
+
+@pytest.mark.parametrize("sublayer", CUTS)
+def test_compensation_adds_only_the_output_biases(calibrated, sublayer):
+    """Every tensor of the plain cut is unchanged but the o and down biases; the biases it
+    turns on are zeros but those; the parameter count grows by exactly these biases."""
+    model, _, stats = calibrated
+    keep = _cut(model, sublayer)
+    plain, compensated = prune(model, keep), prune_compensated(model, keep, stats)
+    cut, had = plain.config, model.config
+    # only the sub-layer kind that lost units gets an output bias (and a llama's attention_bias)
+    assert compensated.config.o_bias == (had.o_bias or sublayer == "attention")
+    assert compensated.config.qkv_bias == compensated.config.o_bias
+    assert compensated.config.mlp_bias == (had.mlp_bias or sublayer == "mlp")
+    assert compensated.config == cut.replace(o_bias=compensated.config.o_bias, qkv_bias=compensated.config.qkv_bias,
+                                             mlp_bias=compensated.config.mlp_bias)
+    before = dict(hf_tensors(plain))
+    moved = {"self_attn.o_proj.bias": sublayer == "attention", "mlp.down_proj.bias": sublayer == "mlp"}
+    added = 0
+    for name, value in hf_tensors(compensated):
+        value = np.asarray(value)
+        was = np.asarray(before[name]) if name in before else np.zeros_like(value)
+        added += 0 if name in before else value.size
+        assert name in before or name.endswith(".bias"), name
+        if moved.get(name.split(".", 3)[-1]):  # both kept sub-layers of the cut kind lost units
+            assert not np.allclose(value, was), name
+        else:
+            np.testing.assert_array_equal(value, was, err_msg=name)
+    assert ppn.count_params(compensated) == ppn.count_params(plain) + added
+    assert compensated.config.num_params() == ppn.count_params(compensated)
+    if not had.o_bias:  # D per kept attention, q, k, v biases of its kept heads; D and 2 F_l per kept MLP
+        h, d = had.head_dim, had.hidden_size
+        attn = sum(d + (s.num_heads + 2 * s.num_kv_heads) * h for s in cut.layer_shapes() if s.has_attention)
+        mlp = sum(d + 2 * s.intermediate_size for s in cut.layer_shapes() if s.has_mlp)
+        assert added == (attn if sublayer == "attention" else mlp)
+
+
+def test_a_compensated_model_saves_and_reloads(calibrated, tmp_path):
+    model, windows, stats = calibrated
+    for sublayer in CUTS:
+        compensated = prune_compensated(model, _cut(model, sublayer), stats)
+        reloaded = ppn.load_model(ppn.save_model(compensated, tmp_path / sublayer))
+        assert reloaded.config == compensated.config
+        np.testing.assert_array_equal(np.asarray(reloaded(windows)), np.asarray(compensated(windows)))
+
+
+def test_flap_keep_sets_compensate_at_every_size(setup):
+    """From the search: the compensated model is the plain cut plus biases, of the promised size."""
+    model, units, windows, stats = setup
+    for size in SIZES:
+        keep = structured_keep(model, "flap", size, stats=stats, units=units)
+        plain, compensated = prune(model, keep), prune_compensated(model, keep, stats)
+        assert plain.config.num_prunable_params() == keep.num_params()
+        assert compensated.config.num_prunable_params() > keep.num_params()
+        assert np.isfinite(np.asarray(compensated(windows))).all()
+
+
+def test_compensation_refuses_stats_of_another_model(calibrated):
+    model, _, stats = calibrated
+    with pytest.raises(ValueError, match="stats cover 1 blocks"):
+        prune_compensated(model, _cut(model, "mlp"), stats[:1])
+    with pytest.raises(ValueError, match="another architecture"):
+        prune_compensated(tiny_model(num_layers=4), _cut(model, "mlp"), stats)

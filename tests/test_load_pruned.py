@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 IDS = np.random.RandomState(0).randint(0, 97, (2, 24))
 # biases, a tied head and a narrow last MLP group (50 = 3 * 16 + 2); plans of one shape compile once
 CONFIG = dict(num_layers=4, intermediate_size=50)
-VARIANT = dict(CONFIG, qkv_bias=True, o_bias=True, tie_word_embeddings=True)
+VARIANT = dict(CONFIG, qkv_bias=True, o_bias=True, mlp_bias=True, tie_word_embeddings=True)
 
 
 def shard(directory: Path, parts: int = 3) -> None:

@@ -26,6 +26,8 @@ VARIANTS = {
                                                     high_freq_factor=4.0, original_max_position_embeddings=32))),
     "linear-rope": ("llama", dict(rope_scaling=dict(rope_type="linear", factor=2.0))),
     "attention-bias": ("llama", dict(attention_bias=True)),
+    "mlp-bias": ("llama", dict(mlp_bias=True)),
+    "all-biases": ("llama", dict(attention_bias=True, mlp_bias=True)),
     "qwen2-bias": ("qwen2", {}),
     "mistral-window": ("mistral", dict(sliding_window=5)),
 }
@@ -48,7 +50,7 @@ def test_sliding_window_changes_the_output(tmp_path):
     assert np.abs(np.asarray(windowed(IDS)) - np.asarray(full(IDS))).max() > 1e-3
 
 
-@pytest.mark.parametrize("variant", ["gqa-untied", "mqa-tied", "qwen2-bias"])
+@pytest.mark.parametrize("variant", ["gqa-untied", "mqa-tied", "qwen2-bias", "all-biases"])
 def test_save_model_round_trips_through_transformers(tmp_path, variant):
     model_type, overrides = VARIANTS[variant]
     path, _ = hf_reference(tmp_path, model_type, **overrides)
@@ -144,17 +146,31 @@ def test_generate_rejects_out_of_vocabulary_prompt():
 
 
 # ------------------------------------------------------------------ config
-def test_config_round_trips_through_hf_dict():
-    config = tiny_config(rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 64), tie_word_embeddings=True)
+@pytest.mark.parametrize("config", [
+    tiny_config(rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 64), tie_word_embeddings=True),
+    tiny_config(qkv_bias=True, o_bias=True, mlp_bias=True)], ids=["rope-tied", "biases"])
+def test_config_round_trips_through_hf_dict(config):
     assert LlamaConfig.from_hf(config.to_hf()) == config
     assert LlamaConfig.from_hf(PRUNED.to_hf()) == PRUNED
     hf = transformers.LlamaConfig(**{k: v for k, v in config.to_hf().items() if k != "architectures"})
     assert LlamaConfig.from_hf(hf) == config
 
 
+@pytest.mark.parametrize("fields, match", [
+    (dict(o_bias=True), "one attention_bias for q, k, v and o"),
+    (dict(qkv_bias=True), "one attention_bias for q, k, v and o"),
+    (dict(model_type="qwen2", qkv_bias=True, mlp_bias=True), "qwen2 config.json has no o or MLP biases"),
+    (dict(model_type="mistral", o_bias=True), "mistral config.json has no o or MLP biases"),
+])
+def test_to_hf_refuses_biases_the_model_type_cannot_hold(fields, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_config(**fields).to_hf()
+
+
 def test_parameter_counts_match_the_module():
-    for config in [tiny_config(), tiny_config(tie_word_embeddings=True, qkv_bias=True, o_bias=True),
-                   PRUNED, PRUNED_NO_MLP]:
+    for config in [tiny_config(), tiny_config(tie_word_embeddings=True, qkv_bias=True, o_bias=True, mlp_bias=True),
+                   PRUNED, PRUNED_NO_MLP, PRUNED.replace(o_bias=True, mlp_bias=True),
+                   PRUNED_NO_MLP.replace(mlp_bias=True)]:
         assert ppn.count_params(Llama(config, rngs=nnx.Rngs(0))) == config.num_params()
 
 

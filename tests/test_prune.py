@@ -20,6 +20,7 @@ def random_keep(units: Units, rng: np.random.Generator, p: float = 0.6) -> KeepS
 
 def test_costs_add_up_to_the_prunable_parameters():
     for config in [tiny_config(), tiny_config(intermediate_size=50, qkv_bias=True, o_bias=True),
+                   tiny_config(intermediate_size=50, mlp_bias=True),
                    tiny_config(num_kv_heads=1), tiny_config(num_kv_heads=4)]:
         u = Units(config, group_width=16)
         full = u.full()
@@ -30,7 +31,8 @@ def test_costs_add_up_to_the_prunable_parameters():
 
 
 @pytest.mark.parametrize("overrides", [{}, dict(intermediate_size=50), dict(num_kv_heads=1),
-                                       dict(qkv_bias=True, o_bias=True), dict(tie_word_embeddings=True)])
+                                       dict(qkv_bias=True, o_bias=True), dict(intermediate_size=50, mlp_bias=True),
+                                       dict(tie_word_embeddings=True)])
 def test_pruned_model_equals_hard_gated_model(overrides):
     model = tiny_model(seed=2, **overrides)
     units = Units(model.config, group_width=16)

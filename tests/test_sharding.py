@@ -169,6 +169,18 @@ def test_bfloat16_network_keeps_gates_offset_and_likelihood_in_float32():
     assert all(v.dtype == jnp.float32 for v in out.values())  # every gate latent and the token factor
 
 
+def test_bfloat16_fit_updates_float32_master_weights():
+    # The norms start at 1.0, where bfloat16's spacing is 2**-7: an Adam step of
+    # 1e-3 rounds away in bfloat16, so they move only through float32 masters.
+    model = tiny_model(dtype=jnp.bfloat16)
+    cfg = FitConfig(steps=12, batch_size=2, seqlen=16, group_width=16, lr_weights=1e-3, init="prior")
+    tokens = np.random.default_rng(0).integers(0, 97, 4000)
+    fitted = fit(model, tokens, cfg, progress=False).model
+    assert fitted.dtype == jnp.bfloat16
+    norms = np.concatenate([np.asarray(b.input_norm.weight[...], np.float32) for b in fitted.blocks])
+    assert (norms != 1.0).mean() > 0.3
+
+
 def test_precision_experiment_smoke(tmp_path, monkeypatch):
     script = Path(__file__).resolve().parents[1] / "experiments" / "precision.py"
     monkeypatch.setattr(sys, "argv", [str(script), "--smoke", "--out-dir", str(tmp_path)])

@@ -113,7 +113,7 @@ def _block_pass(block: Block, x: jax.Array):
         hidden = block.mlp.hidden(m)
         inputs["mlp_in"] = m.reshape(-1, m.shape[-1])
         inputs["down_in"] = hidden.reshape(-1, hidden.shape[-1])
-        h = h + jnp.einsum("BTF,DF->BTD", hidden, block.mlp.down[...])
+        h = h + block.mlp.project(hidden)
     x32, h32 = x.astype(jnp.float32), h.astype(jnp.float32)
     cos = (x32 * h32).sum(-1) / (jnp.linalg.norm(x32, axis=-1) * jnp.linalg.norm(h32, axis=-1) + 1e-12)
     sums = {k: v.astype(jnp.float32).sum(0) for k, v in inputs.items()}

@@ -18,8 +18,8 @@ Methods (`STRUCTURED_METHODS`):
   with depth as the residual stream grows, and a global ranking of raw (or
   model-wide standardised) scores removes every head of the early layers first
   (measured on SmolLM2-135M: perplexity 16,000 at size 0.9). FLAP's bias
-  compensation (adding the removed channels' mean contribution to the output
-  bias) is skipped: our LLaMA has no o or down bias to put it in.
+  compensation is `prune_compensated`: the removed channels' mean contribution
+  W_{:,removed} mean(X_removed) goes into o's and down's output biases.
 - "wanda_structured": Wanda-sp, the structured Wanda of FLAP's comparisons:
   channel score ||X_j||_2 * sum_i |W_ij|, standardised and averaged into heads
   and groups like FLAP's and searched the same way, so the two differ only in
@@ -29,7 +29,8 @@ Methods (`STRUCTURED_METHODS`):
 
 `structured_scores` computes a method's scores once (from the calibration
 statistics, the expensive part); `structured_keep` turns them into a keep-set
-at one size. Resizing only re-runs the cheap budget fill.
+at one size. Resizing only re-runs the cheap budget fill. `ppn.prune` cuts the
+model to a keep-set; "flap" cuts it with `prune_compensated` instead.
 """
 
 from __future__ import annotations
@@ -37,9 +38,11 @@ from __future__ import annotations
 import numpy as np
 
 from ppn.baselines.calibration import BlockStats
+from ppn.checkpoint import build_model, hf_tensors
 from ppn.gates import KeepSet, Units
 from ppn.models.llama import Llama
 from ppn.plan import fill_budget
+from ppn.prune import keep_set, prune
 
 STRUCTURED_METHODS = ("block_influence", "flap", "wanda_structured", "random")
 _NEEDS_STATS = ("block_influence", "flap", "wanda_structured")
@@ -119,6 +122,67 @@ def remove_blocks(units: Units, influence: np.ndarray, budget: int) -> KeepSet:
     kept[np.argsort(influence, kind="stable")[:n_remove]] = False
     return KeepSet(units, kept, kept, np.repeat(kept[:, None], units.num_heads, 1),
                    np.repeat(kept[:, None], units.num_groups, 1))
+
+
+def prune_compensated(dense: Llama, keep: KeepSet, stats: list[BlockStats]) -> Llama:
+    """`ppn.prune(dense, keep)` with FLAP's bias compensation.
+
+    Removing input channels of a linear layer W (out, in) shifts the mean of its
+    output over the calibration tokens by W_{:,removed} mean(X_removed); FLAP adds
+    that shift to the layer's output bias, so the mean is kept. Here, in every
+    block l whose sub-layer is kept:
+        o bias    += sum over removed heads n of o[:, n, :] @ mean(o_in)[n, :]   (D,)
+        down bias += down[:, removed channels] @ mean(down_in)[removed]           (D,)
+    with the means of the dense model's calibration inputs (`InputStats.mean`).
+    A removed sub-layer is dropped whole, its norm included, and nothing
+    compensates its mean contribution: our blocks have no bias outside a
+    sub-layer to put it in, so FLAP's bias of a layer with every channel removed
+    is lost.
+
+    The pruned config turns on `o_bias` when some kept attention lost a head and
+    `mlp_bias` when some kept MLP lost a channel; for a llama also `qkv_bias`,
+    since its `config.json` has one `attention_bias` for q, k, v and o (Mistral and
+    Qwen2 checkpoints hold no o or MLP biases: such a model runs, but
+    `ppn.save_model` refuses it). Biases that
+    compensate nothing (q, k, v, gate, up, and o or down where nothing was removed)
+    are the dense model's, or zeros when it had none. The prunable parameter count
+    grows by exactly those biases (`LlamaConfig.num_prunable_params`).
+
+    Args:
+        dense: the dense model.
+        keep: the keep-set to cut it to (`structured_keep`).
+        stats: `ppn.baselines.calibration.layerwise(dense, windows)` (no visit).
+
+    Raises:
+        ValueError: the keep-set or stats belong to another model.
+    """
+    keep = keep_set(keep, None, dense.config)
+    units = _check(dense, "flap", stats, keep.units)
+    pruned = prune(dense, keep)
+    eff, channels = keep.effective(), keep.channels()
+    lost_head = bool((eff.attn[:, None] & ~eff.heads).any())
+    lost_channel = bool((eff.mlp[:, None] & ~channels).any())
+    c = pruned.config
+    o_bias = c.o_bias or lost_head
+    config = c.replace(o_bias=o_bias, qkv_bias=c.qkv_bias or (o_bias and c.model_type == "llama"),
+                       mlp_bias=c.mlp_bias or lost_channel)
+    tensors = dict(hf_tensors(pruned))
+    n, h = units.num_heads, units.config.head_dim
+    for l, (block, s) in enumerate(zip(dense.blocks, stats)):
+        pre = f"model.layers.{l}."
+        if eff.attn[l] and config.o_bias:
+            gone = ~eff.heads[l]
+            o = np.asarray(block.attn.o[...], np.float64)[:, gone]  # (D, removed, H)
+            mean = s.inputs["o_in"].mean.reshape(n, h)[gone]
+            tensors[pre + "self_attn.o_proj.bias"] = (np.asarray(tensors.get(pre + "self_attn.o_proj.bias", 0.0))
+                                                     + np.einsum("DNH,NH->D", o, mean))
+        if eff.mlp[l] and config.mlp_bias:
+            gone = ~channels[l]
+            down = np.asarray(block.mlp.down[...], np.float64)[:, gone]  # (D, removed)
+            tensors[pre + "mlp.down_proj.bias"] = (np.asarray(tensors.get(pre + "mlp.down_proj.bias", 0.0))
+                                                  + down @ s.inputs["down_in"].mean[gone])
+    return build_model(config, lambda name, spec: tensors[name] if name in tensors else np.zeros(spec.hf_shape),
+                       dtype=dense.dtype)
 
 
 def unit_scores(model: Llama, method: str, stats: list[BlockStats], units: Units) -> dict[str, np.ndarray]:

@@ -111,6 +111,7 @@ class LlamaConfig:
         tie_word_embeddings: whether the output head reuses the embedding table.
         qkv_bias: biases on the q, k, v projections (Qwen2; LLaMA's attention_bias).
         o_bias: bias on the output projection (LLaMA's attention_bias only).
+        mlp_bias: biases on gate, up and down (LLaMA's mlp_bias).
         sliding_window: Mistral's local attention window, None for full attention.
         model_type: the Hugging Face model type this config came from.
         bos_token_id, eos_token_id: special token ids, carried for generation.
@@ -131,6 +132,7 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
     o_bias: bool = False
+    mlp_bias: bool = False
     sliding_window: int | None = None
     model_type: str = "llama"
     bos_token_id: int | None = None
@@ -224,6 +226,8 @@ class LlamaConfig:
                 n += d
         if shape.has_mlp:
             n += d + 3 * d * shape.intermediate_size
+            if self.mlp_bias:
+                n += 2 * shape.intermediate_size + d
         return n
 
     def num_prunable_params(self) -> int:
@@ -244,8 +248,8 @@ class LlamaConfig:
 
         Raises:
             ValueError: for a model type outside the LLaMA family, an activation
-                other than SiLU, MLP biases, or per-layer sliding windows, naming
-                the offending field.
+                other than SiLU, or per-layer sliding windows, naming the
+                offending field.
         """
         d = dict(hf if isinstance(hf, Mapping) else hf.to_dict())
         model_type = d.get("model_type", "llama")
@@ -257,8 +261,6 @@ class LlamaConfig:
         act = d.get("hidden_act", "silu")
         if act not in ("silu", "swish"):
             raise ValueError(f"unsupported hidden_act {act!r}: the SwiGLU MLP needs 'silu'")
-        if d.get("mlp_bias", False):
-            raise ValueError("unsupported: mlp_bias=True (LLaMA MLPs without biases only)")
         num_heads = d["num_attention_heads"]
         hidden = d["hidden_size"]
         head_dim = d.get("head_dim") or hidden // num_heads
@@ -291,6 +293,7 @@ class LlamaConfig:
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             qkv_bias=qkv_bias,
             o_bias=o_bias,
+            mlp_bias=bool(d.get("mlp_bias", False)) if model_type == "llama" else False,
             sliding_window=sliding_window,
             model_type=model_type,
             bos_token_id=d.get("bos_token_id"),
@@ -304,6 +307,11 @@ class LlamaConfig:
         A pruned config adds a `ppn_layers` list with every block's shape; that key
         is ignored by transformers and read back by `from_hf`. A pruned config in
         `canonical` form has none: it is a standard (smaller) dense config.
+
+        Raises:
+            ValueError: biases the model type's `config.json` cannot express: a
+                llama has one `attention_bias` for q, k, v and o together, and
+                Mistral and Qwen2 have no o or MLP biases.
         """
         d: dict[str, Any] = {
             "architectures": [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
@@ -330,8 +338,14 @@ class LlamaConfig:
             "torch_dtype": "float32",
         }
         if self.model_type == "llama":
+            if self.o_bias != self.qkv_bias:
+                raise ValueError(f"a llama config.json has one attention_bias for q, k, v and o; this config has "
+                                 f"qkv_bias={self.qkv_bias}, o_bias={self.o_bias}")
             d["attention_bias"] = self.qkv_bias
-            d["mlp_bias"] = False
+            d["mlp_bias"] = self.mlp_bias
+        elif self.o_bias or self.mlp_bias:
+            raise ValueError(f"a {self.model_type} config.json has no o or MLP biases; this config has "
+                             f"o_bias={self.o_bias}, mlp_bias={self.mlp_bias}")
         if self.model_type == "mistral":
             d["sliding_window"] = self.sliding_window
         if self.model_type == "qwen2":

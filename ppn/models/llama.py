@@ -183,23 +183,41 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """SwiGLU: down(silu(gate x) * up x), optionally scaling each of the F channels."""
+    """SwiGLU: down(silu(gate x) * up x), optionally scaling each of the F channels.
+
+    With `config.mlp_bias`, gate and up have (F,) biases and down a (D,) bias.
+    """
 
     def __init__(self, config: LlamaConfig, width: int, *, dtype, rngs: nnx.Rngs):
         d = config.hidden_size
         self.gate = _normal(rngs, (width, d), dtype)
         self.up = _normal(rngs, (width, d), dtype)
         self.down = _normal(rngs, (d, width), dtype)
+        if config.mlp_bias:
+            self.gate_bias = nnx.Param(jnp.zeros((width,), dtype))
+            self.up_bias = nnx.Param(jnp.zeros((width,), dtype))
+            self.down_bias = nnx.Param(jnp.zeros((d,), dtype))
+        else:
+            self.gate_bias = self.up_bias = self.down_bias = None
 
     def __call__(self, x, channel_gates=None):
         hidden = self.hidden(x)
         if channel_gates is not None:
             hidden = hidden * channel_gates.astype(hidden.dtype)
-        return jnp.einsum("BTF,DF->BTD", hidden, self.down[...])
+        return self.project(hidden)
 
     def hidden(self, x):
         """The SwiGLU channels silu(gate x) * up x, (B, T, F): the input of `down`."""
-        return jax.nn.silu(jnp.einsum("BTD,FD->BTF", x, self.gate[...])) * jnp.einsum("BTD,FD->BTF", x, self.up[...])
+        gate = jnp.einsum("BTD,FD->BTF", x, self.gate[...])
+        up = jnp.einsum("BTD,FD->BTF", x, self.up[...])
+        if self.gate_bias is not None:
+            gate, up = gate + self.gate_bias[...], up + self.up_bias[...]
+        return jax.nn.silu(gate) * up
+
+    def project(self, hidden):
+        """down applied to the channels (B, T, F): the MLP's output (B, T, D)."""
+        y = jnp.einsum("BTF,DF->BTD", hidden, self.down[...])
+        return y if self.down_bias is None else y + self.down_bias[...]
 
 
 class Block(nnx.Module):
