@@ -1,7 +1,9 @@
 """Hard-pruned versus soft-gated: does the cut model behave like the gated network
 it was trained as? For each size, the validation perplexity of the model pruned
 from the plan and of the dense fitted model run with the plan's deterministic
-(soft) gates at that size.
+(soft) gates at that size, by both estimators of `Plan.soft_gates`: Louizos et
+al.'s test-time gate ("gap") and the gate's median at the fit's final
+temperature ("median_gap").
 
     python experiments/gate_gap.py --run-dir runs/smollm2-135m   # after `ppn fit`
     python experiments/gate_gap.py --smoke                        # tiny model, seconds
@@ -26,7 +28,7 @@ class Config:
     run_dir: str = "runs/smollm2-135m"
     sizes: tuple[float, ...] = (0.9, 0.7, 0.5, 0.4, 0.3)
     eval_windows: int = 64
-    temperature: float = 0.2
+    temperature: float | None = None  # None: the fit's final temperature (temperature_end)
     out_dir: str = "results"
     smoke: bool = False
 
@@ -45,18 +47,22 @@ def main(cfg: Config) -> list[dict]:
         model = ppn.load_model(f"{cfg.run_dir}/model")
         valid = data.tokenize(data.shakespeare("validation"), ppn.load_tokenizer(f"{cfg.run_dir}/model"))
         seqlen = 512
+    temperature = cfg.temperature or plan.meta.get("fit", {}).get("temperature_end", ppn.FitConfig.temperature_end)
     rows = []
     for size in cfg.sizes:
         pruned = ppn.prune(model, plan, size)
         hard = ppn.perplexity(pruned, valid, seqlen=seqlen, max_windows=cfg.eval_windows).perplexity
-        soft = ppn.perplexity(model, valid, seqlen=seqlen, max_windows=cfg.eval_windows,
-                              gates=plan.soft_gates(size, cfg.temperature)).perplexity
+        soft, median = (ppn.perplexity(model, valid, seqlen=seqlen, max_windows=cfg.eval_windows,
+                                       gates=plan.soft_gates(size, temperature, estimator)).perplexity
+                        for estimator in ("louizos", "median"))
         rows.append({"size": size, "kept_prunable": pruned.config.num_prunable_params(),
                      "kept_fraction": pruned.config.num_prunable_params() / model.config.num_prunable_params(),
                      "hard_pruned_perplexity": hard, "soft_gated_perplexity": soft, "gap": hard / soft - 1,
-                     "eval_windows": cfg.eval_windows})
+                     "median_gated_perplexity": median, "median_gap": hard / median - 1,
+                     "temperature": temperature, "eval_windows": cfg.eval_windows})
     write_results("gate_gap_smoke" if cfg.smoke else "gate_gap", rows,
-                  ["size", "kept_prunable", "kept_fraction", "hard_pruned_perplexity", "soft_gated_perplexity", "gap"],
+                  ["size", "kept_prunable", "kept_fraction", "hard_pruned_perplexity", "soft_gated_perplexity", "gap",
+                   "median_gated_perplexity", "median_gap"],
                   out_dir=cfg.out_dir, title="Hard-pruned vs soft-gated perplexity (validation)")
     return rows
 

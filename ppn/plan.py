@@ -182,16 +182,27 @@ class Plan:
             return self.units.full()
         return (fill_uniform if uniform else fill_budget)(self.units, self.median_logits(rho), budget)
 
-    def soft_gates(self, size: float | int, temperature: float = 0.2):
-        """Deterministic gates of the gated network at `size`: the hard-concrete
-        test-time value clip(sigmoid(eta - c)(hi - lo) + lo, 0, 1) at the
-        posterior-median logits, with the push offset c solved so that the
-        expected size is the target. Returns per-block `BlockGates`."""
+    def soft_gates(self, size: float | int, temperature: float = 0.2, estimator: str = "louizos"):
+        """Deterministic gates of the gated network at `size`, at the posterior-median
+        logits eta with the push offset c solved so that the expected size at
+        `temperature` is the target. Returns per-block `BlockGates`.
+
+        estimator: "louizos", the hard-concrete test-time value of Louizos et al.
+            clip(sigmoid(eta - c)(hi - lo) + lo, 0, 1), which ignores the
+            temperature; or "median", the median of the gate's hard-concrete
+            distribution at `temperature` (its sample at noise u = 1/2),
+            clip(sigmoid((eta - c) / temperature)(hi - lo) + lo, 0, 1): at the
+            fit's final temperature, the gate the network last trained around.
+        """
+        if estimator not in ("louizos", "median"):
+            raise ValueError(f"unknown soft-gate estimator {estimator!r}; choose 'louizos' or 'median'")
         units = self.units
         rho = float(np.clip(units.budget(size) / units.total, 1e-6, 1 - 1e-6))
         logits = {k: jnp.asarray(v) for k, v in self.median_logits(rho).items()}
         c = bayes.push_offset(units, logits, jnp.float32(rho), temperature)
-        z = {k: jnp.clip(jax.nn.sigmoid(v - c) * (bayes.STRETCH_HI - bayes.STRETCH_LO) + bayes.STRETCH_LO, 0, 1)
+        scale = temperature if estimator == "median" else 1.0
+        z = {k: jnp.clip(jax.nn.sigmoid((v - c) / scale) * (bayes.STRETCH_HI - bayes.STRETCH_LO) + bayes.STRETCH_LO,
+                         0, 1)
              for k, v in logits.items()}
         return bayes.block_gates(units, z)
 

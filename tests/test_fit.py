@@ -311,6 +311,21 @@ def test_soft_gates_lie_in_the_unit_interval_and_drive_the_gated_model(plan, fit
     assert np.isfinite(ppl) and ppl > 1
 
 
+def test_median_soft_gates_are_the_louizos_gates_sharpened_by_the_temperature(plan):
+    louizos, median = plan.soft_gates(0.5, 0.2), plan.soft_gates(0.5, 0.2, "median")
+    lo, hi = bayes.STRETCH_LO, bayes.STRETCH_HI
+    for a, b in zip(louizos, median):
+        for x, y in ((a.heads, b.heads), (a.channels, b.channels)):
+            x, y = np.asarray(x), np.asarray(y)
+            # both are monotone in the same (eta - c): open and closed units agree, and the
+            # median's sigmoid argument is 5x the Louizos one, so it sits no nearer 1/2
+            assert ((x > 0.5) == (y > 0.5)).all()
+            sx, sy = (np.clip((v - lo) / (hi - lo), 1e-6, 1 - 1e-6) for v in (x, y))
+            assert (np.abs(sy - 0.5) >= np.abs(sx - 0.5) - 1e-6).all()
+    with pytest.raises(ValueError, match="estimator"):
+        plan.soft_gates(0.5, estimator="mean")
+
+
 def test_finetune_learns_a_repeating_text_and_leaves_the_input_model_alone():
     from ppn.finetune import finetune
 
