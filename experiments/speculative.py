@@ -4,7 +4,8 @@ The target is the fitted model of a run (the checkpoint its plan names); each
 draft is the target pruned by the plan (ρ = 0.3, 0.5 with 4 draft tokens per
 round, and the size and k `choose_draft` picks on separate calibration prompts).
 Prompts are windows of the validation text; greedy decoding, batch 1, KV cache
-(BENCHMARK.md, "Speed, memory and cost").
+(BENCHMARK.md, "Speed, memory and cost"). The decoders take turns on each
+prompt, so the machine's slow spells fall on all of them alike.
 
     python experiments/speculative.py --run-dir runs/smollm2-135m   # after `ppn fit`
     python experiments/speculative.py --smoke                        # tiny model, seconds
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import time
 from pathlib import Path
@@ -61,15 +63,22 @@ def _setup(cfg: Config):
     return target, plan, data.tokenize(data.shakespeare("validation"), ppn.load_tokenizer(checkpoint))
 
 
-def _timed(decode, prompts) -> tuple[list, float]:
-    """Outputs of decode(prompt) for each prompt (1, T), and their total seconds; one untimed compile run first."""
-    decode(prompts[0])
-    outputs, seconds = [], 0.0
+def _timed(decoders: dict, prompts) -> dict[str, tuple[list, float]]:
+    """{name: (outputs of decode(prompt) for each prompt (1, T), their total seconds)}.
+
+    One untimed compile run of each decoder first; then, prompt by prompt, every
+    decoder in turn, so a slow spell of the machine falls on all of them alike.
+    """
+    for decode in decoders.values():
+        decode(prompts[0])
+    timed = {name: ([], 0.0) for name in decoders}
     for p in prompts:
-        start = time.perf_counter()
-        outputs.append(decode(p))
-        seconds += time.perf_counter() - start
-    return outputs, seconds
+        for name, decode in decoders.items():
+            start = time.perf_counter()
+            out = decode(p)
+            outputs, seconds = timed[name]
+            timed[name] = (outputs + [out], seconds + time.perf_counter() - start)
+    return timed
 
 
 def plot(records: list[dict], path) -> None:
@@ -110,23 +119,29 @@ def main(cfg: Config) -> list[dict]:
                           tuple(sorted(set(cfg.ks) | {cfg.num_draft_tokens})), new_tokens=cfg.new_tokens)
     expected = {(r["size"], r["k"]): r["expected_speedup"] for r in choice.table}
 
-    reference, seconds = _timed(lambda p: ppn.generate(target, p, cfg.new_tokens), prompts)
+    full = target.config.num_prunable_params()
+    runs = [(f"ρ={s}, k={cfg.num_draft_tokens}", s, cfg.num_draft_tokens) for s in cfg.sizes]
+    runs.append((f"auto: ρ={choice.size}, k={choice.k}", choice.size, choice.k))
+    drafts = {size: draft_from_plan(target, plan, size) for size in {size for _, size, _ in runs}}
+    decoders = {"target alone": lambda p: ppn.generate(target, p, cfg.new_tokens)}
+    for method, size, k in runs:
+        decoders[method] = functools.partial(
+            lambda p, draft, k: speculative_generate(target, draft, p, cfg.new_tokens, k), draft=drafts[size], k=k)
+    timed = _timed(decoders, prompts)
+
+    reference, seconds = timed["target alone"]
     new = cfg.new_tokens * len(prompts)
     base_tps = new / seconds
     records = [{"method": "target alone", "draft_size": None, "k": None, "kept_fraction": 1.0,
                 "acceptance_rate": None, "tokens_per_round": 1.0, "tokens_per_second": base_tps, "speedup": 1.0,
                 "expected_speedup": None, "matches_target": 1.0, "seconds": seconds}]
-    full = target.config.num_prunable_params()
-    runs = [(f"ρ={s}, k={cfg.num_draft_tokens}", s, cfg.num_draft_tokens) for s in cfg.sizes]
-    runs.append((f"auto: ρ={choice.size}, k={choice.k}", choice.size, choice.k))
     for method, size, k in runs:
-        draft = draft_from_plan(target, plan, size)
-        results, seconds = _timed(lambda p: speculative_generate(target, draft, p, cfg.new_tokens, k), prompts)
+        results, seconds = timed[method]
         accepted, proposed = sum(r.accepted for r in results), sum(r.proposed for r in results)
         rounds = sum(r.target_calls - 1 for r in results)
         records.append({
             "method": method, "draft_size": size, "k": k,
-            "kept_fraction": draft.config.num_prunable_params() / full,
+            "kept_fraction": drafts[size].config.num_prunable_params() / full,
             "acceptance_rate": accepted / proposed, "tokens_per_round": (new - len(prompts)) / rounds,
             "tokens_per_second": new / seconds, "speedup": new / seconds / base_tps,
             "expected_speedup": expected[(size, k)],
