@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -27,7 +29,7 @@ from ppn.baselines.structured import structured_keep
 from ppn.checkpoint import load_model, load_tokenizer, save_model
 from ppn.evaluate import perplexity
 from ppn.fit import FitConfig, fit, mark_done
-from ppn.gates import Units
+from ppn.models.llama import Llama
 from ppn.plan import Plan
 from ppn.prune import prune
 from ppn.report import atomic_write_text, markdown_table, write_results
@@ -69,6 +71,15 @@ class JobConfig:
     mesh: str | None = None
 
 
+def load_job(run_dir: str | os.PathLike) -> JobConfig:
+    """The settings a finished main job ran with (its run folder's job.json)."""
+    path = Path(run_dir) / "job.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: {run_dir} is not the folder of a finished `ppn fit`")
+    d = json.loads(path.read_text())
+    return JobConfig(**(d | {"fit": FitConfig(**d["fit"]), "sizes": tuple(d["sizes"])}))
+
+
 def load_inputs(source: str, dtype: str = "float32", smoke: bool = False):
     """(model, tokenizer or None, train tokens, validation tokens) of a job: the model
     at `source` and the Shakespeare splits, or with `smoke` a tiny random model and
@@ -96,16 +107,12 @@ def run(cfg: JobConfig, progress: bool = True) -> list[dict]:
     def ppl(m):
         return perplexity(m, valid, seqlen=seqlen, max_windows=cfg.eval_windows, progress=progress, mesh=mesh)
 
-    mode = "quick" if cfg.eval_windows == 64 else ("full" if cfg.eval_windows is None else f"{cfg.eval_windows} windows")
-    total = model.config.num_params()
-    prunable = model.config.num_prunable_params()
-    rows = [{"method": "dense", "size": 1.0, "kept_prunable": prunable, "kept_fraction": 1.0, "kept_total": total,
-             "perplexity": ppl(model).perplexity, "eval": mode, "train_tokens": 0}]
+    mode = eval_mode(cfg.eval_windows)
+    dense_ppl = ppl(model).perplexity
 
     fit_start = time.perf_counter()
     result = fit(model, train, cfg.fit, run_dir=run_dir, progress=progress, mesh=mesh)
     fit_seconds = time.perf_counter() - fit_start
-    train_tokens = cfg.fit.train_tokens
     plan = Plan.from_fit(result, meta={"model": cfg.model, "checkpoint": str(run_dir / "model")})
     graphdef, state = nnx.split(result.model)
     fitted = nnx.merge(graphdef, addressable(state))  # gathered for process 0 to write: a collective
@@ -114,24 +121,8 @@ def run(cfg: JobConfig, progress: bool = True) -> list[dict]:
         save_model(fitted, run_dir / "model", tokenizer=tokenizer, overwrite=True)
         _posterior_outputs(plan, result.metrics, run_dir)
 
-    rows.append({"method": "ppn (fitted weights, unpruned)", "size": 1.0, "kept_prunable": prunable,
-                 "kept_fraction": 1.0, "kept_total": total, "perplexity": ppl(result.model).perplexity,
-                 "eval": mode, "train_tokens": train_tokens})
-    units = Units(model.config, cfg.fit.group_width)
-    for size in cfg.sizes:
-        start = time.perf_counter()
-        pruned = prune(result.model, plan, size)
-        resize = time.perf_counter() - start
-        kept = pruned.config.num_prunable_params()
-        rows.append({"method": "ppn", "size": size, "kept_prunable": kept, "kept_fraction": kept / prunable,
-                     "kept_total": pruned.config.num_params(), "perplexity": ppl(pruned).perplexity, "eval": mode,
-                     "train_tokens": train_tokens, "resize_seconds": resize})
-        if cfg.random_floor:
-            rand = prune(result.model, structured_keep(result.model, "random", size, units=units, seed=0))
-            kept = rand.config.num_prunable_params()
-            rows.append({"method": "random structure (same weights)", "size": size, "kept_prunable": kept,
-                         "kept_fraction": kept / prunable, "kept_total": rand.config.num_params(),
-                         "perplexity": ppl(rand).perplexity, "eval": mode, "train_tokens": train_tokens})
+    rows = size_rows(model, result.model, plan, ppl, cfg.sizes, mode, cfg.fit.train_tokens,
+                     random_floor=cfg.random_floor, dense_perplexity=dense_ppl)
     for r in rows:
         r["fit_seconds"] = fit_seconds if r["train_tokens"] else 0.0
     results = Path(cfg.results)
@@ -143,6 +134,48 @@ def run(cfg: JobConfig, progress: bool = True) -> list[dict]:
     mark_done(run_dir)
     return rows
 
+
+
+def eval_mode(eval_windows: int | None) -> str:
+    """How a perplexity was measured: "quick" (64 windows), "full" or "N windows"."""
+    return "quick" if eval_windows == 64 else ("full" if eval_windows is None else f"{eval_windows} windows")
+
+
+def size_rows(dense: Llama, fitted: Llama, plan: Plan, ppl: Callable[[Llama], object], sizes: tuple[float, ...],
+              mode: str, train_tokens: int, random_floor: bool = True,
+              dense_perplexity: float | None = None) -> list[dict]:
+    """The main job's table: the dense model, the fitted one unpruned, and at each
+    size the fitted model cut by `plan` (with its resize time) and, with
+    `random_floor`, cut to a random structure of that size.
+
+    Args:
+        dense, fitted: the model before and after the fit.
+        ppl: model -> `ppn.evaluate.Perplexity` on the validation tokens.
+        mode: the evaluation's name in the rows ("quick", "full").
+        train_tokens: tokens the fit saw.
+        dense_perplexity: the dense model's, if already measured.
+    """
+    total, prunable = dense.config.num_params(), dense.config.num_prunable_params()
+    rows = [{"method": "dense", "size": 1.0, "kept_prunable": prunable, "kept_fraction": 1.0, "kept_total": total,
+             "perplexity": dense_perplexity or ppl(dense).perplexity, "eval": mode, "train_tokens": 0},
+            {"method": "ppn (fitted weights, unpruned)", "size": 1.0, "kept_prunable": prunable,
+             "kept_fraction": 1.0, "kept_total": total, "perplexity": ppl(fitted).perplexity,
+             "eval": mode, "train_tokens": train_tokens}]
+    for size in sizes:
+        start = time.perf_counter()
+        pruned = prune(fitted, plan, size)
+        resize = time.perf_counter() - start
+        kept = pruned.config.num_prunable_params()
+        rows.append({"method": "ppn", "size": size, "kept_prunable": kept, "kept_fraction": kept / prunable,
+                     "kept_total": pruned.config.num_params(), "perplexity": ppl(pruned).perplexity, "eval": mode,
+                     "train_tokens": train_tokens, "resize_seconds": resize})
+        if random_floor:
+            rand = prune(fitted, structured_keep(fitted, "random", size, units=plan.units, seed=0))
+            kept = rand.config.num_prunable_params()
+            rows.append({"method": "random structure (same weights)", "size": size, "kept_prunable": kept,
+                         "kept_fraction": kept / prunable, "kept_total": rand.config.num_params(),
+                         "perplexity": ppl(rand).perplexity, "eval": mode, "train_tokens": train_tokens})
+    return rows
 
 
 def _posterior_outputs(plan: Plan, metrics: list[dict], run_dir: Path) -> None:

@@ -45,6 +45,13 @@ def test_main_job_smoke(tmp_path):
     again = subprocess.run([sys.executable, str(ROOT / "experiments" / "fit.py"), "--smoke", "--run-dir",
                             str(run_dir), "--results", str(results)], capture_output=True, text=True, timeout=600)
     assert again.returncode != 0 and "holds a finished run" in again.stderr
+    # the same table at another evaluation size, from the run folder alone
+    subprocess.run([sys.executable, str(ROOT / "experiments" / "evaluate_run.py"), "--run-dir", str(run_dir),
+                    "--out-dir", str(tmp_path), "--windows", "3"], check=True, capture_output=True, timeout=600)
+    again = json.loads((tmp_path / "run_3windows.json").read_text())["records"]
+    assert [r["method"] for r in again] == ["dense", "ppn (fitted weights, unpruned)"] + ["ppn"] * 5
+    assert [r["kept_prunable"] for r in again[2:]] == [r["kept_prunable"] for r in ppn_rows]
+    assert all(r["eval"] == "3 windows" and r["perplexity"] > 1 for r in again)
 
 
 def test_gate_gap_smoke(tmp_path):

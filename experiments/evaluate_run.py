@@ -1,0 +1,44 @@
+"""The main job's table again for a finished run, at another evaluation size:
+full validation perplexity by default (the main job measures quick perplexity).
+
+    python experiments/evaluate_run.py --run-dir runs/smollm2-135m            # full validation split
+    python experiments/evaluate_run.py --run-dir runs/smollm2-135m --windows 64
+
+Reads the run's job.json (model, dtype, sizes), the fitted model and plan.json;
+evaluates the dense model, the fitted model unpruned and the plan's cut at each
+size (no random floor: the quick table has it). Writes
+results/<run folder name>_<eval>.json and .md.
+"""
+
+import argparse
+from pathlib import Path
+
+from ppn.checkpoint import load_model
+from ppn.evaluate import perplexity
+from ppn.pipeline import COLUMNS, eval_mode, load_inputs, load_job, size_rows
+from ppn.plan import Plan
+from ppn.report import write_results
+
+
+def main(run_dir: str, windows: int | None = None, out_dir: str = "results") -> list[dict]:
+    job = load_job(run_dir)
+    dense, _, _, valid = load_inputs(job.model, job.dtype, job.smoke)
+    fitted = load_model(Path(run_dir) / "model", dtype=job.dtype)
+    plan = Plan.load(Path(run_dir) / "plan.json")
+    seqlen = 64 if job.smoke else 512
+    mode = eval_mode(windows)
+    rows = size_rows(dense, fitted, plan, lambda m: perplexity(m, valid, seqlen=seqlen, max_windows=windows),
+                     job.sizes, mode, job.fit.train_tokens, random_floor=False)
+    write_results(f"{Path(run_dir).name}_{mode.replace(' ', '')}", rows, COLUMNS[:-1], out_dir=out_dir,
+                  title=f"Push puppet fit of {run_dir} on {job.model}: validation perplexity by size ({mode})")
+    return rows
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--windows", type=int, default=None, help="validation windows (default: all of them)")
+    parser.add_argument("--out-dir", default="results")
+    a = parser.parse_args()
+    for row in main(a.run_dir, a.windows, a.out_dir):
+        print(row)
