@@ -30,6 +30,7 @@ class Config:
     eval_windows: int = 64
     temperature: float | None = None  # None: the fit's final temperature (temperature_end)
     out_dir: str = "results"
+    name: str = "gate_gap"  # of the results files
     smoke: bool = False
 
 
@@ -60,7 +61,7 @@ def main(cfg: Config) -> list[dict]:
                      "hard_pruned_perplexity": hard, "soft_gated_perplexity": soft, "gap": hard / soft - 1,
                      "median_gated_perplexity": median, "median_gap": hard / median - 1,
                      "temperature": temperature, "eval_windows": cfg.eval_windows})
-    write_results("gate_gap_smoke" if cfg.smoke else "gate_gap", rows,
+    write_results(f"{cfg.name}_smoke" if cfg.smoke else cfg.name, rows,
                   ["size", "kept_prunable", "kept_fraction", "hard_pruned_perplexity", "soft_gated_perplexity", "gap",
                    "median_gated_perplexity", "median_gap"],
                   out_dir=cfg.out_dir, title="Hard-pruned vs soft-gated perplexity (validation)")
@@ -72,7 +73,8 @@ if __name__ == "__main__":
     parser.add_argument("--run-dir", default="runs/smollm2-135m")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out-dir", default="results")
+    parser.add_argument("--name", default="gate_gap", help="results file name (without .json)")
     a = parser.parse_args()
     smoke = dict(eval_windows=4) if a.smoke else {}
-    for row in main(Config(run_dir=a.run_dir, out_dir=a.out_dir, smoke=a.smoke, **smoke)):
+    for row in main(Config(run_dir=a.run_dir, out_dir=a.out_dir, name=a.name, smoke=a.smoke, **smoke)):
         print(row)
