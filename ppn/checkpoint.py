@@ -80,8 +80,8 @@ def hf_layout(config: LlamaConfig) -> dict[str, TensorSpec]:
             layout[pre + "mlp.up_proj.weight"] = TensorSpec(blk + ("mlp", "up"), (f, d), (f, d))
             layout[pre + "mlp.down_proj.weight"] = TensorSpec(blk + ("mlp", "down"), (d, f), (d, f))
             if config.mlp_bias:
-                for name, width in (("gate", f), ("up", f), ("down", d)):
-                    layout[pre + f"mlp.{name}_proj.bias"] = TensorSpec(blk + ("mlp", f"{name}_bias"), (width,), (width,))
+                for name, w in (("gate", f), ("up", f), ("down", d)):
+                    layout[pre + f"mlp.{name}_proj.bias"] = TensorSpec(blk + ("mlp", f"{name}_bias"), (w,), (w,))
     return layout
 
 

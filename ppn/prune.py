@@ -58,7 +58,7 @@ def gather_spec(keep: KeepSet) -> dict[str, Take]:
         elif leaf == "self_attn.o_proj.weight":
             spec[name] = Take(1, rows(eff.heads[l]))
         elif leaf.startswith(("mlp.gate_proj.", "mlp.up_proj.")):
-            spec[name] = Take(0, np.flatnonzero(channels[l]) if leaf.endswith("weight") else np.arange(channels[l].sum()))
+            spec[name] = Take(0, np.flatnonzero(channels[l]))
         elif leaf == "mlp.down_proj.weight":
             spec[name] = Take(1, np.flatnonzero(channels[l]))
         else:  # norms, o and down biases: whole

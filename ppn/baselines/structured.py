@@ -134,19 +134,18 @@ def prune_compensated(dense: Llama, keep: KeepSet, stats: list[BlockStats]) -> L
         o bias    += sum over removed heads n of o[:, n, :] @ mean(o_in)[n, :]   (D,)
         down bias += down[:, removed channels] @ mean(down_in)[removed]           (D,)
     with the means of the dense model's calibration inputs (`InputStats.mean`).
-    A removed sub-layer is dropped whole, its norm included, and nothing
-    compensates its mean contribution: our blocks have no bias outside a
-    sub-layer to put it in, so FLAP's bias of a layer with every channel removed
-    is lost.
+    A removed sub-layer (every head or channel cut) is dropped whole, norm
+    included, and its mean output is not compensated: FLAP would keep it as a
+    constant bias, but our blocks have no bias outside a sub-layer to hold it.
 
     The pruned config turns on `o_bias` when some kept attention lost a head and
-    `mlp_bias` when some kept MLP lost a channel; for a llama also `qkv_bias`,
-    since its `config.json` has one `attention_bias` for q, k, v and o (Mistral and
-    Qwen2 checkpoints hold no o or MLP biases: such a model runs, but
-    `ppn.save_model` refuses it). Biases that
-    compensate nothing (q, k, v, gate, up, and o or down where nothing was removed)
-    are the dense model's, or zeros when it had none. The prunable parameter count
-    grows by exactly those biases (`LlamaConfig.num_prunable_params`).
+    `mlp_bias` when some kept MLP lost a channel, and for a llama `qkv_bias` with
+    `o_bias`, since its `config.json` has one `attention_bias` for q, k, v and o
+    (Mistral and Qwen2 checkpoints hold no o or MLP biases: such a model runs,
+    but `ppn.save_model` refuses it). Biases that compensate nothing (q, k, v,
+    gate, up, and o or down where nothing was removed) are the dense model's, or
+    zeros when it had none. The prunable parameter count grows by exactly the
+    biases turned on (`LlamaConfig.num_prunable_params`).
 
     Args:
         dense: the dense model.
@@ -167,20 +166,21 @@ def prune_compensated(dense: Llama, keep: KeepSet, stats: list[BlockStats]) -> L
     config = c.replace(o_bias=o_bias, qkv_bias=c.qkv_bias or (o_bias and c.model_type == "llama"),
                        mlp_bias=c.mlp_bias or lost_channel)
     tensors = dict(hf_tensors(pruned))
+
+    def shift(name: str, by: np.ndarray) -> None:  # the dense model's bias, or zeros, plus `by`
+        tensors[name] = np.asarray(tensors.get(name, 0.0), np.float64) + by
+
     n, h = units.num_heads, units.config.head_dim
     for l, (block, s) in enumerate(zip(dense.blocks, stats)):
-        pre = f"model.layers.{l}."
         if eff.attn[l] and config.o_bias:
             gone = ~eff.heads[l]
             o = np.asarray(block.attn.o[...], np.float64)[:, gone]  # (D, removed, H)
-            mean = s.inputs["o_in"].mean.reshape(n, h)[gone]
-            tensors[pre + "self_attn.o_proj.bias"] = (np.asarray(tensors.get(pre + "self_attn.o_proj.bias", 0.0))
-                                                     + np.einsum("DNH,NH->D", o, mean))
+            shift(f"model.layers.{l}.self_attn.o_proj.bias",
+                  np.einsum("DNH,NH->D", o, s.inputs["o_in"].mean.reshape(n, h)[gone]))
         if eff.mlp[l] and config.mlp_bias:
             gone = ~channels[l]
             down = np.asarray(block.mlp.down[...], np.float64)[:, gone]  # (D, removed)
-            tensors[pre + "mlp.down_proj.bias"] = (np.asarray(tensors.get(pre + "mlp.down_proj.bias", 0.0))
-                                                  + down @ s.inputs["down_in"].mean[gone])
+            shift(f"model.layers.{l}.mlp.down_proj.bias", down @ s.inputs["down_in"].mean[gone])
     return build_model(config, lambda name, spec: tensors[name] if name in tensors else np.zeros(spec.hf_shape),
                        dtype=dense.dtype)
 
