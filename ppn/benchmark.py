@@ -298,11 +298,9 @@ def _tasks(cfg: BenchConfig, b: _Bench) -> list[tuple[str, Callable[[], dict]]]:
 
     def structured_row(method, size):
         def run():
-            units = Units(b.dense.config, 16 if cfg.smoke else 64)
-            stats, calib_seconds = (None, 0.0) if method == "random" else b.stats()
+            calib_seconds = 0.0 if method == "random" else b.stats()[1]
             start = time.perf_counter()
-            keep = structured_keep(b.dense, method, size, stats=stats, units=units)
-            pruned = prune_compensated(b.dense, keep, stats) if method == "flap" else prune(b.dense, keep)
+            pruned = _structured(b, method, size)
             seconds = time.perf_counter() - start
             return _row(method, size, pruned, b.dense, pattern="structured", perplexity=b.perplexity(pruned),
                         eval=mode, tokens_used=0 if method == "random" else calib_tokens, prune_seconds=seconds,
@@ -333,6 +331,13 @@ def _tasks(cfg: BenchConfig, b: _Bench) -> list[tuple[str, Callable[[], dict]]]:
     return tasks
 
 
+def _structured(b: _Bench, method: str, size: float) -> Llama:
+    """The dense model cut to `size` by a structured baseline (FLAP with its bias compensation)."""
+    stats = None if method == "random" else b.stats()[0]
+    keep = structured_keep(b.dense, method, size, stats=stats, units=Units(b.dense.config, 16 if b.cfg.smoke else 64))
+    return prune_compensated(b.dense, keep, stats) if method == "flap" else prune(b.dense, keep)
+
+
 def _best_structured_finetuned(b: _Bench, mode: str, calib_tokens: int) -> dict:
     """The structured baseline with the lowest perplexity at 0.5 (random excluded), fine-tuned."""
     candidates = [m for m in STRUCTURED_METHODS if m != "random"]
@@ -344,9 +349,7 @@ def _best_structured_finetuned(b: _Bench, mode: str, calib_tokens: int) -> dict:
     if best is None:
         raise ValueError("the fine-tuned structured row needs a structured baseline at size 0.5 in the same run")
     fit = b.fit_config()
-    units = Units(b.dense.config, 16 if b.cfg.smoke else 64)
-    pruned = prune(b.dense, structured_keep(b.dense, best, 0.5, stats=b.stats()[0], units=units))
-    tuned = finetune(pruned, b.inputs()[2], fit, progress=b.progress)
+    tuned = finetune(_structured(b, best, 0.5), b.inputs()[2], fit, progress=b.progress)
     return _row(f"{best} fine-tuned (fit budget)", 0.5, tuned.model, b.dense, pattern="structured",
                 perplexity=b.perplexity(tuned.model), eval=mode, tokens_used=fit.train_tokens + calib_tokens,
                 prune_seconds=0.0, finetune_seconds=tuned.seconds)
