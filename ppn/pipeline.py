@@ -26,7 +26,7 @@ from flax import nnx
 
 from ppn import data, plots
 from ppn.baselines.structured import structured_keep
-from ppn.checkpoint import load_model, load_tokenizer, save_model
+from ppn.checkpoint import load_model, load_tokenizer, random_model, save_model
 from ppn.evaluate import perplexity
 from ppn.fit import FitConfig, fit, mark_done
 from ppn.models.llama import Llama
@@ -57,6 +57,10 @@ class JobConfig:
             (gates, softmax and losses stay float32).
         mesh: "data=D,fsdp=F" to fit and evaluate on that many devices
             (`ppn.sharding.make_mesh`); None: the default device.
+        random_weights: start from random weights of the model's architecture
+            (`ppn.checkpoint.random_model`; its directory needs config.json and the
+            tokenizer only): for throughput on a machine the weights cannot reach.
+            Perplexities are then meaningless.
     """
 
     model: str = "smollm2-135m"
@@ -69,6 +73,7 @@ class JobConfig:
     smoke: bool = False
     dtype: str = "float32"
     mesh: str | None = None
+    random_weights: bool = False
 
 
 def load_job(run_dir: str | os.PathLike) -> JobConfig:
@@ -80,17 +85,17 @@ def load_job(run_dir: str | os.PathLike) -> JobConfig:
     return JobConfig(**(d | {"fit": FitConfig(**d["fit"]), "sizes": tuple(d["sizes"])}))
 
 
-def load_inputs(source: str, dtype: str = "float32", smoke: bool = False):
+def load_inputs(source: str, dtype: str = "float32", smoke: bool = False, random_weights: bool = False):
     """(model, tokenizer or None, train tokens, validation tokens) of a job: the model
-    at `source` and the Shakespeare splits, or with `smoke` a tiny random model and
-    random tokens."""
+    at `source` (with `random_weights`, its architecture randomly initialised) and
+    the Shakespeare splits, or with `smoke` a tiny random model and random tokens."""
     if smoke:
         from ppn.testing import tiny_model
 
         rng = np.random.default_rng(0)
         return (tiny_model(dtype=jnp.dtype(dtype)), None, rng.integers(0, 97, 20_000),
                 rng.integers(0, 97, 4 * 512))
-    model = load_model(source, dtype=dtype)
+    model = random_model(source, dtype=dtype) if random_weights else load_model(source, dtype=dtype)
     tokenizer = load_tokenizer(source)
     return (model, tokenizer, data.tokenize(data.shakespeare("train"), tokenizer),
             data.tokenize(data.shakespeare("validation"), tokenizer))
@@ -101,7 +106,7 @@ def run(cfg: JobConfig, progress: bool = True) -> list[dict]:
     run_dir = Path(cfg.run_dir)
     mesh = make_mesh(cfg.mesh) if cfg.mesh else None
     main = is_main_process()
-    model, tokenizer, train, valid = load_inputs(cfg.model, cfg.dtype, cfg.smoke)
+    model, tokenizer, train, valid = load_inputs(cfg.model, cfg.dtype, cfg.smoke, cfg.random_weights)
     seqlen = 512 if not cfg.smoke else 64
 
     def ppl(m):

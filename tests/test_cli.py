@@ -86,3 +86,24 @@ def test_fit_set_overrides_any_fit_config_field():
 def test_fit_set_rejects_bad_overrides(pair, message, capsys):
     assert cli.main(["fit", "--smoke", "--set", pair]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_random_weights_need_only_the_config_and_tokenizer(tiny_checkpoint):
+    from ppn.checkpoint import random_model
+    from ppn.pipeline import load_inputs
+
+    path, saved = tiny_checkpoint
+    for f in path.glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(FileNotFoundError):
+        ppn.load_model(path)
+    model, tokenizer, train, valid = load_inputs(str(path), random_weights=True)
+    assert model.config == saved.config and ppn.count_params(model) == ppn.count_params(saved)
+    other = random_model(path, seed=1)
+    assert not np.allclose(np.asarray(model.embed[...]), np.asarray(other.embed[...]))
+    assert tokenizer is not None and train.max() < saved.config.vocab_size and len(valid) > 0
+    assert random_model(path, dtype="bfloat16").dtype == np.dtype("bfloat16")
+    job = cli.job_config(cli.build_parser().parse_args(["fit", "--model", str(path), "--random-weights"]))
+    assert job.random_weights and job.model == str(path)
+    with pytest.raises(ValueError, match="not a file"):
+        random_model(path / "config.json")

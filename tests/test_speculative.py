@@ -17,8 +17,8 @@ import ppn
 from ppn.baselines.structured import structured_keep
 from ppn.gates import Units
 from ppn.generate import token_probs
-from ppn.speculative import (_init, _round, _speculative, choose_draft, draft_from_plan, expected_speedup,
-                             expected_tokens_per_round, speculative_generate)
+from ppn.speculative import (ShortlistDraft, _init, _round, _speculative, choose_draft, draft_from_plan,
+                             expected_speedup, expected_tokens_per_round, frequent_tokens, speculative_generate)
 from ppn.testing import random_plan, tiny_model
 
 # The shapes of the experiment's smoke run, so that compiled functions are shared.
@@ -48,12 +48,15 @@ def _draft(kind, target, plan):
         return target
     if kind == "random structure at 0.5":
         return ppn.prune(target, structured_keep(target, "random", 0.5, units=Units(target.config, group_width=16)))
+    if kind == "plan at 0.5, 40-token shortlist":
+        return draft_from_plan(target, plan, 0.5, shortlist=np.arange(0, 97, 97 / 40).astype(int))
     return draft_from_plan(target, plan, 0.5)
 
 
 # ------------------------------------------------------------------- greedy
 @pytest.mark.parametrize("kind, k", [("other random model", K), ("the target itself", K),
-                                     ("random structure at 0.5", 1), ("plan at 0.5", K)])
+                                     ("random structure at 0.5", 1), ("plan at 0.5", K),
+                                     ("plan at 0.5, 40-token shortlist", K)])
 def test_greedy_equals_the_targets_greedy_output(target, reference, plan, kind, k):
     draft = _draft(kind, target, plan)
     result = speculative_generate(target, draft, PROMPT, NEW, num_draft_tokens=k)
@@ -131,10 +134,14 @@ def _chisquare_pvalue(observed, probs):
     return stats.chisquare(np.asarray(obs), exp).pvalue
 
 
-def test_sampled_tokens_follow_the_targets_distribution():
+@pytest.mark.parametrize("shortlist", [None, (0, 1, 2, 4, 6)])
+def test_sampled_tokens_follow_the_targets_distribution(shortlist):
     """Tokens 3 and 4 come out of accepted proposals, residual draws and bonus tokens
-    (k = 2); their joint distribution must be the target's, not the draft's."""
+    (k = 2); their joint distribution must be the target's, not the draft's, also
+    when the draft can propose only 5 of the 8 tokens."""
     target, draft = _sharp_model(0), _sharp_model(1)
+    if shortlist is not None:
+        draft = ShortlistDraft(draft, shortlist)
     prompt = np.random.default_rng(0).integers(0, V, (1, 5)).astype(np.int32)
     temperature, top_k, num = 0.9, 6, 20000
     target_def, target_state = nnx.split(target)
@@ -151,7 +158,30 @@ def test_sampled_tokens_follow_the_targets_distribution():
     assert 0.2 < float(accepted.sum()) / (2 * float(rounds.sum())) < 0.9  # so rejections happen
     assert observed[p == 0].sum() == 0  # nothing outside the target's top-k support
     assert _chisquare_pvalue(observed, p) > 1e-3
-    assert _chisquare_pvalue(observed, q) < 1e-6  # the test can tell the two apart
+    if shortlist is None:
+        assert _chisquare_pvalue(observed, q) < 1e-6  # the test can tell the two apart
+    else:  # tokens the draft cannot propose come out (from the residual), as often as the target says
+        assert observed[q == 0].sum() > 0.05 * num
+
+
+def test_frequent_tokens_and_the_shortlist_draft_logits(target):
+    tokens = np.array([5, 3, 5, 9, 3, 5, 1, 9, 9, 9])
+    np.testing.assert_array_equal(frequent_tokens(tokens, 2), [5, 9])
+    np.testing.assert_array_equal(frequent_tokens(tokens, 3), [3, 5, 9])
+    np.testing.assert_array_equal(frequent_tokens(tokens, 99), [1, 3, 5, 9])  # only tokens that occur
+    ids = np.array([3, 7, 50, 96])
+    draft = ShortlistDraft(target, ids[::-1])
+    full, short = np.asarray(target(jnp.asarray(PROMPT))), np.asarray(draft(jnp.asarray(PROMPT)))
+    np.testing.assert_array_equal(np.asarray(draft.token_ids[...]), ids)
+    np.testing.assert_allclose(short[..., ids], full[..., ids], rtol=1e-6, atol=1e-6)
+    assert np.isneginf(np.delete(short, ids, axis=-1)).all()
+    everything = ShortlistDraft(target, np.arange(97))
+    np.testing.assert_allclose(np.asarray(everything(jnp.asarray(PROMPT))), full, rtol=1e-6, atol=1e-6)
+    for bad in ([], [0, 97], [-1, 4]):
+        with pytest.raises(ValueError, match="shortlist"):
+            ShortlistDraft(target, np.asarray(bad, np.int64))
+    with pytest.raises(ValueError, match="count"):
+        frequent_tokens(tokens, 0)
 
 
 # ------------------------------------------------------------------ errors
@@ -192,17 +222,19 @@ def test_experiment_smoke(tmp_path):
     sys.modules[spec.name] = experiment  # dataclasses resolve the Config's annotations through it
     spec.loader.exec_module(experiment)
     rows = experiment.main(experiment.Config(smoke=True, out_dir=str(tmp_path), **experiment.SMOKE))
-    assert rows[0]["method"] == "target alone" and rows[-1]["method"].startswith("auto")
+    assert rows[0]["method"] == "target alone" and [r["method"][:5] for r in rows[-2:]] == ["auto:"] * 2
     assert [r["draft_size"] for r in rows[1:3]] == [0.3, 0.5]
+    assert [r["draft_vocabulary"] for r in rows[1:]] == ["all"] * 3 + [48]
     assert all(r["matches_target"] == 1.0 and r["tokens_per_second"] > 0 for r in rows)
     assert all(0.0 <= r["acceptance_rate"] <= 1.0 for r in rows[1:])
     for name in ["speculative_smoke.json", "speculative_smoke.md", "speculative_smoke.png",
                  "speculative_smoke_choice.json"]:
         assert (tmp_path / name).exists(), name
     table = json.loads((tmp_path / "speculative_smoke_choice.json").read_text())["records"]
-    assert len(table) == 2 * len(experiment.SMOKE["ks"])
-    best = max(table, key=lambda r: r["expected_speedup"])
-    assert rows[-1]["method"] == f"auto: ρ={best['size']}, k={best['k']}"
+    assert len(table) == 2 * 2 * len(experiment.SMOKE["ks"])  # sizes x vocabularies x ks
+    for vocab, row in (("all", rows[-2]), (48, rows[-1])):
+        best = max((r for r in table if r["draft_vocabulary"] == vocab), key=lambda r: r["expected_speedup"])
+        assert row["method"].startswith(f"auto: ρ={best['size']}, k={best['k']}")
 
 
 def test_choose_draft_with_size_and_k_fixed(target, plan):

@@ -285,6 +285,15 @@ class Llama(nnx.Module):
         return self._forward(input_ids, positions, cache, None)
 
     def _forward(self, input_ids, positions, cache, gates):
+        x, cache = self.hidden(input_ids, positions, cache, gates)
+        head = self.embed if self.lm_head is None else self.lm_head
+        return jnp.einsum("BTD,VD->BTV", x, head[...], preferred_element_type=jnp.float32), cache
+
+    def hidden(self, input_ids: jax.Array, positions: jax.Array, cache: KVCache | None = None,
+               gates: list[BlockGates] | None = None) -> tuple[jax.Array, KVCache | None]:
+        """The final-norm hidden states (B, T, D) that the output head scores, for
+        input_ids (B, T) at `positions` (B, T), and the cache with these T
+        positions appended (None without a cache)."""
         x = self.embed[...][input_ids]
         new_k, new_v = [], []
         for i, block in enumerate(self.blocks):
@@ -293,9 +302,6 @@ class Llama(nnx.Module):
                           None if gates is None else gates[i])
             new_k.append(None if kv is None else kv[0])
             new_v.append(None if kv is None else kv[1])
-        x = self.norm(x)
-        head = self.embed if self.lm_head is None else self.lm_head
-        logits = jnp.einsum("BTD,VD->BTV", x, head[...], preferred_element_type=jnp.float32)
         if cache is not None:
             cache = KVCache(k=new_k, v=new_v, length=cache.length + input_ids.shape[1])
-        return logits, cache
+        return self.norm(x), cache
