@@ -62,6 +62,17 @@ def test_push_offset_gradient_follows_the_implicit_function():
     assert abs(float(jax.grad(offset)(1.0)) - float(numeric)) < 2e-2 * max(1.0, abs(float(numeric)))
 
 
+@pytest.mark.parametrize("shift", [-300.0, 0.0, 250.0])
+def test_push_offset_meets_the_size_wherever_the_logits_drift(shift):
+    units = Units(tiny_config(), 16)
+    rng = np.random.default_rng(1)
+    logits = {k: jnp.asarray(rng.normal(size=s) * 3 + shift, jnp.float32) for k, s in bayes._shapes(units).items()}
+    for rho in (0.2, 0.7):
+        c = bayes.push_offset(units, logits, jnp.float32(rho), 0.3)
+        p = {k: bayes.open_probability(v - c, 0.3) for k, v in logits.items()}
+        assert abs(float(bayes.expected_size(units, p)) / units.total - rho) < 1e-4
+
+
 def test_hard_concrete_has_exact_zeros_and_ones_and_the_stated_open_probability():
     logit = jnp.full((20000,), 0.3)
     z = bayes.sample_hard_concrete(jax.random.key(0), logit, 0.5)
