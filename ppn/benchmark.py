@@ -69,7 +69,7 @@ class BenchConfig:
         methods: which of `METHODS` to run.
         sizes: target fractions of prunable parameters (ppn and structured).
         unstructured_sizes: the sizes of the unstructured one-shot rows.
-        nm: N:M patterns, run at rho = N / M (2:4 at 0.5).
+        nm: N:M patterns, run at rho = N / M (2:4 and 4:8 at 0.5).
         calibration_windows, calibration_seqlen: windows drawn from the train
             split with seed 0 for Wanda, SparseGPT and the structured scores.
         eval_windows: validation windows per perplexity (64 = quick, None = full).
@@ -89,7 +89,7 @@ class BenchConfig:
     methods: tuple[str, ...] = METHODS
     sizes: tuple[float, ...] = SIZES
     unstructured_sizes: tuple[float, ...] = SIZES
-    nm: tuple[tuple[int, int], ...] = ((2, 4),)
+    nm: tuple[tuple[int, int], ...] = ((2, 4), (4, 8))
     calibration_windows: int = 128
     calibration_seqlen: int = 512
     eval_windows: int | None = None

@@ -28,7 +28,7 @@ def test_every_method_has_its_rows(smoke):
         assert {f"{m}@{s}" for m in ("ppn", "block_influence", "flap", "wanda_structured", "random")} <= keys
     for s in cfg.unstructured_sizes:
         assert {f"{m}@{s}" for m in ("magnitude", "wanda", "sparsegpt")} <= keys
-    assert {"magnitude 2:4@0.5", "wanda 2:4@0.5", "sparsegpt 2:4@0.5"} <= keys
+    assert {f"{m} {nm}@0.5" for m in ("magnitude", "wanda", "sparsegpt") for nm in ("2:4", "4:8")} <= keys
 
 
 def test_results_match_the_schema(smoke):
@@ -45,7 +45,7 @@ def test_results_match_the_schema(smoke):
         if r["pattern"] == "structured" and "fine-tuned" not in r["method"]:
             assert r["prefill_ratio"] > 0 and r["decode_ratio"] > 0
     for r in doc["records"]:
-        if r["pattern"] in ("unstructured", "2:4"):
+        if r["pattern"] in ("unstructured", "2:4", "4:8"):
             # one-shot unstructured pruning removes exactly 1 - rho of every block linear (norms stay)
             assert r["kept_fraction"] == pytest.approx(r["size"], abs=0.01)
         elif r["method"] == "ppn":
