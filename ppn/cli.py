@@ -5,7 +5,8 @@
     ppn fit [--model smollm2-135m] [--run-dir runs/smollm2-135m] [--steps N | --full]
             [--dtype bfloat16] [--mesh data=D,fsdp=F] [--distributed]
     ppn resize --plan runs/smollm2-135m/plan.json --size 0.4 --out DIR [--from CHECKPOINT] [--uniform]
-    ppn bench [--quick] [--plan PLAN] [--methods ppn,wanda,...] [--smoke] [--dtype bfloat16] [--mesh ...]
+    ppn bench [--quick] [--plan PLAN] [--methods ppn,wanda,...] [--sizes 0.5,0.3] [--nm 2:4]
+              [--smoke] [--dtype bfloat16] [--mesh ...]
 """
 
 from __future__ import annotations
@@ -211,20 +212,45 @@ def bench_config(args):
         fields["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     if args.no_speed:
         fields["speed"] = False
+    for name in ("sizes", "unstructured_sizes", "nm"):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
     if args.smoke:
         return BenchConfig.smoke_test(args.state_dir or "runs/benchmark-smoke",
                                       **{k: v for k, v in fields.items() if k != "state_dir"})
     return BenchConfig.quick(**fields) if args.quick else BenchConfig(**fields)
 
 
+def _fractions(text: str) -> tuple[float, ...]:
+    """argparse type: "0.7,0.5,0.3" -> (0.7, 0.5, 0.3)."""
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated fractions like 0.7,0.5,0.3, got {text!r}")
+
+
+def _patterns(text: str) -> tuple[tuple[int, int], ...]:
+    """argparse type: "2:4,4:8" -> ((2, 4), (4, 8)); "" -> () (no N:M rows)."""
+    try:
+        return tuple((int(n), int(m)) for n, m in (x.split(":") for x in text.split(",") if x.strip()))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated N:M patterns like 2:4,4:8, got {text!r}")
+
+
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
-                   help="the CPU preset: quick perplexity, 32 calibration windows, unstructured at 0.5 and below")
+                   help="the CPU preset (about an hour): quick perplexity, 32 calibration windows, sizes "
+                        "0.7,0.5,0.3, unstructured at 0.5,0.3 and 2:4")
     p.add_argument("--model", help="dense model: zoo name, checkpoint directory or .gguf (default smollm2-135m)")
     p.add_argument("--plan", help="fitted plan for the ppn rows (default runs/smollm2-135m/plan.json; "
                                   "fitted first when missing)")
     p.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
     p.add_argument("--no-speed", action="store_true", help="skip the throughput measurements")
+    p.add_argument("--sizes", type=_fractions, help="sizes of the ppn and structured rows, e.g. 0.9,0.7,0.5,0.4,0.3 "
+                                   "(default: the preset's)")
+    p.add_argument("--unstructured-sizes", type=_fractions,
+                   help="sizes of the one-shot unstructured rows (default: the preset's)")
+    p.add_argument("--nm", type=_patterns, help="N:M patterns, e.g. 2:4,4:8; empty for none (default: the preset's)")
     p.add_argument("--state-dir", help="folder of finished rows, for resuming")
     p.add_argument("--out", help="results JSON (default results/benchmark.json, or benchmark_quick.json)")
     p.add_argument("--smoke", action="store_true", help="tiny random model: checks the benchmark in seconds")

@@ -96,3 +96,30 @@ def test_bad_settings_are_refused(fields, message):
 def test_cli_names_an_unknown_method(tmp_path, capsys):
     assert main(["bench", "--smoke", "--state-dir", str(tmp_path), "--methods", "dense,obs"]) == 2
     assert "unknown method" in capsys.readouterr().err
+
+
+def test_cli_sets_the_sizes_and_patterns():
+    from ppn.cli import bench_config, build_parser
+
+    quick = bench_config(build_parser().parse_args(["bench", "--quick"]))
+    assert quick.sizes == benchmark.QUICK_SIZES and quick.nm == ((2, 4),) and quick.eval_windows == 64
+    cfg = bench_config(build_parser().parse_args(
+        ["bench", "--quick", "--sizes", "0.9,0.7,0.5,0.4,0.3", "--unstructured-sizes", "0.4", "--nm", "2:4,4:8"]))
+    assert cfg.sizes == benchmark.SIZES and cfg.unstructured_sizes == (0.4,) and cfg.nm == ((2, 4), (4, 8))
+    assert cfg.eval_windows == 64  # the rest of the preset stays
+    assert bench_config(build_parser().parse_args(["bench", "--nm", ""])).nm == ()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sizes", "0.5,half"], "comma-separated fractions"),
+    (["--nm", "2-4"], "N:M patterns"),
+])
+def test_cli_names_a_malformed_list(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--smoke", *argv])
+    assert message in capsys.readouterr().err
+
+
+def test_cli_refuses_sizes_outside_the_range(tmp_path, capsys):
+    assert main(["bench", "--smoke", "--state-dir", str(tmp_path), "--sizes", "0.5,1.2"]) == 2
+    assert "(0, 1]" in capsys.readouterr().err
