@@ -418,10 +418,10 @@ def fit(model: Llama, tokens, config: FitConfig = FitConfig(), run_dir: str | os
             f"the log density is not finite at the initial parameters ({e}); "
             "check the model's weights for NaN/inf") from e
 
-    # With a mesh every boundary of the step is pinned: the state keeps its
-    # layout from step to step (one compilation) and is donated, so old and new
-    # states never coexist in device memory.
-    jit = jax.jit
+    # The state is donated, so old and new states never coexist in memory. With a
+    # mesh every boundary of the step is also pinned: the state keeps its layout
+    # from step to step (one compilation).
+    jit = functools.partial(jax.jit, donate_argnums=0)
     if mesh is not None:
         rep = sharding.replicated(mesh)
         state_layout = sharding.state_shardings(state, mesh, WEIGHTS_SITE)
