@@ -66,3 +66,12 @@ def test_finetune_dense_smoke(tmp_path):
     rows = json.loads((tmp_path / "finetune_dense_smoke.json").read_text())["records"]
     assert [r["method"] for r in rows] == ["dense", "dense fine-tuned (ppn fit budget)"]
     assert rows[1]["train_tokens"] == 4 * 2 * 33
+
+
+def test_fit_memory_smoke(tmp_path):
+    _smoke("fit_memory.py", "--out-dir", tmp_path)
+    rows = json.loads((tmp_path / "fit_memory_smoke.json").read_text())["records"]
+    assert [r["phase"] for r in rows] == ["model and data loaded", "fit start (init, compile)", "fit steps"]
+    loaded = rows[0]["peak_gib"]
+    assert all(0.05 < r["median_gib"] <= r["peak_gib"] < 64 for r in rows)
+    assert rows[2]["peak_gib"] >= loaded * 0.9 and rows[1]["seconds"] > 0 and rows[2]["seconds"] > 0
