@@ -75,3 +75,18 @@ def test_fit_memory_smoke(tmp_path):
     loaded = rows[0]["peak_gib"]
     assert all(0.05 < r["median_gib"] <= r["peak_gib"] < 64 for r in rows)
     assert rows[2]["peak_gib"] >= loaded * 0.9 and rows[1]["seconds"] > 0 and rows[2]["seconds"] > 0
+
+
+def test_size_tracking_smoke(tmp_path):
+    _smoke("size_tracking.py", "--out-dir", tmp_path)
+    rows = json.loads((tmp_path / "size_tracking_smoke.json").read_text())["records"]
+    assert [r["constraint"] for r in rows] == ["offset", "lagrange"] and all(r["steps"] == 6 for r in rows)
+    assert rows[0]["max_abs_error"] < 1e-4  # the push offset solves E[size] = rho at every step
+    assert rows[1]["max_abs_error"] > rows[0]["max_abs_error"]
+    assert (tmp_path / "size_tracking_smoke.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_size_tracking_names_a_folder_that_is_not_a_run(tmp_path):
+    run = subprocess.run([sys.executable, str(ROOT / "experiments" / "size_tracking.py"), str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode != 0 and "no metrics.jsonl" in run.stderr
