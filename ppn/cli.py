@@ -246,8 +246,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                                   "fitted first when missing)")
     p.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
     p.add_argument("--no-speed", action="store_true", help="skip the throughput measurements")
-    p.add_argument("--sizes", type=_fractions, help="sizes of the ppn and structured rows, e.g. 0.9,0.7,0.5,0.4,0.3 "
-                                   "(default: the preset's)")
+    p.add_argument("--sizes", type=_fractions,
+                   help="sizes of the ppn and structured rows, e.g. 0.9,0.7,0.5,0.4,0.3 (default: the preset's)")
     p.add_argument("--unstructured-sizes", type=_fractions,
                    help="sizes of the one-shot unstructured rows (default: the preset's)")
     p.add_argument("--nm", type=_patterns, help="N:M patterns, e.g. 2:4,4:8; empty for none (default: the preset's)")

@@ -428,7 +428,7 @@ def fit(model: Llama, tokens, config: FitConfig = FitConfig(), run_dir: str | os
         weights_layout = None if weights is None else sharding.weight_shardings(weights, mesh)
         state = sharding.place(state, state_layout)
         weights = None if weights is None else sharding.place(weights, weights_layout)
-        jit = functools.partial(jax.jit, donate_argnums=0, out_shardings=(state_layout, rep, rep, rep),
+        jit = functools.partial(jit, out_shardings=(state_layout, rep, rep, rep),
                                 in_shardings=(state_layout, sharding.batch_sharding(mesh), rep, rep, weights_layout))
 
     @jit
