@@ -90,3 +90,43 @@ def test_size_tracking_names_a_folder_that_is_not_a_run(tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "experiments" / "size_tracking.py"), str(tmp_path)],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode != 0 and "no metrics.jsonl" in run.stderr
+
+
+def _bench_file(path, tokens, ppn_ppl, dense_ppl, dense_tokens=None):
+    rows = [{"method": "ppn", "size": 0.5, "tokens_used": tokens, "perplexity": ppn_ppl},
+            {"method": "dense fine-tuned (fit budget)", "size": 1.0, "tokens_used": dense_tokens or tokens,
+             "perplexity": dense_ppl}]
+    path.write_text(json.dumps({"records": rows}))
+    return path
+
+
+def _budget_study(*args):
+    return subprocess.run([sys.executable, str(ROOT / "experiments" / "budget_study.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_budget_study_finds_the_crossing_of_a_power_law(tmp_path):
+    """ratio = 3 (t / 1e5)^-1/2 reaches 1.5 at t = 4e5 tokens; two budgets below it."""
+    files = [_bench_file(tmp_path / f"b{t}.json", t, 20 * 3 * (t / 1e5) ** -0.5, 20.0) for t in (200_000, 100_000)]
+    run = _budget_study(*files, "--out-dir", tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads((tmp_path / "budget_study.json").read_text())["records"]
+    assert [r["train_tokens"] for r in rows[:2]] == [100_000, 200_000] and not any(r["meets_aim"] for r in rows[:2])
+    assert rows[2]["kind"] == "extrapolated" and abs(rows[2]["train_tokens"] / 4e5 - 1) < 1e-6
+    assert (tmp_path / "budget_study.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_budget_study_reports_a_measured_budget_that_meets_the_aim(tmp_path):
+    files = [_bench_file(tmp_path / "a.json", 100, 60.0, 20.0), _bench_file(tmp_path / "b.json", 400, 29.0, 20.0)]
+    assert _budget_study(*files, "--out-dir", tmp_path).returncode == 0
+    rows = json.loads((tmp_path / "budget_study.json").read_text())["records"]
+    assert [r["meets_aim"] for r in rows] == [False, True] and all(r["kind"] == "measured" for r in rows)
+
+
+def test_budget_study_refuses_unequal_budgets_and_missing_rows(tmp_path):
+    run = _budget_study(_bench_file(tmp_path / "a.json", 100, 60.0, 20.0, dense_tokens=50), "--out-dir", tmp_path)
+    assert run.returncode != 0 and "not an equal budget" in run.stderr
+    (tmp_path / "c.json").write_text(json.dumps({"records": [{"method": "ppn", "size": 0.5, "tokens_used": 1,
+                                                               "perplexity": 2.0}]}))
+    run = _budget_study(tmp_path / "c.json", "--out-dir", tmp_path)
+    assert run.returncode != 0 and "dense fine-tuned" in run.stderr
