@@ -53,6 +53,8 @@ from ppn.sharding import make_mesh
 SIZES = (0.9, 0.7, 0.5, 0.4, 0.3)
 QUICK_SIZES = (0.7, 0.5, 0.3)
 METHODS = ("dense", "ppn", *UNSTRUCTURED_METHODS, *STRUCTURED_METHODS, "finetuned")
+# The structured baselines that score units (random is the floor, not a candidate to fine-tune).
+SCORED_METHODS = tuple(m for m in STRUCTURED_METHODS if m != "random")
 COLUMNS = ["method", "pattern", "size", "kept_prunable", "kept_fraction", "kept_total", "perplexity", "eval",
            "tokens_used", "prune_seconds", "prefill_ratio", "decode_ratio"]
 TOTAL_COLUMNS = ["method", "sizes", "total_seconds", "one_time_seconds", "per_size_seconds"]
@@ -67,7 +69,9 @@ class BenchConfig:
         plan: the fitted plan of the ppn rows (its checkpoint is the plan's
             `meta["checkpoint"]`); when the file is missing, the main job fits
             one first into the plan's folder.
-        methods: which of `METHODS` to run.
+        methods: which of `METHODS` to run. "finetuned" fine-tunes the dense
+            model with the fit's budget and, when a scored structured baseline
+            runs too, the best of them at rho = 0.5.
         sizes: target fractions of prunable parameters (ppn and structured).
         unstructured_sizes: the sizes of the unstructured one-shot rows.
         nm: N:M patterns, run at rho = N / M (2:4 and 4:8 at 0.5).
@@ -331,7 +335,8 @@ def _tasks(cfg: BenchConfig, b: _Bench) -> list[tuple[str, Callable[[], dict]]]:
             tasks += [(f"{method}@{s}", structured_row(method, s)) for s in cfg.sizes]
     if "finetuned" in cfg.methods:
         tasks.append(("dense fine-tuned", dense_finetuned_row))
-        tasks.append(("best structured fine-tuned@0.5", lambda: _best_structured_finetuned(b, mode, calib_tokens)))
+        if any(m in cfg.methods for m in SCORED_METHODS):
+            tasks.append(("best structured fine-tuned@0.5", lambda: _best_structured_finetuned(b, mode, calib_tokens)))
     return tasks
 
 
@@ -344,9 +349,8 @@ def _structured(b: _Bench, method: str, size: float) -> Llama:
 
 def _best_structured_finetuned(b: _Bench, mode: str, calib_tokens: int) -> dict:
     """The structured baseline with the lowest perplexity at 0.5 (random excluded), fine-tuned."""
-    candidates = [m for m in STRUCTURED_METHODS if m != "random"]
     best, best_ppl = None, np.inf
-    for m in candidates:
+    for m in SCORED_METHODS:
         row = b.rows.get(f"{m}@0.5")
         if row and row["perplexity"] < best_ppl:
             best, best_ppl = m, row["perplexity"]

@@ -64,6 +64,13 @@ def test_a_finished_benchmark_resumes_without_recomputing(smoke, monkeypatch):
     assert open(f"{cfg.state_dir}/rows.jsonl").read().splitlines() == lines
 
 
+def test_finetuned_without_structured_baselines_tunes_the_dense_model_only(smoke, tmp_path):
+    cfg = BenchConfig.smoke_test(tmp_path, plan=smoke[0].plan, methods=("dense", "ppn", "finetuned"), speed=False)
+    rows = benchmark.run(cfg, progress=False)
+    assert [r["key"] for r in rows] == ["dense", "ppn@0.5", "dense fine-tuned"]
+    assert rows[2]["tokens_used"] == rows[1]["tokens_used"] > 0  # the budget study's equal budget
+
+
 def test_a_row_cut_by_a_kill_is_recomputed(tmp_path):
     cfg = BenchConfig.smoke_test(tmp_path, methods=("dense", "magnitude"), speed=False)
     first = benchmark.run(cfg, progress=False)
