@@ -26,6 +26,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from ppn.report import write_results  # noqa: E402
 
@@ -93,6 +94,8 @@ def plot(rows: list[dict], aim: float, path: Path) -> None:
     right.axhline(aim, color="C3", lw=0.8, label=f"aim {aim}×")
     right.set(xscale="log", xlabel="training tokens", ylabel="ppn / dense fine-tuned")
     right.legend()
+    for ax in (left, right):
+        ax.xaxis.set_minor_formatter(NullFormatter())  # log-axis minor labels overlap
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
