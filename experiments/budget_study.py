@@ -94,8 +94,10 @@ def plot(rows: list[dict], aim: float, path: Path) -> None:
     right.axhline(aim, color="C3", lw=0.8, label=f"aim {aim}×")
     right.set(xscale="log", xlabel="training tokens", ylabel="ppn / dense fine-tuned")
     right.legend()
-    for ax in (left, right):
-        ax.xaxis.set_minor_formatter(NullFormatter())  # log-axis minor labels overlap
+    ticks = tokens + [r["train_tokens"] for r in ahead]
+    for ax in (left, right):  # the budgets themselves as ticks: log-axis defaults overlap or vanish
+        ax.set_xticks(ticks, [f"{t / 1e6:.2g}M" for t in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
