@@ -28,9 +28,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
+from ppn.benchmark import DENSE_FINETUNED as DENSE_TUNED  # noqa: E402
 from ppn.report import write_results  # noqa: E402
-
-DENSE_TUNED = "dense fine-tuned (fit budget)"
 COLUMNS = ["source", "train_tokens", "size", "ppn_perplexity", "dense_finetuned_perplexity", "ratio",
            "meets_aim", "kind"]
 

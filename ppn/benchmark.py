@@ -55,6 +55,8 @@ QUICK_SIZES = (0.7, 0.5, 0.3)
 METHODS = ("dense", "ppn", *UNSTRUCTURED_METHODS, *STRUCTURED_METHODS, "finetuned")
 # The structured baselines that score units (random is the floor, not a candidate to fine-tune).
 SCORED_METHODS = tuple(m for m in STRUCTURED_METHODS if m != "random")
+# The method name of the dense model fine-tuned with the fit's budget (read by experiments/budget_study.py).
+DENSE_FINETUNED = "dense fine-tuned (fit budget)"
 COLUMNS = ["method", "pattern", "size", "kept_prunable", "kept_fraction", "kept_total", "perplexity", "eval",
            "tokens_used", "prune_seconds", "prefill_ratio", "decode_ratio"]
 TOTAL_COLUMNS = ["method", "sizes", "total_seconds", "one_time_seconds", "per_size_seconds"]
@@ -318,7 +320,7 @@ def _tasks(cfg: BenchConfig, b: _Bench) -> list[tuple[str, Callable[[], dict]]]:
     def dense_finetuned_row():
         fit = b.fit_config()
         tuned = finetune(b.dense, b.inputs()[2], fit, progress=b.progress)
-        return _row("dense fine-tuned (fit budget)", 1.0, tuned.model, b.dense, pattern="dense",
+        return _row(DENSE_FINETUNED, 1.0, tuned.model, b.dense, pattern="dense",
                     perplexity=b.perplexity(tuned.model), eval=mode, tokens_used=fit.train_tokens,
                     prune_seconds=0.0, finetune_seconds=tuned.seconds)
 

@@ -224,4 +224,6 @@ def test_real_smollm2(tmp_path_factory, monkeypatch):
     assert torch.isfinite(out.logits).all()
     perplexity = float(torch.exp(out.loss))
     print(f"SmolLM2-135M Q4_1 perplexity on {ids.shape[1]} tokens: {perplexity:.2f}")
+    # A sound model on plain text lands in the tens; a broken conversion (a wrong q/k
+    # permutation, a tokenizer mismatch) gives thousands (uniform over 49,152 tokens: 49,152).
     assert 1.0 < perplexity < 100.0
