@@ -12,7 +12,8 @@ structured baseline at rho = 0.5 fine-tuned with the fit's exact budget.
 
 Each row is computed once and appended to `<state_dir>/rows.jsonl` as soon as it
 is done, so an interrupted benchmark resumes where it stopped (a state folder
-made with other settings is refused). The results are `results/benchmark.json`
+made with other settings is refused); a fine-tuning row killed midway resumes
+from its last checkpoint in `<state_dir>/finetune-*`. The results are `results/benchmark.json`
 (one record per row), `.md` (the table and the wall time per method for all
 sizes) and `.png` (perplexity against kept parameters; speed ratios).
 
@@ -319,7 +320,8 @@ def _tasks(cfg: BenchConfig, b: _Bench) -> list[tuple[str, Callable[[], dict]]]:
 
     def dense_finetuned_row():
         fit = b.fit_config()
-        tuned = finetune(b.dense, b.inputs()[2], fit, progress=b.progress)
+        tuned = finetune(b.dense, b.inputs()[2], fit, progress=b.progress,
+                         run_dir=Path(cfg.state_dir) / "finetune-dense")
         return _row(DENSE_FINETUNED, 1.0, tuned.model, b.dense, pattern="dense",
                     perplexity=b.perplexity(tuned.model), eval=mode, tokens_used=fit.train_tokens,
                     prune_seconds=0.0, finetune_seconds=tuned.seconds)
@@ -359,7 +361,8 @@ def _best_structured_finetuned(b: _Bench, mode: str, calib_tokens: int) -> dict:
     if best is None:
         raise ValueError("the fine-tuned structured row needs a structured baseline at size 0.5 in the same run")
     fit = b.fit_config()
-    tuned = finetune(_structured(b, best, 0.5), b.inputs()[2], fit, progress=b.progress)
+    tuned = finetune(_structured(b, best, 0.5), b.inputs()[2], fit, progress=b.progress,
+                     run_dir=Path(b.cfg.state_dir) / f"finetune-{best}-0.5")
     return _row(f"{best} fine-tuned (fit budget)", 0.5, tuned.model, b.dense, pattern="structured",
                 perplexity=b.perplexity(tuned.model), eval=mode, tokens_used=fit.train_tokens + calib_tokens,
                 prune_seconds=0.0, finetune_seconds=tuned.seconds)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -20,48 +22,81 @@ from tqdm.auto import tqdm
 
 from ppn import data
 from ppn.bayes import token_nll
-from ppn.fit import FitConfig
+from ppn.fit import FitConfig, RunFolder
 from ppn.models.llama import Llama
 
 
 @dataclasses.dataclass
 class FinetuneResult:
-    """The fine-tuned model, its per-step mean NLL per token, and the wall time."""
+    """The fine-tuned model, its per-step mean NLL per token, and the summed step time."""
 
     model: Llama
     nll: list[float]
     seconds: float
 
 
-def finetune(model: Llama, tokens, config: FitConfig = FitConfig(), progress: bool = True) -> FinetuneResult:
+def finetune(model: Llama, tokens, config: FitConfig = FitConfig(), progress: bool = True,
+             run_dir: str | os.PathLike | None = None) -> FinetuneResult:
     """Fine-tunes every weight of `model` by next-token NLL with the fit's budget.
 
     Uses `config`'s steps, batch_size, seqlen, seed and lr_weights, the same
     gradient clipping and Adam as `ppn.fit`, and the same batches (a function of
     seed and step), so the two consume identical tokens.
+
+    Args:
+        model: a dense or pruned `Llama`; it is left unchanged.
+        tokens: int array (N,) of training tokens.
+        config: the budget (steps, batch_size, seqlen, seed, lr_weights,
+            checkpoint_every).
+        progress: show a progress bar with the NLL per token.
+        run_dir: folder for config, metrics and an orbax checkpoint every
+            `checkpoint_every` steps; a run killed there resumes from its last
+            checkpoint with the same result as an unbroken one. None keeps
+            nothing on disk.
+
+    Returns:
+        The tuned model, the NLL of every step and the summed step time (over
+        all sessions of a resumed run).
+
+    Raises:
+        FloatingPointError: a non-finite loss (the last checkpoint stays intact).
+        ValueError: `run_dir` holds an unfinished run of another config or model.
     """
-    start = time.perf_counter()
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(config.lr_weights))
     graphdef, params = nnx.split(model, nnx.Param)
-    opt_state = tx.init(params)
+    run = RunFolder(Path(run_dir) if run_dir is not None else None, config, model)
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(params, opt_state, batch):
+    @functools.partial(jax.jit, donate_argnums=0)
+    def step(state, batch):
+        params, opt_state = state
+
         def loss(p):
             return token_nll(nnx.merge(graphdef, p)(batch[:, :-1]), batch[:, 1:]) / batch[:, 1:].size
 
         value, grads = jax.value_and_grad(loss)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value
+        return (optax.apply_updates(params, updates), opt_state), value
 
+    # Checkpoints hold the flat leaves: orbax then needs no knowledge of nnx.State.
     params = jax.tree.map(jnp.copy, params)  # donation must not consume the caller's model
-    batches = data.train_batches(np.asarray(tokens), config.batch_size, config.seqlen + 1, config.seed)
-    history = []
-    bar = tqdm(range(config.steps), disable=not progress, desc="finetune")
-    for _ in bar:
-        params, opt_state, value = step(params, opt_state, jnp.asarray(next(batches)))
-        history.append(float(value))
-        if not np.isfinite(history[-1]):
-            raise FloatingPointError(f"non-finite loss {history[-1]} at fine-tuning step {len(history) - 1}")
-        bar.set_postfix(nll=f"{history[-1]:.3f}")
-    return FinetuneResult(nnx.merge(graphdef, params), history, time.perf_counter() - start)
+    leaves, treedef = jax.tree.flatten((params, tx.init(params)))
+    step0, leaves, _ = run.restore(leaves)
+    state = jax.tree.unflatten(treedef, leaves)
+    history = run.metrics(step0)
+    batches = data.train_batches(np.asarray(tokens), config.batch_size, config.seqlen + 1, config.seed,
+                                 start_step=step0)
+    bar = tqdm(range(step0, config.steps), initial=step0, total=config.steps, disable=not progress,
+               desc="finetune")
+    for i in bar:
+        tick = time.perf_counter()
+        state, value = step(state, jnp.asarray(next(batches)))
+        history.append({"step": i, "nll_per_token": float(value), "seconds": time.perf_counter() - tick})
+        if not np.isfinite(history[-1]["nll_per_token"]):
+            raise FloatingPointError(f"non-finite loss {float(value)} at fine-tuning step {i}"
+                                     + (f"; the last checkpoint in {run.dir} is intact" if run.dir else ""))
+        bar.set_postfix(nll=f"{float(value):.3f}")
+        if (i + 1) % config.checkpoint_every == 0 or i + 1 == config.steps:
+            run.write_metrics(history)
+            run.save(i + 1, jax.tree.leaves(state), 0)
+    return FinetuneResult(nnx.merge(graphdef, state[0]), [r["nll_per_token"] for r in history],
+                          sum(r["seconds"] for r in history))

@@ -287,8 +287,12 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves))
 
 
-class _Run:
-    """The run folder: config, metrics log, orbax checkpoints."""
+class RunFolder:
+    """A training run's folder: config, metrics log, orbax checkpoints.
+
+    Shared by `fit` and `ppn.finetune.finetune`: an unfinished run with the same
+    config resumes from its latest checkpoint, a finished one (DONE) is refused.
+    """
 
     def __init__(self, run_dir: Path | None, cfg: FitConfig, model: Llama):
         self.dir = run_dir
@@ -385,7 +389,7 @@ def fit(model: Llama, tokens, config: FitConfig = FitConfig(), run_dir: str | os
     tokens = np.asarray(tokens)
     units = Units(model.config, cfg.group_width)
     data_tokens = cfg.data_tokens or len(tokens)
-    run = _Run(Path(run_dir) if run_dir is not None else None, cfg, model)
+    run = RunFolder(Path(run_dir) if run_dir is not None else None, cfg, model)
 
     # Trained low-precision weights get float32 master copies: the optimiser
     # updates those, the forward pass runs in the model's dtype.

@@ -116,30 +116,39 @@ def test_fit_trains_weights_and_can_freeze_them(fitted):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_resume_after_a_kill_equals_an_unbroken_run(tmp_path, monkeypatch):
-    cfg = FitConfig(**{**SMALL.__dict__, "steps": 7, "checkpoint_every": 3})
-    unbroken = fit(tiny_model(), TOKENS, cfg, run_dir=tmp_path / "a", progress=False)
-
+def _killed_at(monkeypatch, kill_step: int, train):
+    """Runs `train()` with the batch stream dying at `kill_step` (a kill mid-run), then restores it."""
     from ppn import data
 
     original = data.train_batches
 
     def dying(*args, start_step=0, **kwargs):
         for i, batch in enumerate(original(*args, start_step=start_step, **kwargs)):
-            if start_step + i == 5:  # killed after the checkpoint at step 3, mid-way to the next
+            if start_step + i == kill_step:
                 raise KeyboardInterrupt
             yield batch
 
     monkeypatch.setattr(data, "train_batches", dying)
     with pytest.raises(KeyboardInterrupt):
-        fit(tiny_model(), TOKENS, cfg, run_dir=tmp_path / "b", progress=False)
+        train()
     monkeypatch.setattr(data, "train_batches", original)
+
+
+def _assert_same_weights(a, b):
+    for x, y in zip(jax.tree.leaves(nnx.state(a, nnx.Param)), jax.tree.leaves(nnx.state(b, nnx.Param)), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+
+
+def test_resume_after_a_kill_equals_an_unbroken_run(tmp_path, monkeypatch):
+    cfg = FitConfig(**{**SMALL.__dict__, "steps": 7, "checkpoint_every": 3})
+    unbroken = fit(tiny_model(), TOKENS, cfg, run_dir=tmp_path / "a", progress=False)
+    # killed after the checkpoint at step 3, mid-way to the next
+    _killed_at(monkeypatch, 5, lambda: fit(tiny_model(), TOKENS, cfg, run_dir=tmp_path / "b", progress=False))
     resumed = fit(tiny_model(), TOKENS, cfg, run_dir=tmp_path / "b", progress=False)
     assert [r["step"] for r in resumed.metrics] == list(range(7))
     for k, v in unbroken.guide_params.items():
         np.testing.assert_allclose(resumed.guide_params[k], v, rtol=1e-6, atol=1e-7, err_msg=k)
-    for a, b in zip(jax.tree.leaves(nnx.state(unbroken.model)), jax.tree.leaves(nnx.state(resumed.model))):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    _assert_same_weights(unbroken.model, resumed.model)
 
 
 def test_a_finished_run_is_not_overwritten(tmp_path):
@@ -347,6 +356,20 @@ def test_finetune_learns_a_repeating_text_and_leaves_the_input_model_alone():
     assert np.mean(result.nll[-5:]) < 0.5 * np.mean(result.nll[:5])
     for a, b in zip(before, jax.tree.leaves(nnx.state(model, nnx.Param))):
         np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_finetune_killed_and_resumed_equals_an_unbroken_run(tmp_path, monkeypatch):
+    from ppn.finetune import finetune
+
+    cfg = FitConfig(steps=7, batch_size=2, seqlen=16, lr_weights=3e-3, checkpoint_every=3)
+    unbroken = finetune(tiny_model(), TOKENS, cfg, progress=False)
+    _killed_at(monkeypatch, 5, lambda: finetune(tiny_model(), TOKENS, cfg, progress=False, run_dir=tmp_path))
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+    resumed = finetune(tiny_model(), TOKENS, cfg, progress=False, run_dir=tmp_path)
+    np.testing.assert_allclose(resumed.nll, unbroken.nll, rtol=1e-6)
+    _assert_same_weights(unbroken.model, resumed.model)
+    with pytest.raises(ValueError, match="another configuration"):
+        finetune(tiny_model(), TOKENS, FitConfig(**{**cfg.__dict__, "steps": 8}), progress=False, run_dir=tmp_path)
 
 
 def test_expected_size_matches_monte_carlo_over_bernoulli_gates():
