@@ -10,8 +10,8 @@ this script puts several budgets side by side:
 
 Per budget: training tokens, ppn's and the fine-tuned dense model's perplexity,
 and their ratio. The smallest measured budget that meets the aim is named; if
-none does, log(ratio) is fitted as a straight line in log(tokens) (least squares)
-and the budget where the line reaches the aim is reported, marked as an
+none does, the straight line in log(ratio) against log(tokens) through the two
+largest budgets is followed to the aim, and that budget is reported, marked as an
 extrapolation, not a measurement. Writes results/budget_study.json, .md and .png.
 """
 
@@ -53,13 +53,17 @@ def budget_row(path: str | Path, size: float) -> dict:
 
 
 def crossing(tokens: np.ndarray, ratio: np.ndarray, aim: float) -> float | None:
-    """Tokens where the least-squares line of log(ratio) on log(tokens) reaches `aim`.
+    """Tokens where the log-log line through the two largest budgets reaches `aim`.
 
-    None when the ratio does not fall with the budget (no crossing ahead)."""
-    slope, intercept = np.polyfit(np.log(tokens), np.log(ratio), 1)
+    `tokens` ascending. The line follows the latest trend, not a least-squares fit
+    through every budget: returns diminish with the budget, so the early, steep
+    part of the curve would overstate the fall ahead. None when the ratio does not
+    fall between the two largest budgets (no crossing ahead)."""
+    (t0, t1), (r0, r1) = np.log(tokens[-2:]), np.log(ratio[-2:])
+    slope = (r1 - r0) / (t1 - t0)
     if slope >= 0:
         return None
-    return float(np.exp((np.log(aim) - intercept) / slope))
+    return float(np.exp(t1 + (np.log(aim) - r1) / slope))
 
 
 def study(paths: list[str | Path], size: float = 0.5, aim: float = 1.5) -> list[dict]:
@@ -72,7 +76,7 @@ def study(paths: list[str | Path], size: float = 0.5, aim: float = 1.5) -> list[
     if any(r["meets_aim"] for r in rows) or len(rows) < 2:
         return rows
     tokens = crossing(np.array([r["train_tokens"] for r in rows], float), np.array([r["ratio"] for r in rows]), aim)
-    rows.append({"source": "log-log line through the measured rows", "train_tokens": tokens, "size": size,
+    rows.append({"source": "log-log line through the two largest budgets", "train_tokens": tokens, "size": size,
                  "ratio": aim if tokens else None, "meets_aim": None, "kind": "extrapolated"})
     return rows
 
