@@ -1,12 +1,14 @@
 """Which training budget brings ppn within the aim of the fine-tuned dense model?
 
 Issue 3's aim: at size 0.5, ppn's perplexity within 1.5x of the dense model
-fine-tuned on the same tokens. Each benchmark file (`ppn bench --plan R/plan.json`)
-holds ppn's rows and the dense model fine-tuned with that plan's exact budget;
-this script puts several budgets side by side:
+fine-tuned on the same tokens. The rows come from results files of `ppn bench`
+(ppn rows with `--plan`, the dense model fine-tuned with the plan's budget or with
+`--finetune-steps N`) and of `ppn fit` (ppn rows); they are paired by their number
+of training tokens, so a budget's two rows may come from one file or from two:
 
-    python experiments/budget_study.py results/benchmark_quick_trim.json \\
-        results/benchmark_quick_steps600.json
+    python experiments/budget_study.py results/benchmark_quick_trim.json \
+        results/benchmark_quick_steps600.json results/fit_full.json \
+        results/benchmark_quick_full.json
 
 Per budget: training tokens, ppn's and the fine-tuned dense model's perplexity,
 and their ratio. The smallest measured budget that meets the aim is named; if
@@ -34,22 +36,52 @@ COLUMNS = ["source", "train_tokens", "size", "ppn_perplexity", "dense_finetuned_
            "meets_aim", "kind"]
 
 
-def budget_row(path: str | Path, size: float) -> dict:
-    """ppn at `size` against the fine-tuned dense model, from one benchmark file."""
-    path = Path(path)
-    records = json.loads(path.read_text())["records"]
-    ppn = [r for r in records if r["method"] == "ppn" and abs(r["size"] - size) < 1e-9]
-    dense = [r for r in records if r["method"] == DENSE_TUNED]
-    if not ppn or not dense:
-        raise ValueError(f"{path} needs a ppn row at size {size} and a {DENSE_TUNED!r} row "
-                         f"(run ppn bench with the methods ppn and finetuned)")
-    tokens = ppn[0]["tokens_used"]
-    if dense[0]["tokens_used"] != tokens:
-        raise ValueError(f"{path}: the fine-tuned dense model read {dense[0]['tokens_used']} tokens, "
-                         f"ppn {tokens}: not an equal budget")
-    return {"source": path.name, "train_tokens": tokens, "size": size, "ppn_perplexity": ppn[0]["perplexity"],
-            "dense_finetuned_perplexity": dense[0]["perplexity"],
-            "ratio": ppn[0]["perplexity"] / dense[0]["perplexity"], "kind": "measured"}
+def _tokens(record: dict) -> int:
+    """Training tokens of a row: `tokens_used` in bench files, `train_tokens` in fit files."""
+    return int(record.get("tokens_used", record.get("train_tokens", 0)))
+
+
+def _one_per_budget(found: dict[int, list[tuple[str, float]]], what: str) -> dict[int, tuple[str, float]]:
+    """Each budget's single perplexity; files that repeat a row must agree on it."""
+    out = {}
+    for tokens, rows in found.items():
+        values = [ppl for _, ppl in rows]
+        if max(values) > min(values) * (1 + 1e-3):
+            raise ValueError(f"{tokens} training tokens: {what} rows disagree ("
+                             + ", ".join(f"{ppl:.4g} in {src}" for src, ppl in rows)
+                             + "); pass one run per budget")
+        out[tokens] = rows[0]
+    return out
+
+
+def budget_rows(paths: list[str | Path], size: float) -> list[dict]:
+    """ppn at `size` against the fine-tuned dense model, one row per budget.
+
+    Every ppn row at `size` needs a fine-tuned dense row with the same number of
+    training tokens (an equal budget), in the same file or another."""
+    ppn: dict[int, list] = {}
+    dense: dict[int, list] = {}
+    for path in map(Path, paths):
+        for r in json.loads(path.read_text())["records"]:
+            if r["method"] == "ppn" and abs(r["size"] - size) < 1e-9:
+                ppn.setdefault(_tokens(r), []).append((path.name, r["perplexity"]))
+            elif r["method"] == DENSE_TUNED:
+                dense.setdefault(_tokens(r), []).append((path.name, r["perplexity"]))
+    ppn, dense = _one_per_budget(ppn, f"ppn@{size}"), _one_per_budget(dense, DENSE_TUNED)
+    if not ppn:
+        raise ValueError(f"no ppn row at size {size} in {', '.join(map(str, paths))} "
+                         "(run ppn fit, or ppn bench with the method ppn)")
+    rows = []
+    for tokens, (source, ppl) in ppn.items():
+        if tokens not in dense:
+            raise ValueError(f"ppn@{size} in {source} read {tokens} training tokens, but no {DENSE_TUNED!r} row "
+                             f"has that budget (found: {sorted(dense) or 'none'}): not an equal budget; run "
+                             "ppn bench --methods finetuned with --plan of that fit or --finetune-steps")
+        dense_source, dense_ppl = dense[tokens]
+        rows.append({"source": source if source == dense_source else f"{source} + {dense_source}",
+                     "train_tokens": tokens, "size": size, "ppn_perplexity": ppl,
+                     "dense_finetuned_perplexity": dense_ppl, "ratio": ppl / dense_ppl, "kind": "measured"})
+    return rows
 
 
 def crossing(tokens: np.ndarray, ratio: np.ndarray, aim: float) -> float | None:
@@ -68,9 +100,7 @@ def crossing(tokens: np.ndarray, ratio: np.ndarray, aim: float) -> float | None:
 
 def study(paths: list[str | Path], size: float = 0.5, aim: float = 1.5) -> list[dict]:
     """The measured rows, sorted by budget, and (if none meets the aim) one extrapolated row."""
-    rows = sorted((budget_row(p, size) for p in paths), key=lambda r: r["train_tokens"])
-    if len({r["train_tokens"] for r in rows}) != len(rows):
-        raise ValueError("two benchmark files have the same budget; give one per budget")
+    rows = sorted(budget_rows(paths, size), key=lambda r: r["train_tokens"])
     for r in rows:
         r["meets_aim"] = r["ratio"] <= aim
     if any(r["meets_aim"] for r in rows) or len(rows) < 2:
@@ -117,11 +147,11 @@ def main(paths: list[str], size: float = 0.5, aim: float = 1.5, out_dir: str = "
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("benchmarks", nargs="+", help="results/*.json files of ppn bench, one per budget")
+    parser.add_argument("results", nargs="+", help="results/*.json files of ppn bench and ppn fit")
     parser.add_argument("--size", type=float, default=0.5)
     parser.add_argument("--aim", type=float, default=1.5)
     parser.add_argument("--out-dir", default="results")
     parser.add_argument("--name", default="budget_study")
     a = parser.parse_args()
-    for row in main(a.benchmarks, a.size, a.aim, a.out_dir, a.name):
+    for row in main(a.results, a.size, a.aim, a.out_dir, a.name):
         print(row)

@@ -90,6 +90,10 @@ class BenchConfig:
         mesh: "data=D,fsdp=F": perplexities (and a fit run first) on that many
             devices (`ppn.sharding.make_mesh`); None: the default device. Baselines and
             speed run on one device.
+        finetune_steps: the fine-tuned rows' budget as `FitConfig` defaults with
+            this many steps (the budget of `ppn fit --steps N`), so a fine-tuned
+            row can be measured without the plan at hand; None: the plan's own
+            fit config.
     """
 
     model: str = "smollm2-135m"
@@ -108,6 +112,7 @@ class BenchConfig:
     smoke: bool = False
     dtype: str = "float32"
     mesh: str | None = None
+    finetune_steps: int | None = None
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in METHODS]
@@ -119,6 +124,8 @@ class BenchConfig:
         for n, m in self.nm:
             if not 0 < n < m:
                 raise ValueError(f"N:M needs 0 < N < M, got {n}:{m}")
+        if self.finetune_steps is not None and self.finetune_steps < 1:
+            raise ValueError(f"finetune_steps must be a positive number of steps, got {self.finetune_steps}")
 
     @classmethod
     def quick(cls, **overrides) -> BenchConfig:
@@ -147,9 +154,10 @@ class _State:
     def __init__(self, cfg: BenchConfig):
         self.dir = Path(cfg.state_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        # The mesh changes where rows are computed, not what they mean; a float32
-        # dtype is left out so state folders made before the field existed still resume.
-        skip = ("methods", "out", "mesh") + (("dtype",) if cfg.dtype == "float32" else ())
+        # The mesh changes where rows are computed, not what they mean; fields at
+        # their old defaults are left out so state folders made before they existed still resume.
+        skip = ("methods", "out", "mesh") + (("dtype",) if cfg.dtype == "float32" else ()) + (
+            ("finetune_steps",) if cfg.finetune_steps is None else ())
         settings = json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip},
                               sort_keys=True, default=list)
         cfg_path = self.dir / "config.json"
@@ -243,6 +251,9 @@ class _Bench:
         return self._once("plan", make)
 
     def fit_config(self) -> FitConfig:
+        """The fine-tuned rows' budget: `finetune_steps` if set, else the plan's fit."""
+        if self.cfg.finetune_steps is not None:
+            return FitConfig(steps=self.cfg.finetune_steps)
         return FitConfig(**self.plan()[0].meta["fit"])
 
     # -------------------------------------------------------------- speed

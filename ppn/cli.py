@@ -206,7 +206,8 @@ def bench_config(args):
     from ppn.benchmark import BenchConfig
 
     fields = {k: v for k, v in dict(model=args.model, plan=args.plan, state_dir=args.state_dir,
-                                    out=args.out, mesh=args.mesh).items() if v is not None}
+                                    out=args.out, mesh=args.mesh,
+                                    finetune_steps=args.finetune_steps).items() if v is not None}
     fields["dtype"] = args.dtype
     if args.methods:
         fields["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
@@ -252,6 +253,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="sizes of the one-shot unstructured rows (default: the preset's)")
     p.add_argument("--nm", type=_patterns, help="N:M patterns, e.g. 2:4,4:8; empty for none (default: the preset's)")
     p.add_argument("--state-dir", help="folder of finished rows, for resuming")
+    p.add_argument("--finetune-steps", type=int, metavar="N",
+                   help="fine-tuned rows with the budget of `ppn fit --steps N` (default: the plan's budget; "
+                        "no plan needed with this flag)")
     p.add_argument("--out", help="results JSON (default results/benchmark.json, or benchmark_quick.json)")
     p.add_argument("--smoke", action="store_true", help="tiny random model: checks the benchmark in seconds")
     add_scale_arguments(p)

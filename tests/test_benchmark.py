@@ -71,6 +71,18 @@ def test_finetuned_without_structured_baselines_tunes_the_dense_model_only(smoke
     assert rows[2]["tokens_used"] == rows[1]["tokens_used"] > 0  # the budget study's equal budget
 
 
+def test_finetune_steps_sets_the_budget_without_a_plan(tmp_path):
+    """The fine-tuned row of a fit whose plan is not at hand: FitConfig defaults with N steps, no fit run."""
+    from ppn.fit import FitConfig
+
+    cfg = BenchConfig.smoke_test(tmp_path, methods=("finetuned",), finetune_steps=3, speed=False)
+    rows = benchmark.run(cfg, progress=False)
+    defaults = FitConfig()
+    assert [r["key"] for r in rows] == ["dense fine-tuned"]
+    assert rows[0]["tokens_used"] == FitConfig(steps=3).train_tokens == 3 * defaults.batch_size * (defaults.seqlen + 1)
+    assert not (tmp_path / "fit").exists()
+
+
 def test_a_row_cut_by_a_kill_is_recomputed(tmp_path):
     cfg = BenchConfig.smoke_test(tmp_path, methods=("dense", "magnitude"), speed=False)
     first = benchmark.run(cfg, progress=False)
@@ -94,6 +106,7 @@ def test_a_state_folder_of_other_settings_is_refused(tmp_path):
     (dict(nm=((4, 4),)), "0 < N < M"),
     (dict(sizes=(0.5, 1.5)), r"\(0, 1\]"),
     (dict(unstructured_sizes=(0.0,)), r"\(0, 1\]"),
+    (dict(finetune_steps=0), "positive number of steps"),
 ])
 def test_bad_settings_are_refused(fields, message):
     with pytest.raises(ValueError, match=message):

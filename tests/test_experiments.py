@@ -133,6 +133,29 @@ def test_budget_study_reports_a_measured_budget_that_meets_the_aim(tmp_path):
     assert [r["meets_aim"] for r in rows] == [False, True] and all(r["kind"] == "measured" for r in rows)
 
 
+def test_budget_study_pairs_a_fit_file_with_a_fine_tune_file_of_the_same_budget(tmp_path):
+    """ppn rows from `ppn fit` (train_tokens) meet the fine-tuned row of a separate bench file."""
+    fit = tmp_path / "fit.json"
+    fit.write_text(json.dumps({"records": [
+        {"method": "dense", "size": 1.0, "train_tokens": 0, "perplexity": 31.0},
+        {"method": "ppn", "size": 0.5, "train_tokens": 400, "perplexity": 36.0},
+        {"method": "ppn", "size": 0.3, "train_tokens": 400, "perplexity": 60.0}]}))
+    tuned = tmp_path / "tuned.json"
+    tuned.write_text(json.dumps({"records": [{"method": "dense fine-tuned (fit budget)", "size": 1.0,
+                                              "tokens_used": 400, "perplexity": 20.0}]}))
+    files = [_bench_file(tmp_path / "a.json", 100, 60.0, 20.0), fit, tuned]
+    assert _budget_study(*files, "--out-dir", tmp_path).returncode == 0
+    rows = json.loads((tmp_path / "budget_study.json").read_text())["records"]
+    assert [(r["train_tokens"], r["ratio"]) for r in rows[:2]] == [(100, 3.0), (400, 1.8)]
+    assert rows[1]["source"] == "fit.json + tuned.json"
+
+
+def test_budget_study_refuses_two_different_ppn_runs_of_one_budget(tmp_path):
+    files = [_bench_file(tmp_path / "a.json", 100, 60.0, 20.0), _bench_file(tmp_path / "b.json", 100, 50.0, 20.0)]
+    run = _budget_study(*files, "--out-dir", tmp_path)
+    assert run.returncode != 0 and "100 training tokens: ppn@0.5 rows disagree" in run.stderr
+
+
 def test_budget_study_refuses_unequal_budgets_and_missing_rows(tmp_path):
     run = _budget_study(_bench_file(tmp_path / "a.json", 100, 60.0, 20.0, dense_tokens=50), "--out-dir", tmp_path)
     assert run.returncode != 0 and "not an equal budget" in run.stderr
@@ -140,3 +163,5 @@ def test_budget_study_refuses_unequal_budgets_and_missing_rows(tmp_path):
                                                                "perplexity": 2.0}]}))
     run = _budget_study(tmp_path / "c.json", "--out-dir", tmp_path)
     assert run.returncode != 0 and "dense fine-tuned" in run.stderr
+    run = _budget_study(_bench_file(tmp_path / "d.json", 100, 60.0, 20.0), "--size", "0.3", "--out-dir", tmp_path)
+    assert run.returncode != 0 and "no ppn row at size 0.3" in run.stderr
