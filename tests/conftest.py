@@ -1,9 +1,15 @@
 """Shared fixtures: tiny Hugging Face reference models (PyTorch, tests only)."""
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Many tests (and the experiment scripts they start as subprocesses, and the
+# notebook's kernel) compile the same tiny-model programs: JAX's persistent
+# compilation cache, shared by the xdist workers, compiles each once per machine.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "ppn-tests-jax-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
