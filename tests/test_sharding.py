@@ -33,10 +33,16 @@ def _mesh(shape):
 
 
 def _assert_same_fit(a, b):
-    """Two fits agree to float32 round-off (reductions run in another order on a mesh)."""
+    """Two fits agree to float32 round-off (reductions run in another order on a mesh).
+
+    A guide parameter whose gradient is near zero (alpha0 here) takes Adam steps of
+    about +-lr_gates that nearly cancel, and round-off moves where they cancel; so its
+    absolute tolerance is a thousandth of one such step. A sharding bug moves a
+    parameter by whole steps.
+    """
     np.testing.assert_allclose([r["loss"] for r in a.metrics], [r["loss"] for r in b.metrics], rtol=1e-5)
     for k, v in a.guide_params.items():
-        np.testing.assert_allclose(b.guide_params[k], v, rtol=1e-4, atol=1e-5, err_msg=k)
+        np.testing.assert_allclose(b.guide_params[k], v, rtol=1e-4, atol=1e-3 * CFG.lr_gates, err_msg=k)
     for x, y in zip(jax.tree.leaves(nnx.state(a.model)), jax.tree.leaves(nnx.state(b.model))):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
 
