@@ -24,6 +24,7 @@ keyed by kind: "attn_layer" (L,), "mlp_layer" (L,), "head" (L, N), "mlp_group" (
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -34,7 +35,7 @@ import optax
 from numpyro.contrib.module import nnx_module
 from numpyro.primitives import mutable as numpyro_mutable
 
-from ppn.gates import KINDS, Units
+from ppn.gates import KINDS, RESCALE_KINDS, Units
 from ppn.models.llama import BlockGates, Llama
 
 # Stretch limits of the hard-concrete distribution (Louizos et al., 2018).
@@ -46,9 +47,8 @@ BISECTION_STEPS = 48
 
 
 def _shapes(units: Units) -> dict[str, tuple[int, ...]]:
-    L = units.num_layers
-    return {"attn_layer": (L,), "mlp_layer": (L,), "head": (L, units.num_heads),
-            "mlp_group": (L, units.num_groups)}
+    """Gate shapes by kind."""
+    return {k: units.shapes()[k] for k in KINDS}
 
 
 def _slopes(units: Units) -> dict[str, jax.Array]:
@@ -134,13 +134,33 @@ def get_prior(name: str) -> Callable[[Units], tuple[dict, dict]]:
 
 
 # ------------------------------------------------------------------ gates
+def _per_size(x: jax.Array, like: jax.Array) -> jax.Array:
+    """x () or (B,), one value per size, shaped to broadcast against `like` (gate shape)."""
+    return x.reshape(x.shape + (1,) * like.ndim)
+
+
 def gate_logits(alpha: dict, beta: dict, rho: jax.Array) -> dict:
     """eta_g(rho) = alpha_g + beta_g * logit(rho), before the push offset.
 
-    rho is clipped to [1e-4, 1 - 1e-4], where logit(rho) is finite."""
-    rho = jnp.clip(rho, 1e-4, 1 - 1e-4)
+    rho is a scalar, or (B,) sizes for B sequences (the logits then get a leading
+    B axis); it is clipped to [1e-4, 1 - 1e-4], where logit(rho) is finite."""
+    rho = jnp.clip(jnp.asarray(rho, jnp.float32), 1e-4, 1 - 1e-4)
     lr = jnp.log(rho) - jnp.log1p(-rho)
-    return {k: alpha[k] + beta[k] * lr for k in alpha}
+    return {k: alpha[k] + beta[k] * _per_size(lr, alpha[k]) for k in alpha}
+
+
+def rescale_factors(gamma: dict, rho: jax.Array) -> dict:
+    """s_g(rho) = rho ** -gamma_g: how much a kept unit's output (or an input
+    dimension) is scaled at size rho, so that survivors compensate for what was
+    removed (the draft's "amplitude and input scaling"). Monotone in rho for any
+    gamma, and exactly 1 at rho = 1, so the full network is untouched.
+
+    Args:
+        gamma: exponents by `ppn.gates.RESCALE_KINDS` kind, shaped as `Units.shapes`.
+        rho: scalar, or (B,) (the factors then get a leading B axis).
+    """
+    log_inv = -jnp.log(jnp.clip(jnp.asarray(rho, jnp.float32), 1e-4, 1.0))
+    return {k: jnp.exp(_per_size(log_inv, g) * g) for k, g in gamma.items()}
 
 
 def open_probability(logit: jax.Array, temperature) -> jax.Array:
@@ -182,7 +202,9 @@ def push_offset(units: Units, logits: dict, rho: jax.Array, temperature) -> jax.
     (dE/dc), written as one Newton step around the stopped solution so its value
     is exactly the bisection's.
     """
-    target = rho * units.total
+    # At rho = 1 the target would be reached only at c = -inf; 1 - 1e-4 is the
+    # largest size gate_logits distinguishes anyway.
+    target = jnp.clip(rho, 1e-4, 1 - 1e-4) * units.total
 
     def size(c, lg):
         return expected_size(units, {k: open_probability(v - c, temperature) for k, v in lg.items()})
@@ -216,17 +238,33 @@ _ascend.defvjp(lambda x: (x, None), lambda _, g: (-g,))
 
 def lagrange_penalty(size_error: jax.Array) -> jax.Array:
     """lambda_1 (s - rho) + lambda_2 (s - rho)^2 with multipliers that the same
-    optimiser step ascends (targeted structured pruning's constraint, DESIGN.md (b))."""
+    optimiser step ascends (targeted structured pruning's constraint, DESIGN.md (b)).
+    With several sizes in a step, both terms are averaged over them."""
     lam = _ascend(numpyro.param("size_lagrange", jnp.zeros(2)))
-    return lam[0] * size_error + lam[1] * size_error ** 2
+    return lam[0] * size_error.mean() + lam[1] * (size_error ** 2).mean()
 
 
-def block_gates(units: Units, z: dict) -> list[BlockGates]:
-    """Per-block gates of the network from gate samples (MLP groups spread over their channels)."""
+def block_gates(units: Units, z: dict, scales: dict | None = None) -> list[BlockGates]:
+    """Per-block gates of the network from gate values (MLP groups spread over their channels).
+
+    Args:
+        z: gate values by kind, shaped as `_shapes`, or with a leading batch axis B.
+        scales: optional `rescale_factors` of the same leading shape, multiplied
+            into the gates; their input scales become the blocks' `attn_in` / `mlp_in`.
+    """
+    if scales is not None:
+        z = {k: z[k] * scales[k] for k in KINDS}
     widths = units.group_widths
-    channels = jnp.repeat(z["mlp_group"], widths, axis=1, total_repeat_length=int(widths.sum()))
-    return [BlockGates(attn=z["attn_layer"][l], heads=z["head"][l], mlp=z["mlp_layer"][l],
-                       channels=channels[l]) for l in range(units.num_layers)]
+    channels = jnp.repeat(z["mlp_group"], widths, axis=-1, total_repeat_length=int(widths.sum()))
+    batched = z["attn_layer"].ndim == 2
+
+    def at(x, l):
+        return None if x is None else (x[:, l] if batched else x[l])
+
+    scales = scales or {}
+    return [BlockGates(attn=at(z["attn_layer"], l), heads=at(z["head"], l), mlp=at(z["mlp_layer"], l),
+                       channels=at(channels, l), attn_in=at(scales.get("attn_in"), l),
+                       mlp_in=at(scales.get("mlp_in"), l)) for l in range(units.num_layers)]
 
 
 # ------------------------------------------------------------------ model
@@ -235,23 +273,47 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).sum()
 
 
-def push_puppet_model(batch: jax.Array, rho: jax.Array, temperature: jax.Array, *, network: Llama,
-                      units: Units, prior: str = "hierarchical", data_tokens: int,
+def token_losses(logits: jax.Array, targets: jax.Array, teacher_logits: jax.Array | None = None,
+                 teacher_temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """Summed NLL of `targets` (B, T) and summed forward KL(teacher || student) over
+    the full vocabulary at softmax temperature tau, times tau^2 (so its gradient
+    keeps the NLL's scale whatever tau); the KL is 0 without a teacher."""
+    nll = token_nll(logits, targets)
+    if teacher_logits is None:
+        return nll, jnp.zeros(())
+    tau = teacher_temperature
+    logp_t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / tau, -1)
+    logp_s = jax.nn.log_softmax(logits.astype(jnp.float32) / tau, -1)
+    return nll, (jnp.exp(logp_t) * (logp_t - logp_s)).sum() * tau ** 2
+
+
+def push_puppet_model(batch: jax.Array, rho: jax.Array, temperature: jax.Array, teacher_logits=None, *,
+                      network: Llama, units: Units, prior: str = "hierarchical", data_tokens: int,
                       likelihood_temperature: float = 1.0, train_weights: bool = True,
-                      weights=None, distill_weight: float = 0.0, constraint: str = "offset",
+                      weights=None, distill_weight: float = 0.0, teacher_weight: float = 0.0,
+                      teacher_temperature: float = 1.0, rescale: bool = False, constraint: str = "offset",
                       compute_dtype=None):
     """One step's joint density: prior on gates, hard-concrete gates at size rho,
     and the tokens of `batch` under the gated network.
 
+    The token term is a generalised (Gibbs) likelihood: exp(-scale * loss) with
+    loss = (1 - w) * NLL + w * tau^2 * KL(teacher || gated network), summed over
+    the batch's tokens and scaled by data_tokens / (B*T) / likelihood_temperature,
+    so that, like the plain likelihood, it counts as the whole data set. With
+    w = 0 it is the token likelihood itself.
+
     Args:
         batch: int32 (B, T+1) token windows; each predicts its tokens 1..T.
-        rho: scalar target size in (0, 1).
+        rho: scalar target size in (0, 1], or (B,): a size per sequence, each
+            with its own gates and push offset (one batch trains B sizes).
         temperature: scalar hard-concrete temperature.
+        teacher_logits: float (B, T, V) logits of a frozen teacher on
+            batch[:, :-1], or None (then `teacher_weight` must be 0).
         network: the Flax model (its weights are the initial values of the
             `llama$params` site when trained).
         units: the gate registry of `network`.
         prior: a name in `PRIORS`.
-        data_tokens: tokens in the whole training set: the likelihood of the B*T
+        data_tokens: tokens in the whole training set: the loss of the B*T
             batch tokens is scaled by data_tokens / (B*T).
         likelihood_temperature: divides the scaled log-likelihood (a tempered posterior).
         train_weights: fit the network weights (point estimates) with the gates.
@@ -259,6 +321,11 @@ def push_puppet_model(batch: jax.Array, rho: jax.Array, temperature: jax.Array, 
         weights: the network's `nnx.Param` state when `train_weights` is False.
         distill_weight: weight of a self-distillation KL from the ungated pass
             (stop-gradient teacher) to the gated pass, in nats per token.
+        teacher_weight: w above, in [0, 1].
+        teacher_temperature: tau above.
+        rescale: scale every kept unit, sub-layer and normalised input dimension
+            by `rescale_factors` (exponents `rescale_<kind>`, point estimates
+            starting at 0, i.e. no scaling).
         constraint: how the expected size is held at rho: "offset" (the push
             offset c(rho), exact at every step) or "lagrange" (no offset;
             multipliers ascended by the optimiser, in units of the data scale,
@@ -269,21 +336,29 @@ def push_puppet_model(batch: jax.Array, rho: jax.Array, temperature: jax.Array, 
             resolution for most weights, which would never move). None: as stored.
 
     Returns:
-        The gate samples, a dict by kind.
+        The gate samples, a dict by kind (with a leading B axis when rho is (B,)).
     """
     from flax import nnx
 
+    if teacher_weight > 0 and teacher_logits is None:
+        raise ValueError("teacher_weight > 0 needs teacher_logits")
+    rho = jnp.asarray(rho, jnp.float32)
     alpha, beta = get_prior(prior)(units)
     logits = gate_logits(alpha, beta, rho)
     if constraint == "offset":
-        offset = push_offset(units, logits, rho, temperature)
+        solve = functools.partial(push_offset, units, temperature=temperature)
+        offset = jax.vmap(solve)(logits, rho) if rho.ndim else solve(logits, rho)
     elif constraint == "lagrange":
-        offset = jnp.zeros(())
+        offset = jnp.zeros(rho.shape)
     else:
         raise ValueError(f"unknown size constraint {constraint!r}; choose 'offset' or 'lagrange'")
-    shifted = {k: v - offset for k, v in logits.items()}
+    shifted = {k: v - _per_size(offset, alpha[k]) for k, v in logits.items()}
     keys = jax.random.split(numpyro.prng_key(), len(KINDS))
     z = {k: sample_hard_concrete(key, shifted[k], temperature) for k, key in zip(KINDS, keys)}
+    scales = None
+    if rescale:
+        gamma = {k: numpyro.param(f"rescale_{k}", jnp.zeros(units.shapes()[k])) for k in RESCALE_KINDS}
+        scales = rescale_factors(gamma, rho)
 
     if train_weights:
         net = nnx_module("llama", network)
@@ -294,11 +369,12 @@ def push_puppet_model(batch: jax.Array, rho: jax.Array, temperature: jax.Array, 
         graphdef, _ = nnx.split(network, nnx.Param)
         net = nnx.merge(graphdef, jax.lax.stop_gradient(weights))
     inputs, targets = batch[:, :-1], batch[:, 1:]
-    out = net(inputs, gates=block_gates(units, z))
-    nll = token_nll(out, targets)
+    out = net(inputs, gates=block_gates(units, z, scales))
+    nll, teacher_kl = token_losses(out, targets, None if teacher_weight == 0 else teacher_logits,
+                                   teacher_temperature)
     n_tokens = targets.size
     scale = data_tokens / n_tokens / likelihood_temperature
-    numpyro.factor("tokens", -nll * scale)
+    numpyro.factor("tokens", -((1 - teacher_weight) * nll + teacher_weight * teacher_kl) * scale)
     kl = jnp.zeros(())
     if distill_weight > 0:
         teacher = jax.lax.stop_gradient(net(inputs))
@@ -306,13 +382,17 @@ def push_puppet_model(batch: jax.Array, rho: jax.Array, temperature: jax.Array, 
         kl = (jnp.exp(logp_t) * (logp_t - jax.nn.log_softmax(out.astype(jnp.float32), -1))).sum()
         numpyro.factor("distill", -distill_weight * kl * scale)
 
-    expected = expected_size(units, {k: open_probability(v, temperature) for k, v in shifted.items()})
+    p_open = {k: open_probability(v, temperature) for k, v in shifted.items()}
+    expected = (jax.vmap(functools.partial(expected_size, units))(p_open) if rho.ndim
+                else expected_size(units, p_open))
     if constraint == "lagrange":
         numpyro.factor("size", -lagrange_penalty(expected / units.total - rho) * data_tokens / likelihood_temperature)
-    metrics = numpyro_mutable("ppn$metrics", {"nll": jnp.zeros(()), "expected_size": jnp.zeros(()),
-                                              "offset": jnp.zeros(()), "distill_kl": jnp.zeros(())})
+    metrics = numpyro_mutable("ppn$metrics", {"nll": jnp.zeros(()), "expected_size": jnp.zeros(rho.shape),
+                                              "offset": jnp.zeros(rho.shape), "distill_kl": jnp.zeros(()),
+                                              "teacher_kl": jnp.zeros(())})
     metrics["nll"] = jax.lax.stop_gradient(nll / n_tokens)
     metrics["expected_size"] = jax.lax.stop_gradient(expected / units.total)
     metrics["offset"] = jax.lax.stop_gradient(offset)
     metrics["distill_kl"] = jax.lax.stop_gradient(kl / n_tokens)
+    metrics["teacher_kl"] = jax.lax.stop_gradient(teacher_kl / n_tokens)
     return z

@@ -2,9 +2,9 @@
 
     result = ppn.fit(model, tokens, FitConfig(steps=300), run_dir="runs/smollm2")
 
-Every step draws a target size rho ~ Uniform(rho_min, 1), a fixed-shape batch of
-random windows, and a hard-concrete temperature from a geometric schedule; all
-three are functions of (seed, step) only, so a run resumed from a checkpoint
+Every step draws target sizes (one for the whole batch, or one per sequence:
+`FitConfig.sizes`), a fixed-shape batch of random windows, and a hard-concrete
+temperature from a geometric schedule; all three are functions of (seed, step) only, so a run resumed from a checkpoint
 replays exactly the steps an unbroken run would. The update is one jitted
 function of fixed shapes: it compiles once. A step whose loss or new parameters
 are not finite is skipped (the state is left as it was) and counted.
@@ -77,6 +77,28 @@ class FitConfig:
         temperature_start, temperature_end: geometric schedule of the hard-concrete temperature.
         likelihood_temperature: divides the log-likelihood (a tempered posterior; 1 = exact).
         distill_weight: weight of self-distillation from the ungated pass (0 = off).
+        size_sampling: "step" (one size per step, shared by the batch) or
+            "sequence" (each sequence of the batch its own size and gates, so a
+            step trains batch_size sizes for the price of one forward pass).
+        sandwich: the first sequence of every batch trains the full network and
+            the last one the smallest size of the current range (implies sizes per
+            sequence; batch_size >= 3).
+        target_sizes: sizes the user cares most about: a share `target_share`
+            of the draws is one of these (at random), the rest stays uniform, so
+            every size can still be cut.
+        target_share: see target_sizes.
+        teacher: distil from a frozen teacher: "start" (a frozen copy of the
+            starting weights) or a model source (zoo name, checkpoint directory,
+            .gguf) with the student's vocabulary; None = no teacher.
+        teacher_weight: w in loss = (1 - w) NLL + w tau^2 KL(teacher || student)
+            per token (`ppn.bayes.push_puppet_model`); needs a teacher.
+        teacher_temperature: tau, the softmax temperature of that KL.
+        teacher_dtype: the teacher's weight dtype ("bfloat16" halves its memory);
+            None = the model's.
+        rescale: learn size-dependent output scales of kept units and sub-layers
+            and input scales of sub-layers (`ppn.bayes.rescale_factors`), folded
+            into the weights when the model is cut.
+        lr_rescale: Adam learning rate of the rescaling exponents.
         constraint: "offset" (push offset: expected size = rho exactly at every
             step) or "lagrange" (gradient-ascended multipliers; DESIGN.md's
             alternative, kept for comparison).
@@ -103,6 +125,16 @@ class FitConfig:
     temperature_end: float = 0.2
     likelihood_temperature: float = 1.0
     distill_weight: float = 0.0
+    size_sampling: str = "step"
+    sandwich: bool = False
+    target_sizes: tuple[float, ...] = ()
+    target_share: float = 0.5
+    teacher: str | None = None
+    teacher_weight: float = 0.0
+    teacher_temperature: float = 1.0
+    teacher_dtype: str | None = None
+    rescale: bool = False
+    lr_rescale: float = 2e-3
     constraint: str = "offset"
     data_tokens: int | None = None
     checkpoint_every: int = 25
@@ -127,12 +159,50 @@ class FitConfig:
             raise ValueError(f"unknown size constraint {self.constraint!r}; choose 'offset' or 'lagrange'")
         if self.init not in ("taylor", "prior"):
             raise ValueError(f"unknown init {self.init!r}; choose 'taylor' or 'prior'")
+        if self.size_sampling not in ("step", "sequence"):
+            raise ValueError(f"unknown size_sampling {self.size_sampling!r}; choose 'step' or 'sequence'")
+        if self.sandwich and self.batch_size < 3:
+            raise ValueError(f"sandwich needs batch_size >= 3 (full, smallest and sampled sizes), "
+                             f"got {self.batch_size}")
+        object.__setattr__(self, "target_sizes", tuple(float(t) for t in self.target_sizes))
+        bad = [t for t in self.target_sizes if not 0 < t <= 1]
+        if bad:
+            raise ValueError(f"target sizes must lie in (0, 1], got {bad}")
+        if not 0 <= self.target_share <= 1:
+            raise ValueError(f"target_share must lie in [0, 1], got {self.target_share}")
+        if not 0 <= self.teacher_weight <= 1:
+            raise ValueError(f"teacher_weight must lie in [0, 1], got {self.teacher_weight}")
+        if (self.teacher is None) != (self.teacher_weight == 0):
+            raise ValueError("a teacher needs teacher_weight > 0, and teacher_weight > 0 needs a teacher "
+                             f"(teacher={self.teacher!r}, teacher_weight={self.teacher_weight})")
+        if not self.teacher_temperature > 0:
+            raise ValueError(f"teacher_temperature must be positive, got {self.teacher_temperature}")
+        if self.teacher_dtype not in (None, "float32", "bfloat16"):
+            raise ValueError(f"teacher_dtype must be float32 or bfloat16, got {self.teacher_dtype!r}")
 
-    def rho(self, step: int) -> float:
-        """The target size of `step`, a function of (seed, step) only."""
+    @property
+    def per_sequence(self) -> bool:
+        """Whether each sequence of a batch has its own size (`sizes` is then (batch_size,))."""
+        return self.size_sampling == "sequence" or self.sandwich
+
+    def sizes(self, step: int) -> np.ndarray:
+        """The target sizes of `step`: float32 () or (batch_size,) with `per_sequence`.
+
+        A function of (seed, step) only. Sizes are uniform on [low, 1], where low
+        falls from 1 to rho_min over the warm-up; a share `target_share` of them
+        is replaced by one of `target_sizes` (those above low); with `sandwich`
+        the first is 1 and the last is low."""
         warm = min(1.0, max(0.05, step / (self.rho_warmup * self.steps))) if self.rho_warmup > 0 else 1.0
         low = 1.0 - (1.0 - self.rho_min) * warm
-        return float(np.random.default_rng([self.seed, step, 1]).uniform(low, 1.0))
+        rng = np.random.default_rng([self.seed, step, 1])
+        n = self.batch_size if self.per_sequence else 1
+        rho = rng.uniform(low, 1.0, n)
+        if self.target_sizes:
+            named = rng.choice(self.target_sizes, n)
+            rho = np.where((rng.uniform(size=n) < self.target_share) & (named >= low), named, rho)
+        if self.sandwich:
+            rho[0], rho[-1] = 1.0, low
+        return rho.astype(np.float32) if self.per_sequence else np.float32(rho[0])
 
     @property
     def train_tokens(self) -> int:
@@ -171,11 +241,47 @@ class FitResult:
 
 
 def _network_model(network: Llama, units: Units, cfg: FitConfig, data_tokens: int, compute_dtype=None):
-    """The NumPyro model with everything but (batch, rho, temperature, weights) bound."""
+    """The NumPyro model with everything but (batch, rho, temperature, teacher logits, weights) bound."""
     return functools.partial(
         bayes.push_puppet_model, network=network, units=units, prior=cfg.prior, data_tokens=data_tokens,
         likelihood_temperature=cfg.likelihood_temperature, train_weights=cfg.train_weights,
-        distill_weight=cfg.distill_weight, constraint=cfg.constraint, compute_dtype=compute_dtype)
+        distill_weight=cfg.distill_weight, teacher_weight=cfg.teacher_weight,
+        teacher_temperature=cfg.teacher_temperature, rescale=cfg.rescale, constraint=cfg.constraint,
+        compute_dtype=compute_dtype)
+
+
+def load_teacher(model: Llama, cfg: FitConfig) -> Llama | None:
+    """The frozen teacher of a fit: None, a copy of `model`'s starting weights
+    ("start"), or the model at `cfg.teacher`, in `cfg.teacher_dtype`.
+
+    Raises:
+        ValueError: the teacher's vocabulary size differs from the student's.
+        MemoryError: the teacher's weights do not fit in the memory available
+            (the message says how much they need).
+    """
+    if cfg.teacher is None:
+        return None
+    dtype = jnp.dtype(cfg.teacher_dtype) if cfg.teacher_dtype else model.dtype
+    if cfg.teacher == "start":
+        graphdef, state = nnx.split(model)
+        # A copy: the fit donates its state, whose weights may share buffers with `model`.
+        return nnx.merge(graphdef, jax.tree.map(lambda x: jnp.array(x, dtype=dtype if jnp.issubdtype(
+            x.dtype, jnp.floating) else x.dtype, copy=True), state))
+    from ppn.checkpoint import load_model, read_config, safetensors_dir
+
+    source = safetensors_dir(cfg.teacher)
+    config = read_config(source)
+    if config.vocab_size != model.config.vocab_size:
+        raise ValueError(f"teacher {cfg.teacher!r} has a vocabulary of {config.vocab_size:,} tokens, the model "
+                         f"{model.config.vocab_size:,}: a teacher must share the student's tokenizer")
+    need = config.num_params() * jnp.dtype(dtype).itemsize
+    import psutil
+
+    available = psutil.virtual_memory().available
+    if need > available:
+        raise MemoryError(f"teacher {cfg.teacher!r} needs {need / 2**30:.1f} GiB for its weights in {dtype.name}, "
+                          f"and {available / 2**30:.1f} GiB are available; try teacher_dtype='bfloat16'")
+    return load_model(source, dtype=dtype.name)
 
 
 def _cast(model: Llama, dtype) -> Llama:
@@ -210,11 +316,16 @@ class _GatherWeights(numpyro.primitives.Messenger):
 
 
 def _optimizer(cfg: FitConfig):
-    """Adam with separate learning rates: network weights vs. gate variational parameters."""
+    """Adam with separate learning rates: network weights, gate variational
+    parameters, and the rescaling exponents (`rescale_<kind>`)."""
     weights = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(cfg.lr_weights))
+
+    def label(name):
+        return "weights" if name == WEIGHTS_SITE else "rescale" if name.startswith("rescale_") else "gates"
+
     tx = optax.multi_transform(
-        {"weights": weights, "gates": optax.adam(cfg.lr_gates)},
-        lambda params: {k: "weights" if k == WEIGHTS_SITE else "gates" for k in params})
+        {"weights": weights, "gates": optax.adam(cfg.lr_gates), "rescale": optax.adam(cfg.lr_rescale)},
+        lambda params: {k: label(k) for k in params})
     return numpyro.optim.optax_to_numpyro(tx)
 
 
@@ -307,9 +418,13 @@ class RunFolder:
             record["dtype"] = str(model.dtype)
         config_file = run_dir / "config.json"
         if config_file.exists():
-            previous = json.loads(config_file.read_text())
-            if previous != json.loads(json.dumps(record)):
-                raise ValueError(f"{run_dir} holds an unfinished run with another configuration; "
+            previous, current = json.loads(config_file.read_text()), json.loads(json.dumps(record))
+            if previous != current:
+                fields = sorted(k for k in set(previous.get("fit", {})) | set(current["fit"])
+                                if previous.get("fit", {}).get(k, "<absent>") != current["fit"].get(k, "<absent>"))
+                differ = ", ".join(f"{k} ({previous.get('fit', {}).get(k, '<absent>')!r} there, "
+                                   f"{current['fit'].get(k, '<absent>')!r} now)" for k in fields) or "the model"
+                raise ValueError(f"{run_dir} holds an unfinished run with another configuration ({differ}); "
                                  "resume it with the same FitConfig and model, or use another folder")
         elif jax.process_index() == 0:
             atomic_write_text(config_file, json.dumps(record, indent=2))
@@ -414,9 +529,21 @@ def fit(model: Llama, tokens, config: FitConfig = FitConfig(), run_dir: str | os
     # for the mesh.
     batches = data.train_batches(tokens, cfg.batch_size, cfg.seqlen + 1, cfg.seed)
     first = jnp.asarray(next(batches))
+    teacher = load_teacher(model, cfg)
+    teacher_graphdef, teacher_state = nnx.split(teacher) if teacher is not None else (None, None)
+
+    def teacher_logits(teacher_state, batch):
+        """The frozen teacher's logits (B, T, V) on the batch, computed once for all its sizes."""
+        if teacher_state is None:
+            return None
+        if mesh is not None:  # gathered where read, as _GatherWeights does
+            teacher_state = jax.lax.with_sharding_constraint(teacher_state, sharding.replicated(mesh))
+        return jax.lax.stop_gradient(nnx.merge(teacher_graphdef, teacher_state)(batch[:, :-1]))
+
     try:
-        state = svi.init(jax.random.PRNGKey(cfg.seed), first, jnp.float32(cfg.rho(0)),
-                         jnp.float32(cfg.temperature(0)), weights=weights)
+        state = svi.init(jax.random.PRNGKey(cfg.seed), first, jnp.asarray(cfg.sizes(0)),
+                         jnp.float32(cfg.temperature(0)), jax.jit(teacher_logits)(teacher_state, first),
+                         weights=weights)
     except RuntimeError as e:  # numpyro: "Cannot find valid initial parameters"
         raise FloatingPointError(
             f"the log density is not finite at the initial parameters ({e}); "
@@ -430,16 +557,20 @@ def fit(model: Llama, tokens, config: FitConfig = FitConfig(), run_dir: str | os
         rep = sharding.replicated(mesh)
         state_layout = sharding.state_shardings(state, mesh, WEIGHTS_SITE)
         weights_layout = None if weights is None else sharding.weight_shardings(weights, mesh)
+        teacher_layout = None if teacher is None else sharding.weight_shardings(teacher_state, mesh)
         state = sharding.place(state, state_layout)
         weights = None if weights is None else sharding.place(weights, weights_layout)
+        teacher_state = None if teacher is None else sharding.place(teacher_state, teacher_layout)
         jit = functools.partial(jit, out_shardings=(state_layout, rep, rep, rep),
-                                in_shardings=(state_layout, sharding.batch_sharding(mesh), rep, rep, weights_layout))
+                                in_shardings=(state_layout, sharding.batch_sharding(mesh), rep, rep, weights_layout,
+                                              teacher_layout))
 
     @jit
-    def update(state, batch, rho, temperature, weights):
+    def update(state, batch, rho, temperature, weights, teacher_state):
         if mesh is not None and weights is not None:  # frozen weights: gathered where read, as _GatherWeights does
             weights = jax.lax.with_sharding_constraint(weights, rep)
-        new, loss = svi.update(state, batch, rho, temperature, weights=weights)
+        new, loss = svi.update(state, batch, rho, temperature, teacher_logits(teacher_state, batch),
+                               weights=weights)
         ok = jnp.isfinite(loss) & _all_finite(svi.get_params(new))
         kept = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
         return kept, loss, ok, new.mutable_state["ppn$metrics"]
@@ -452,19 +583,17 @@ def fit(model: Llama, tokens, config: FitConfig = FitConfig(), run_dir: str | os
     bar = tqdm(range(step0, cfg.steps), initial=step0, total=cfg.steps, desc="fit",
                disable=not (progress and sharding.is_main_process()))
     for step in bar:
-        rho, temperature = cfg.rho(step), cfg.temperature(step)
+        rho, temperature = cfg.sizes(step), cfg.temperature(step)
         tick = time.perf_counter()
         batch = next(batches)
         state, loss, ok, metrics = update(state, jnp.asarray(batch) if mesh is None else
                                           sharding.global_batch(batch, mesh),
-                                          jnp.float32(rho), jnp.float32(temperature), weights)
+                                          jnp.asarray(rho), jnp.float32(temperature), weights, teacher_state)
         ok = bool(ok)
         nonfinite += not ok
         consecutive = 0 if ok else consecutive + 1
-        row = {"step": step, "loss": float(loss), "finite": ok, "rho": rho, "temperature": temperature,
-               "nll_per_token": float(metrics["nll"]), "expected_size": float(metrics["expected_size"]),
-               "size_error": float(metrics["expected_size"]) - rho, "offset": float(metrics["offset"]),
-               "distill_kl": float(metrics["distill_kl"]), "seconds": time.perf_counter() - tick}
+        row = _metrics_row(step, float(loss), ok, rho, temperature, metrics) | {
+            "seconds": time.perf_counter() - tick}
         history.append(row)
         bar.set_postfix(elbo=f"{-row['loss']:.4g}", nll=f"{row['nll_per_token']:.3f}",
                         size_err=f"{row['size_error']:+.1e}")
@@ -487,6 +616,20 @@ def fit(model: Llama, tokens, config: FitConfig = FitConfig(), run_dir: str | os
     guide_params = {k: sharding.to_host(v) for k, v in params.items() if k != WEIGHTS_SITE}
     return FitResult(model=fitted, units=units, config=cfg, guide_params=guide_params, metrics=history,
                      nonfinite_steps=nonfinite, seconds=time.perf_counter() - start_time)
+
+
+def _metrics_row(step: int, loss: float, ok: bool, rho: np.ndarray, temperature: float, metrics: dict) -> dict:
+    """One line of metrics.jsonl. With a size per sequence, "rho", "expected_size"
+    and "offset" are means over the batch, "sizes" lists the sizes and
+    "size_error" is the largest error in absolute value."""
+    rho = np.atleast_1d(np.asarray(rho, np.float64))
+    expected = np.atleast_1d(np.asarray(metrics["expected_size"], np.float64))
+    error = expected - rho
+    row = {"step": step, "loss": loss, "finite": ok, "rho": float(rho.mean()), "temperature": temperature,
+           "nll_per_token": float(metrics["nll"]), "expected_size": float(expected.mean()),
+           "size_error": float(error[np.argmax(np.abs(error))]), "offset": float(np.mean(metrics["offset"])),
+           "distill_kl": float(metrics["distill_kl"]), "teacher_kl": float(metrics["teacher_kl"])}
+    return row | ({"sizes": [round(float(r), 6) for r in rho]} if rho.size > 1 else {})
 
 
 def mark_done(run_dir: str | os.PathLike) -> None:

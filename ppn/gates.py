@@ -13,6 +13,10 @@ and is removed by pruning, norm included.
 
 Costs are exact parameter counts, so `KeepSet.num_params()` equals the
 parameter count of the model `ppn.prune` builds from it.
+
+A keep-set may carry rescaling factors (`RESCALE_KINDS`): multipliers of each
+kept unit's output, each sub-layer's output and each dimension of a sub-layer's
+normalised input, which `ppn.prune` folds into the kept weights.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import numpy as np
 from ppn.models.config import LayerShape, LlamaConfig
 
 KINDS = ("attn_layer", "mlp_layer", "head", "mlp_group")
+# Rescaled quantities: every gate, and the D dimensions of each sub-layer's normalised input.
+RESCALE_KINDS = KINDS + ("attn_in", "mlp_in")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +74,12 @@ class Units:
     def head_kv(self) -> np.ndarray:
         """(N,) the KV head each query head reads in the dense model."""
         return np.arange(self.num_heads) // self.config.group_size
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes by kind: gates (`KINDS`) and input scales (`RESCALE_KINDS`)."""
+        L, D = self.num_layers, self.config.hidden_size
+        return {"attn_layer": (L,), "mlp_layer": (L,), "head": (L, self.num_heads),
+                "mlp_group": (L, self.num_groups), "attn_in": (L, D), "mlp_in": (L, D)}
 
     @property
     def num_gates(self) -> int:
@@ -140,6 +152,8 @@ class KeepSet:
         mlp: (L,) MLP sub-layer gates.
         heads: (L, N) query-head gates.
         groups: (L, M) MLP-group gates.
+        scales: optional float factors by `RESCALE_KINDS` kind (`Units.shapes`),
+            folded into the kept weights by `ppn.prune`; None = no rescaling.
     """
 
     units: Units
@@ -147,6 +161,7 @@ class KeepSet:
     mlp: np.ndarray
     heads: np.ndarray
     groups: np.ndarray
+    scales: dict[str, np.ndarray] | None = None
 
     def __post_init__(self):
         u = self.units
@@ -157,17 +172,31 @@ class KeepSet:
             if value.shape != shape:
                 raise ValueError(f"keep-set {name} has shape {value.shape}, expected {shape}")
             object.__setattr__(self, name, value)
+        if self.scales is not None:
+            shapes = u.shapes()
+            if set(self.scales) != set(RESCALE_KINDS):
+                raise ValueError(f"keep-set scales have kinds {sorted(self.scales)}, expected {sorted(RESCALE_KINDS)}")
+            scales = {k: np.asarray(v, np.float32) for k, v in self.scales.items()}
+            for k, v in scales.items():
+                if v.shape != shapes[k] or not np.all(np.isfinite(v)):
+                    raise ValueError(f"keep-set scales {k!r} have shape {v.shape} (expected {shapes[k]}) "
+                                     "or non-finite values")
+            object.__setattr__(self, "scales", scales)
 
     def __eq__(self, other):
-        return isinstance(other, KeepSet) and self.units == other.units and all(
-            np.array_equal(getattr(self, f), getattr(other, f)) for f in ("attn", "mlp", "heads", "groups"))
+        if not (isinstance(other, KeepSet) and self.units == other.units and all(
+                np.array_equal(getattr(self, f), getattr(other, f)) for f in ("attn", "mlp", "heads", "groups"))):
+            return False
+        if self.scales is None or other.scales is None:
+            return self.scales is other.scales
+        return all(np.array_equal(self.scales[k], other.scales[k]) for k in RESCALE_KINDS)
 
     def effective(self) -> KeepSet:
         """The same model with the hierarchy resolved: units of a closed layer are
         closed, and a layer whose units are all closed is closed."""
         heads = self.heads & self.attn[:, None]
         groups = self.groups & self.mlp[:, None]
-        return KeepSet(self.units, heads.any(1), groups.any(1), heads, groups)
+        return KeepSet(self.units, heads.any(1), groups.any(1), heads, groups, self.scales)
 
     def kv_kept(self) -> np.ndarray:
         """(L, K) which KV heads remain: those with at least one kept query head."""

@@ -11,6 +11,9 @@ latent coordinate, a few thousand numbers). From these alone, without weights:
 - `keep_probability(size)` repeats that ranking for posterior draws and gives
   each unit's probability of being kept;
 - `summary()` gives posterior mean, sd and quantiles of every alpha_g and beta_g;
+- with a fit that learned size-dependent rescaling, `keep(size)` also carries the
+  factors at that size (`ppn.bayes.rescale_factors`), which `ppn.prune` folds
+  into the kept weights;
 - `to_arviz()` exports draws as `arviz.InferenceData` with dims (layer, head|group).
 """
 
@@ -30,7 +33,7 @@ import numpyro
 from numpyro.distributions import biject_to
 
 from ppn import bayes
-from ppn.gates import KINDS, KeepSet, Units
+from ppn.gates import KINDS, RESCALE_KINDS, KeepSet, Units
 from ppn.models.config import LlamaConfig
 from ppn.report import atomic_write_text
 
@@ -62,12 +65,15 @@ class Plan:
         prior: the name of the prior the plan was fitted with.
         sites: the guide's per-site Normal (mean-field) posterior.
         meta: free-form provenance (fit config, tokens seen, seconds).
+        rescale: the fitted rescaling exponents gamma by `RESCALE_KINDS` kind
+            (point estimates), or None when the fit learned no rescaling.
     """
 
     units: Units
     prior: str
     sites: dict[str, Site]
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+    rescale: dict[str, np.ndarray] | None = None
 
     # -------------------------------------------------------------- creation
     @classmethod
@@ -89,7 +95,9 @@ class Plan:
                 raise ValueError(f"guide parameters lack site {name!r} of the {prior!r} prior; "
                                  "plans are built from an AutoNormal or low-rank guide") from e
             sites[name] = Site(np.asarray(loc, np.float32), np.asarray(scale, np.float32), positive)
-        return cls(units, prior, sites, dict(meta or {}))
+        rescale = ({k: np.asarray(guide_params[f"rescale_{k}"], np.float32) for k in RESCALE_KINDS}
+                   if "rescale_head" in guide_params else None)
+        return cls(units, prior, sites, dict(meta or {}), rescale)
 
     @classmethod
     def from_fit(cls, result, meta: dict[str, Any] | None = None) -> Plan:
@@ -110,7 +118,7 @@ class Plan:
                       for k, s in self.sites.items()},
             "gates": self.summary(),
             "meta": self.meta,
-        }
+        } | ({} if self.rescale is None else {"rescale": {k: _short(v) for k, v in self.rescale.items()}})
 
     def save(self, path: str | os.PathLike) -> Path:
         """Writes the plan as JSON, atomically."""
@@ -134,7 +142,17 @@ class Plan:
             units = Units(LlamaConfig.from_hf(doc["config"]), int(doc["group_width"]))
             sites = {k: Site(np.asarray(v["loc"], np.float32), np.asarray(v["scale"], np.float32),
                              bool(v["positive"])) for k, v in doc["sites"].items()}
-            plan = cls(units, doc["prior"], sites, doc.get("meta", {}))
+            rescale = doc.get("rescale")
+            if rescale is not None:
+                rescale = {k: np.asarray(v, np.float32) for k, v in rescale.items()}
+                shapes = units.shapes()
+                if set(rescale) != set(RESCALE_KINDS):
+                    raise ValueError(f"rescale has kinds {sorted(rescale)}, expected {sorted(RESCALE_KINDS)}")
+                for k, v in rescale.items():
+                    if v.shape != shapes[k] or not np.all(np.isfinite(v)):
+                        raise ValueError(f"rescale {k!r} has shape {v.shape} (expected {shapes[k]}) "
+                                         "or non-finite values")
+            plan = cls(units, doc["prior"], sites, doc.get("meta", {}), rescale)
             expected = _prior_supports(units, plan.prior)
             if set(expected) != set(sites):
                 raise ValueError(f"sites {sorted(sites)} do not match the {plan.prior!r} prior's {sorted(expected)}")
@@ -180,7 +198,16 @@ class Plan:
         rho = float(np.clip(budget / self.units.total, 1e-6, 1 - 1e-6))
         if budget >= self.units.total:
             return self.units.full()
-        return (fill_uniform if uniform else fill_budget)(self.units, self.median_logits(rho), budget)
+        keep = (fill_uniform if uniform else fill_budget)(self.units, self.median_logits(rho), budget)
+        return keep if self.rescale is None else dataclasses.replace(keep, scales=self.scales(rho))
+
+    def scales(self, size: float | int) -> dict[str, np.ndarray] | None:
+        """The rescaling factors at `size` (`ppn.bayes.rescale_factors`), or None
+        when the plan has no rescaling."""
+        if self.rescale is None:
+            return None
+        rho = float(np.clip(self.units.budget(size) / self.units.total, 1e-6, 1.0))
+        return {k: np.asarray(v) for k, v in bayes.rescale_factors(self.rescale, rho).items()}
 
     def soft_gates(self, size: float | int, temperature: float = 0.2, estimator: str = "louizos"):
         """Deterministic gates of the gated network at `size`, at the posterior-median
@@ -204,7 +231,8 @@ class Plan:
         z = {k: jnp.clip(jax.nn.sigmoid((v - c) / scale) * (bayes.STRETCH_HI - bayes.STRETCH_LO) + bayes.STRETCH_LO,
                          0, 1)
              for k, v in logits.items()}
-        return bayes.block_gates(units, z)
+        scales = self.scales(size)
+        return bayes.block_gates(units, z, None if scales is None else {k: jnp.asarray(v) for k, v in scales.items()})
 
     def keep_probability(self, size: float | int, num_samples: int = 200, seed: int = 0) -> dict[str, np.ndarray]:
         """Each unit's posterior probability of being kept at `size`.

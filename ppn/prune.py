@@ -1,7 +1,9 @@
 """Cutting a model down to a keep-set: a physically smaller dense model.
 
 The cut is described once, in the Hugging Face tensor layout, as "take these
-indices along this axis of this tensor" (`gather_spec`). `prune` applies it to
+indices along this axis of this tensor, then scale it" (`gather_spec`); the
+scale folds a keep-set's rescaling factors into the kept weights, so the pruned
+model has no extra operations. `prune` applies it to
 weights in memory with a jitted `jnp.take`; `load_pruned` applies it to
 memory-mapped slices of a checkpoint, so the dense model is never in memory.
 """
@@ -25,24 +27,46 @@ from ppn.models.llama import BlockGates, Llama
 
 @dataclasses.dataclass(frozen=True)
 class Take:
-    """Rows or columns to keep of one tensor: `indices` along `axis`, or all of it when None."""
+    """Rows or columns to keep of one tensor: `indices` along `axis`, or all of it
+    when None; then multiplied by `scale` (broadcast against the kept tensor) if given."""
 
     axis: int = 0
     indices: np.ndarray | None = None
+    scale: np.ndarray | None = None
+
+    def apply_scale(self, x):
+        return x if self.scale is None else x * self.scale.astype(np.float32)
 
 
 def gather_spec(keep: KeepSet) -> dict[str, Take]:
     """For every tensor of the pruned checkpoint, what to take from the dense one.
 
     Names are shared by both checkpoints (pruned blocks keep their index l);
-    removed sub-layers simply have no entry.
+    removed sub-layers simply have no entry. With `keep.scales`, a sub-layer's
+    output scale and its heads' (or channels') scales go into the columns of o
+    (or down) and its output bias, and its input scales into its norm's weight:
+    exactly where the gated network multiplies them.
     """
     units, eff, kv = keep.units, keep.effective(), keep.kv_kept()
     h = units.config.head_dim
     channels = keep.channels()
+    s = keep.scales
 
     def rows(kept: np.ndarray) -> np.ndarray:  # head ids -> their H rows each
         return (np.flatnonzero(kept)[:, None] * h + np.arange(h)).reshape(-1)
+
+    def scaled(l: int, leaf: str) -> np.ndarray | None:
+        """The factor of block l's tensor `leaf` (None: unscaled)."""
+        if s is None:
+            return None
+        if leaf == "self_attn.o_proj.weight":
+            return (np.repeat(s["head"][l][eff.heads[l]], h) * s["attn_layer"][l])[None]
+        if leaf == "mlp.down_proj.weight":
+            per_channel = np.repeat(s["mlp_group"][l], units.group_widths)
+            return (per_channel[channels[l]] * s["mlp_layer"][l])[None]
+        return {"self_attn.o_proj.bias": s["attn_layer"][l], "mlp.down_proj.bias": s["mlp_layer"][l],
+                "input_layernorm.weight": s["attn_in"][l],
+                "post_attention_layernorm.weight": s["mlp_in"][l]}.get(leaf)
 
     spec: dict[str, Take] = {}
     for name in hf_layout(keep.config()):
@@ -51,18 +75,19 @@ def gather_spec(keep: KeepSet) -> dict[str, Take]:
             spec[name] = Take()
             continue
         l, leaf = int(parts[2]), ".".join(parts[3:])
+        scale = scaled(l, leaf)
         if leaf in ("self_attn.q_proj.weight", "self_attn.q_proj.bias"):
             spec[name] = Take(0, rows(eff.heads[l]))
         elif leaf.startswith(("self_attn.k_proj.", "self_attn.v_proj.")):
             spec[name] = Take(0, rows(kv[l]))
         elif leaf == "self_attn.o_proj.weight":
-            spec[name] = Take(1, rows(eff.heads[l]))
+            spec[name] = Take(1, rows(eff.heads[l]), scale)
         elif leaf.startswith(("mlp.gate_proj.", "mlp.up_proj.")):
             spec[name] = Take(0, np.flatnonzero(channels[l]))
         elif leaf == "mlp.down_proj.weight":
-            spec[name] = Take(1, np.flatnonzero(channels[l]))
+            spec[name] = Take(1, np.flatnonzero(channels[l]), scale)
         else:  # norms, o and down biases: whole
-            spec[name] = Take()
+            spec[name] = Take(scale=None if scale is None else np.asarray(scale))
     return spec
 
 
@@ -116,7 +141,7 @@ def prune(model: Llama, keep, size: float | int | None = None, *, uniform: bool 
 
     def take(name, _):
         t = spec[name]
-        return dense[name] if t.indices is None else _take(dense[name], jnp.asarray(t.indices), t.axis)
+        return t.apply_scale(dense[name] if t.indices is None else _take(dense[name], jnp.asarray(t.indices), t.axis))
 
     return build_model(keep.config(), take, dtype=model.dtype)
 
@@ -160,14 +185,17 @@ def load_pruned(checkpoint: str | os.PathLike, plan, size: float | int | None = 
     dense = hf_layout(config)
     check_names(set(dense), set(reader.files), str(path), config.tie_word_embeddings)
     spec = gather_spec(keep)
-    return build_model(keep.config(), lambda name, _: reader.read(name, dense[name].hf_shape, spec[name].axis,
-                                                                  spec[name].indices), dtype)
+    return build_model(keep.config(), lambda name, _: spec[name].apply_scale(
+        reader.read(name, dense[name].hf_shape, spec[name].axis, spec[name].indices)), dtype)
 
 
 def hard_gates(keep: KeepSet, dtype=jnp.float32) -> list[BlockGates]:
-    """0/1 gates for the dense model's gated forward pass that reproduce `keep`."""
+    """0/1 gates for the dense model's gated forward pass that reproduce `keep`
+    (times its rescaling factors, if it has any)."""
+    from ppn.bayes import block_gates
+
     eff = keep.effective()
-    channels = keep.channels()
-    return [BlockGates(attn=jnp.asarray(eff.attn[l], dtype), heads=jnp.asarray(eff.heads[l], dtype),
-                       mlp=jnp.asarray(eff.mlp[l], dtype), channels=jnp.asarray(channels[l], dtype))
-            for l in range(keep.units.num_layers)]
+    z = {"attn_layer": eff.attn, "mlp_layer": eff.mlp, "head": eff.heads, "mlp_group": eff.groups}
+    scales = keep.scales
+    return block_gates(keep.units, {k: jnp.asarray(v, dtype) for k, v in z.items()},
+                       None if scales is None else {k: jnp.asarray(v, dtype) for k, v in scales.items()})

@@ -35,10 +35,12 @@ def tiny_model(seed: int = 0, dtype=jnp.float32, **overrides) -> Llama:
     return model
 
 
-def random_plan(config: LlamaConfig, seed: int = 0, group_width: int = 16, prior: str = "hierarchical"):
+def random_plan(config: LlamaConfig, seed: int = 0, group_width: int = 16, prior: str = "hierarchical",
+                rescale: bool = False):
     """A `Plan` for `config` with random guide locations (scale 0.1), without fitting:
-    its keep-sets vary from block to block like a fitted plan's."""
-    from ppn.gates import Units
+    its keep-sets vary from block to block like a fitted plan's. With `rescale`,
+    random rescaling exponents (sd 0.3) too."""
+    from ppn.gates import RESCALE_KINDS, Units
     from ppn.plan import Plan, _prior_shapes
 
     units = Units(config, group_width)
@@ -47,4 +49,6 @@ def random_plan(config: LlamaConfig, seed: int = 0, group_width: int = 16, prior
     for name, shape in _prior_shapes(units, prior).items():
         params[f"{name}_auto_loc"] = rng.normal(0.0, 1.0, shape)
         params[f"{name}_auto_scale"] = np.full(shape, 0.1)
+    if rescale:
+        params |= {f"rescale_{k}": rng.normal(0.0, 0.3, units.shapes()[k]) for k in RESCALE_KINDS}
     return Plan.from_guide_params(units, prior, params)

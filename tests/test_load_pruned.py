@@ -45,7 +45,7 @@ def checkpoint(request, tmp_path_factory):
     if request.param == "sharded":
         shard(path)
     dense = ppn.load_model(path)
-    return path, dense, random_plan(dense.config, seed=1)
+    return path, dense, random_plan(dense.config, seed=1, rescale=True)
 
 
 def assert_same_model(a, b):

@@ -1,5 +1,7 @@
 """Units, keep-sets and the pruning function: exact sizes and masked == pruned."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -8,14 +10,16 @@ from hypothesis import strategies as st
 import ppn
 from ppn.gates import KeepSet, Units
 from ppn.prune import hard_gates, prune
-from ppn.testing import tiny_config, tiny_model
+from ppn.testing import random_plan, tiny_config, tiny_model
 
 IDS = np.random.RandomState(0).randint(0, 97, (2, 24))
 
 
-def random_keep(units: Units, rng: np.random.Generator, p: float = 0.6) -> KeepSet:
+def random_keep(units: Units, rng: np.random.Generator, p: float = 0.6, scaled: bool = False) -> KeepSet:
     L, N, M = units.num_layers, units.num_heads, units.num_groups
-    return KeepSet(units, rng.random(L) < 0.85, rng.random(L) < 0.85, rng.random((L, N)) < p, rng.random((L, M)) < p)
+    scales = {k: rng.uniform(0.5, 2.0, s) for k, s in units.shapes().items()} if scaled else None
+    return KeepSet(units, rng.random(L) < 0.85, rng.random(L) < 0.85, rng.random((L, N)) < p, rng.random((L, M)) < p,
+                   scales)
 
 
 def test_costs_add_up_to_the_prunable_parameters():
@@ -38,8 +42,8 @@ def test_pruned_model_equals_hard_gated_model(overrides):
     units = Units(model.config, group_width=16)
     rng = np.random.default_rng(0)
     dense_rest = model.config.num_params() - units.total
-    for _ in range(4):
-        keep = random_keep(units, rng)
+    for i in range(4):
+        keep = random_keep(units, rng, scaled=i % 2 == 1)  # odd: with rescaling folded into the weights
         pruned = prune(model, keep)
         np.testing.assert_allclose(np.asarray(pruned(IDS)), np.asarray(model(IDS, gates=hard_gates(keep))),
                                    atol=1e-5, rtol=0)
@@ -93,3 +97,26 @@ def test_budget_rejects_bad_sizes(size, error, match):
 def test_budget_of_a_fraction(size):
     u = Units(tiny_config(), 16)
     assert u.budget(size) == round(size * u.total)
+
+
+def test_a_rescaled_plan_folds_its_factors_into_the_cut():
+    """The plan's factors at the size change the cut model (they are not ignored),
+    and the cut equals the gated network with the plan's hard, rescaled gates."""
+    model = tiny_model(seed=5)
+    plan = random_plan(model.config, seed=3, rescale=True)
+    keep = plan.keep(0.5)
+    assert keep.scales is not None and not np.allclose(keep.scales["head"], 1.0)
+    pruned = prune(model, plan, 0.5)
+    np.testing.assert_allclose(np.asarray(pruned(IDS)), np.asarray(model(IDS, gates=hard_gates(keep))), atol=1e-5)
+    unscaled = prune(model, dataclasses.replace(keep, scales=None))
+    assert np.abs(np.asarray(pruned(IDS)) - np.asarray(unscaled(IDS))).max() > 1e-3
+
+
+def test_keep_set_scales_are_checked():
+    units = Units(tiny_config(), 16)
+    full = units.full()
+    with pytest.raises(ValueError, match="scales"):
+        KeepSet(units, full.attn, full.mlp, full.heads, full.groups, {"head": np.ones((2, 4))})
+    bad = {k: np.ones(s) for k, s in units.shapes().items()} | {"head": np.full((2, 4), np.nan)}
+    with pytest.raises(ValueError, match="non-finite"):
+        KeepSet(units, full.attn, full.mlp, full.heads, full.groups, bad)

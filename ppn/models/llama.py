@@ -16,8 +16,10 @@ different number of heads, KV heads and channels per block, or drops a
 sub-layer entirely. Query head n reads KV head `q_to_kv[n]`, which covers MHA
 (K = N), GQA and MQA (K = 1) as well as pruned groups of unequal size.
 
-Optional `BlockGates` multiply each head's output, each MLP channel and each
-residual branch: the gated forward pass the pruning method trains through.
+Optional `BlockGates` multiply each head's output, each MLP channel, each
+residual branch and each sub-layer's normalised input: the gated forward pass
+the pruning method trains through. Gates may carry a leading batch dimension
+(one set of gates per sequence, so one batch trains several sizes at once).
 """
 
 from __future__ import annotations
@@ -63,17 +65,34 @@ class KVCache:
 class BlockGates:
     """Multiplicative gates of one block (all optional, 1 where absent).
 
+    Every field may also carry a leading batch dimension B (gates per sequence).
+
     Attributes:
-        attn: scalar gate of the attention residual branch.
+        attn: scalar (or (B,)) gate of the attention residual branch.
         heads: (N_l,) gate of each query head's output.
         mlp: scalar gate of the MLP residual branch.
         channels: (F_l,) gate of each SwiGLU channel.
+        attn_in, mlp_in: (D,) scale of each dimension of the attention's and
+            the MLP's normalised input (it folds into the norm's weight).
     """
 
     attn: jax.Array | None = None
     heads: jax.Array | None = None
     mlp: jax.Array | None = None
     channels: jax.Array | None = None
+    attn_in: jax.Array | None = None
+    mlp_in: jax.Array | None = None
+
+
+def _gated(x: jax.Array, gate: jax.Array | None, trailing: int = 0) -> jax.Array:
+    """x (B, T, *G, *R) times `gate` of shape G or (B, *G), where R are the last
+    `trailing` axes of x, which the gate does not index."""
+    if gate is None:
+        return x
+    core = x.ndim - 2 - trailing
+    batched = gate.ndim > core
+    shape = (gate.shape[0] if batched else 1, 1, *gate.shape[int(batched):], *([1] * trailing))
+    return x * gate.reshape(shape).astype(x.dtype)
 
 
 def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
@@ -137,8 +156,7 @@ class Attention(nnx.Module):
         """Attends x (B, T, D) at `positions` (B, T); returns (B, T, D) and the
         updated (k, v) cache arrays when a cache is given."""
         out, cache_kv = self.head_outputs(x, positions, cache_kv, cache_length)
-        if head_gates is not None:
-            out = out * head_gates[:, None].astype(out.dtype)
+        out = _gated(out, head_gates, trailing=1)
         y = jnp.einsum("BTNH,DNH->BTD", out, self.o[...])
         if self.o_bias is not None:
             y = y + self.o_bias[...]
@@ -201,10 +219,7 @@ class MLP(nnx.Module):
             self.gate_bias = self.up_bias = self.down_bias = None
 
     def __call__(self, x, channel_gates=None):
-        hidden = self.hidden(x)
-        if channel_gates is not None:
-            hidden = hidden * channel_gates.astype(hidden.dtype)
-        return self.project(hidden)
+        return self.project(_gated(self.hidden(x), channel_gates))
 
     def hidden(self, x):
         """The SwiGLU channels silu(gate x) * up x, (B, T, F): the input of `down`."""
@@ -239,11 +254,12 @@ class Block(nnx.Module):
     def __call__(self, x, positions, cache_kv=None, cache_length=None, gates: BlockGates | None = None):
         gates = gates or BlockGates()
         if self.attn is not None:
-            y, cache_kv = self.attn(self.input_norm(x), positions, cache_kv, cache_length, gates.heads)
-            x = x + (y if gates.attn is None else y * gates.attn.astype(y.dtype))
+            y, cache_kv = self.attn(_gated(self.input_norm(x), gates.attn_in), positions, cache_kv, cache_length,
+                                    gates.heads)
+            x = x + _gated(y, gates.attn, trailing=1)
         if self.mlp is not None:
-            y = self.mlp(self.post_attention_norm(x), gates.channels)
-            x = x + (y if gates.mlp is None else y * gates.mlp.astype(y.dtype))
+            y = self.mlp(_gated(self.post_attention_norm(x), gates.mlp_in), gates.channels)
+            x = x + _gated(y, gates.mlp, trailing=1)
         return x, cache_kv
 
 
