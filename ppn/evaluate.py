@@ -17,9 +17,9 @@ import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
-from tqdm.auto import tqdm
 
 from ppn import sharding
+from ppn.console import progress_bar
 from ppn.data import eval_batches, eval_windows
 
 
@@ -121,8 +121,8 @@ def perplexity(model: nnx.Module, tokens, seqlen: int = 512, max_windows: int | 
     total = 0.0  # float64 on the host: exact enough for any number of windows
     done = 0
     pending = None
-    with tqdm(total=len(windows), desc="perplexity", unit="window",
-              disable=not (progress and sharding.is_main_process())) as bar:
+    with progress_bar(total=len(windows), desc="perplexity", unit="window",
+                      enabled=progress and sharding.is_main_process()) as bar:
 
         def collect(result, valid):
             nonlocal total, done

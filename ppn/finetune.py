@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from tqdm.auto import tqdm
 
 from ppn import data
 from ppn.bayes import token_nll
+from ppn.console import progress_bar
 from ppn.fit import FitConfig, RunFolder
 from ppn.models.llama import Llama
 
@@ -85,8 +85,8 @@ def finetune(model: Llama, tokens, config: FitConfig = FitConfig(), progress: bo
     history = run.metrics(step0)
     batches = data.train_batches(np.asarray(tokens), config.batch_size, config.seqlen + 1, config.seed,
                                  start_step=step0)
-    bar = tqdm(range(step0, config.steps), initial=step0, total=config.steps, disable=not progress,
-               desc="finetune")
+    bar = progress_bar(range(step0, config.steps), initial=step0, total=config.steps, enabled=progress,
+                       desc="finetune")
     for i in bar:
         tick = time.perf_counter()
         state, value = step(state, jnp.asarray(next(batches)))

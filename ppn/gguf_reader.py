@@ -355,7 +355,7 @@ def read_gguf(path: str | os.PathLike, *, progress: bool = False) -> GGUFCheckpo
             metadata, or a missing, unexpected or mis-shaped tensor; the message
             names the file (and the tensor).
     """
-    from tqdm.auto import tqdm
+    from ppn.console import progress_bar
 
     path, reader = _open(path)
     meta = _metadata(reader, skip=_VOCABULARY_KEYS)
@@ -369,7 +369,7 @@ def read_gguf(path: str | os.PathLike, *, progress: bool = False) -> GGUFCheckpo
 
     tensors: dict[str, np.ndarray] = {}
     todo = [t for t in reader.tensors if t.name != _ROPE_FREQS]
-    for t in tqdm(todo, desc=f"dequantising {path.name}", unit="tensor", disable=not progress):
+    for t in progress_bar(todo, desc=f"dequantising {path.name}", unit="tensor", enabled=progress):
         hf = _hf_name(t.name, config["num_hidden_layers"], path)
         w = _dequantize(t, path)
         if w.shape != expected[hf]:

@@ -61,6 +61,9 @@ class JobConfig:
             (`ppn.checkpoint.random_model`; its directory needs config.json and the
             tokenizer only): for throughput on a machine the weights cannot reach.
             Perplexities are then meaningless.
+        train_text, valid_text: a text file or a folder of .txt/.md files
+            (`ppn.data.load_text`) to fit on and to measure perplexity on, instead of
+            the Shakespeare train and validation splits.
     """
 
     model: str = "smollm2-135m"
@@ -74,6 +77,8 @@ class JobConfig:
     dtype: str = "float32"
     mesh: str | None = None
     random_weights: bool = False
+    train_text: str | None = None
+    valid_text: str | None = None
 
 
 def load_job(run_dir: str | os.PathLike) -> JobConfig:
@@ -85,20 +90,31 @@ def load_job(run_dir: str | os.PathLike) -> JobConfig:
     return JobConfig(**(d | {"fit": FitConfig(**d["fit"]), "sizes": tuple(d["sizes"])}))
 
 
-def load_inputs(source: str, dtype: str = "float32", smoke: bool = False, random_weights: bool = False):
+def load_inputs(source: str, dtype: str = "float32", smoke: bool = False, random_weights: bool = False,
+                train_text: str | None = None, valid_text: str | None = None):
     """(model, tokenizer or None, train tokens, validation tokens) of a job: the model
     at `source` (with `random_weights`, its architecture randomly initialised) and
-    the Shakespeare splits, or with `smoke` a tiny random model and random tokens."""
+    the Shakespeare splits, or with `smoke` a tiny random model and random tokens.
+    `train_text` and `valid_text` (a file or a folder, `ppn.data.load_text`) replace
+    the splits; with `smoke`, which has no tokenizer, a text's UTF-8 bytes modulo the
+    vocabulary stand in for its tokens."""
     if smoke:
         from ppn.testing import tiny_model
 
+        model = tiny_model(dtype=jnp.dtype(dtype))
         rng = np.random.default_rng(0)
-        return (tiny_model(dtype=jnp.dtype(dtype)), None, rng.integers(0, 97, 20_000),
-                rng.integers(0, 97, 4 * 512))
+
+        def tokens(text, count):
+            if text is None:
+                return rng.integers(0, model.config.vocab_size, count)
+            return np.frombuffer(data.load_text(text).encode(), np.uint8).astype(np.int32) % model.config.vocab_size
+
+        return model, None, tokens(train_text, 20_000), tokens(valid_text, 4 * 512)
     model = random_model(source, dtype=dtype) if random_weights else load_model(source, dtype=dtype)
     tokenizer = load_tokenizer(source)
-    return (model, tokenizer, data.tokenize(data.shakespeare("train"), tokenizer),
-            data.tokenize(data.shakespeare("validation"), tokenizer))
+    train = data.load_text(train_text) if train_text else data.shakespeare("train")
+    valid = data.load_text(valid_text) if valid_text else data.shakespeare("validation")
+    return model, tokenizer, data.tokenize(train, tokenizer), data.tokenize(valid, tokenizer)
 
 
 def run(cfg: JobConfig, progress: bool = True) -> list[dict]:
@@ -106,7 +122,8 @@ def run(cfg: JobConfig, progress: bool = True) -> list[dict]:
     run_dir = Path(cfg.run_dir)
     mesh = make_mesh(cfg.mesh) if cfg.mesh else None
     main = is_main_process()
-    model, tokenizer, train, valid = load_inputs(cfg.model, cfg.dtype, cfg.smoke, cfg.random_weights)
+    model, tokenizer, train, valid = load_inputs(cfg.model, cfg.dtype, cfg.smoke, cfg.random_weights,
+                                                 cfg.train_text, cfg.valid_text)
     seqlen = 512 if not cfg.smoke else 64
 
     def ppl(m):

@@ -13,6 +13,7 @@ Later calls return that directory at once.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import shlex
 import shutil
@@ -23,6 +24,8 @@ import zipfile
 from pathlib import Path
 
 from ppn.gguf_reader import convert_gguf
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +93,7 @@ def _complete(path: Path) -> bool:
 
 def _say(progress: bool, message: str) -> None:
     if progress:
-        print(f"ppn: {message}", file=sys.stderr, flush=True)
+        log.info(message)
 
 
 def _hint(model: ZooModel) -> str:

@@ -1,6 +1,9 @@
 """The `ppn` command line on a tiny checkpoint."""
 
 import json
+import subprocess
+import sys
+from importlib.metadata import version
 
 import numpy as np
 import pytest
@@ -35,13 +38,19 @@ def test_eval_writes_results(tmp_path, tiny_checkpoint, capsys, monkeypatch):
     record = json.loads(out.read_text())["records"][0]
     assert record["windows"] >= 1 and record["tokens"] == record["windows"] * 511
     assert np.isfinite(record["perplexity"]) and record["perplexity"] > 1
-    assert "perplexity" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert printed.out == f"{out}\n"  # stdout: the path alone, for scripts
+    assert f"perplexity {record['perplexity']:.3f}" in printed.err
     assert out.with_suffix(".md").exists()
+    # --quiet, before or after the command: no messages and no progress bar
+    for argv in (["--quiet", "eval"], ["eval", "-q"]):
+        assert cli.main([*argv, "--model", str(path), "--text", str(text), "--out", str(out)]) == 0
+        assert capsys.readouterr() == (f"{out}\n", "")
 
 
 def test_eval_reports_a_missing_model_clearly(tmp_path, capsys):
-    assert cli.main(["eval", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "r.json")]) == 2
-    assert "no checkpoint at" in capsys.readouterr().err
+    assert cli.main(["eval", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "r.json")]) == 1
+    assert "ppn eval: error: no checkpoint at" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
 
 
@@ -67,8 +76,9 @@ def test_resize_writes_a_smaller_checkpoint(tmp_path, tiny_checkpoint, capsys):
     ids = np.arange(10)[None] % model.config.vocab_size
     np.testing.assert_array_equal(np.asarray(small(ids)), np.asarray(expected(ids)))
     assert (out / "tokenizer.json").exists()
+    assert capsys.readouterr().out == f"{out}\n"
     assert cli.main(["resize", "--plan", str(tmp_path / "plan.json"), "--size", "1.7", "--from", str(path),
-                     "--out", str(tmp_path / "x")]) == 2
+                     "--out", str(tmp_path / "x")]) == 1
     assert "must be whole" in capsys.readouterr().err
 
 
@@ -107,3 +117,85 @@ def test_random_weights_need_only_the_config_and_tokenizer(tiny_checkpoint):
     assert job.random_weights and job.model == str(path)
     with pytest.raises(ValueError, match="not a file"):
         random_model(path / "config.json")
+
+
+def test_exit_codes_say_what_went_wrong(tmp_path, capsys, monkeypatch):
+    """1: the command failed; 2: bad arguments; 130: interrupted, one line and no traceback."""
+    assert cli.main(["resize", "--plan", str(tmp_path / "none.json"), "--size", "0.5", "--out", str(tmp_path)]) == 1
+    assert "ppn resize: error:" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["resize", "--plan", "p.json", "--size", "0.5", "--out", "o", "--frobnicate"])
+    assert e.value.code == 2 and "unrecognized arguments: --frobnicate" in capsys.readouterr().err
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_fetch", interrupted)
+    assert cli.main(["fetch", "smollm2-135m"]) == 130
+    assert capsys.readouterr() == ("", "ppn fetch: interrupted\n")
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"ppn {version('ppn')}\n"
+
+
+def test_tqdm_disable_turns_the_bars_off(tmp_path):
+    """tqdm reads TQDM_DISABLE when it is imported and only for bars given no `disable`."""
+    script = ("import numpy as np; from ppn.testing import tiny_model; from ppn.evaluate import perplexity; "
+              "perplexity(tiny_model(), np.arange(64) % 97, seqlen=16)")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TQDM_DISABLE"}
+    shown = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    hidden = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env=env | {"TQDM_DISABLE": "1"})
+    assert shown.returncode == hidden.returncode == 0, shown.stderr + hidden.stderr
+    assert "perplexity: 100%" in shown.stderr and "perplexity" not in hidden.stderr
+
+
+def test_fit_flags_reach_the_configs(tmp_path, capsys):
+    args = cli.build_parser().parse_args(["fit", "--run-dir", str(tmp_path / "run"), "--target-sizes", "0.5,0.3",
+                                          "--teacher", "start", "--set", "teacher_weight=0.5",
+                                          "--train-text", "mine.txt", "--valid-text", "notes"])
+    job = cli.job_config(args)
+    assert (job.fit.target_sizes, job.fit.teacher, job.fit.teacher_weight) == ((0.5, 0.3), "start", 0.5)
+    assert (job.train_text, job.valid_text) == ("mine.txt", "notes")
+    assert job.results == str(tmp_path / "run" / "results.json")  # the run folder, not ./results
+    args = cli.build_parser().parse_args(["fit", "--set", "target_sizes=0.4,0.2", "--results", "r/x.json"])
+    assert cli.job_config(args).fit.target_sizes == (0.4, 0.2) and cli.job_config(args).results == "r/x.json"
+    for bad in ("0.5,1.5", "0", "half"):
+        with pytest.raises(SystemExit) as e:
+            cli.build_parser().parse_args(["fit", "--target-sizes", bad])
+        assert e.value.code == 2 and "(0, 1]" in capsys.readouterr().err
+
+
+def test_own_text_replaces_the_shakespeare_splits(tmp_path, tiny_checkpoint):
+    from ppn import data
+    from ppn.pipeline import load_inputs
+
+    path, _ = tiny_checkpoint
+    folder = tmp_path / "notes"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text("to be or not to be " * 50)
+    (folder / "sub" / "b.md").write_text("# that is the question\n" * 20)
+    (folder / "skip.json").write_text("{}")
+    valid = tmp_path / "valid.txt"
+    valid.write_text("whether tis nobler in the mind to suffer " * 30)
+    _, tokenizer, train_ids, valid_ids = load_inputs(str(path), train_text=str(folder), valid_text=str(valid))
+    np.testing.assert_array_equal(train_ids, data.tokenize(data.load_text(folder), tokenizer))
+    np.testing.assert_array_equal(valid_ids, data.tokenize(valid.read_text(), tokenizer))
+    assert data.load_text(folder) == "to be or not to be " * 50 + "\n\n" + "# that is the question\n" * 20
+
+
+def test_quiet_smoke_fit_on_own_text_writes_into_the_run_folder(tmp_path, capsys):
+    text = tmp_path / "own.txt"
+    text.write_text("Shall I compare thee to a summer's day? Thou art more lovely and more temperate. " * 60)
+    run_dir = tmp_path / "run"
+    assert cli.main(["--quiet", "fit", "--smoke", "--run-dir", str(run_dir), "--train-text", str(text),
+                     "--valid-text", str(text)]) == 0
+    assert capsys.readouterr() == (f"{run_dir / 'results.json'}\n", "")
+    rows = json.loads((run_dir / "results.json").read_text())["records"]
+    assert (run_dir / "results.md").exists() and [r["size"] for r in rows if r["method"] == "ppn"] == [
+        0.9, 0.7, 0.5, 0.4, 0.3]
+    job = json.loads((run_dir / "job.json").read_text())
+    assert job["train_text"] == job["valid_text"] == str(text)

@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
+from ppn.console import progress_bar
 from ppn.models.llama import Block, Llama
 
 INPUTS = ("attn_in", "o_in", "mlp_in", "down_in")
@@ -146,7 +146,7 @@ def layerwise(model: Llama, windows: np.ndarray, visit: Callable[[int, Block, Bl
     xs = [_embed(model.embed[...], jnp.asarray(b)) for b in batches]
     n_tokens = windows.size
     stats = []
-    for l, block in enumerate(tqdm(model.blocks, desc=desc, disable=not progress)):
+    for l, block in enumerate(progress_bar(model.blocks, desc=desc, enabled=progress)):
         outs, sums, grams, cos = [], {}, {}, 0.0
         for x in xs:
             h, s, g, c = _block_pass(block, x)
