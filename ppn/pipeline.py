@@ -124,6 +124,8 @@ def run(cfg: JobConfig, progress: bool = True) -> list[dict]:
     main = is_main_process()
     model, tokenizer, train, valid = load_inputs(cfg.model, cfg.dtype, cfg.smoke, cfg.random_weights,
                                                  cfg.train_text, cfg.valid_text)
+    if cfg.fit.teacher not in (None, "start") and tokenizer is not None:
+        check_same_tokenizer(tokenizer, load_tokenizer(cfg.fit.teacher), cfg.fit.teacher)
     seqlen = 512 if not cfg.smoke else 64
 
     def ppl(m):
@@ -150,12 +152,24 @@ def run(cfg: JobConfig, progress: bool = True) -> list[dict]:
     results = Path(cfg.results)
     if main:
         write_results(results.stem, rows, COLUMNS, out_dir=results.parent,
-                      title=f"Push puppet fit on {cfg.model}: validation perplexity by size ({mode})")
+                      title=f"Push puppet fit on {cfg.model}: validation perplexity by size ({mode})",
+                      config=dataclasses.asdict(cfg))
         atomic_write_text(run_dir / "table.md", markdown_table(rows, COLUMNS))
         atomic_write_text(run_dir / "job.json", json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
     mark_done(run_dir)
     return rows
 
+
+
+def check_same_tokenizer(student, teacher, teacher_name: str) -> None:
+    """Raises ValueError unless the teacher's tokenizer maps every string to the
+    student's token ids (same vocabulary): distillation compares their
+    distributions id by id."""
+    if student.get_vocab() != teacher.get_vocab():
+        ours, theirs = student.get_vocab(), teacher.get_vocab()
+        differ = sorted(set(ours.items()) ^ set(theirs.items()))[:3]
+        raise ValueError(f"teacher {teacher_name!r} has another tokenizer than the model ({len(theirs):,} vs "
+                         f"{len(ours):,} tokens; e.g. {differ}); a teacher must share the student's tokenizer")
 
 
 def eval_mode(eval_windows: int | None) -> str:

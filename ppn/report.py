@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -75,14 +76,17 @@ def markdown_table(records: Sequence[dict[str, Any]], columns: Sequence[str]) ->
 
 
 def write_results(name: str, records: Sequence[dict[str, Any]], columns: Sequence[str],
-                  out_dir: str | os.PathLike = "results", title: str | None = None) -> Path:
-    """Writes `<out_dir>/<name>.json` (records + machine + commit) and `<name>.md`.
+                  out_dir: str | os.PathLike = "results", title: str | None = None,
+                  config: dict[str, Any] | None = None) -> Path:
+    """Writes `<out_dir>/<name>.json` (records + machine + commit + the command
+    line + the experiment's full `config`) and `<name>.md`.
 
     Returns:
         The path of the JSON file.
     """
     out = Path(out_dir)
-    stamp = {"machine": machine(), "git_commit": git_commit()}
+    stamp = {"machine": machine(), "git_commit": git_commit(), "command": " ".join(sys.argv),
+             "config": config}
     records = [dict(r) for r in records]
     atomic_write_text(out / f"{name}.json", json.dumps({"experiment": name, **stamp, "records": records},
                                                        indent=2, default=str))

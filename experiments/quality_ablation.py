@@ -1,0 +1,54 @@
+"""Quality per training token: the main job with each technique of the quality
+study alone and combined, at one budget, every variant from the same seed.
+
+    python experiments/quality_ablation.py teacher                  # 150 steps (the main job's budget)
+    python experiments/quality_ablation.py combined --steps 600 --seed 1
+    python experiments/quality_ablation.py --list
+
+Each variant is a set of `FitConfig` overrides on top of the main job's defaults
+(`VARIANTS`). Writes the run folder runs/quality/<tag> and the size table
+results/quality/<tag>.json (+ .md), tag = <variant>_steps<N>_seed<S>; the JSON
+records the whole JobConfig. No random-structure rows (the main job has them).
+"""
+
+import argparse
+import dataclasses
+
+from ppn.fit import FitConfig
+from ppn.pipeline import JobConfig, run
+
+VARIANTS = {
+    "default": {},
+    # a frozen copy of the starting weights as teacher, half NLL, half KL
+    "teacher": dict(teacher="start", teacher_weight=0.5),
+    # distillation alone: the teacher's distribution instead of the tokens
+    "teacher_kl": dict(teacher="start", teacher_weight=1.0),
+    # a size per sequence, with the full network and the smallest size in every batch
+    "sizes": dict(size_sampling="sequence", sandwich=True),
+    "rescale": dict(rescale=True),
+    "combined": dict(teacher="start", teacher_weight=0.5, size_sampling="sequence", sandwich=True, rescale=True),
+}
+
+
+def job(variant: str, steps: int = FitConfig.steps, seed: int = 0) -> JobConfig:
+    """The main job's config for one variant of the study."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    tag = f"{variant}_steps{steps}_seed{seed}"
+    fit = FitConfig(**VARIANTS[variant], steps=steps, seed=seed)
+    return dataclasses.replace(JobConfig(), fit=fit, run_dir=f"runs/quality/{tag}",
+                               results=f"results/quality/{tag}.json", random_floor=False)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("variant", nargs="?", choices=list(VARIANTS))
+    parser.add_argument("--steps", type=int, default=FitConfig.steps)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--list", action="store_true", help="print the variants and their overrides")
+    a = parser.parse_args()
+    if a.list or a.variant is None:
+        for name, overrides in VARIANTS.items():
+            print(f"{name}: {overrides}")
+    else:
+        run(job(a.variant, a.steps, a.seed))
