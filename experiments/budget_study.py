@@ -11,10 +11,8 @@ of training tokens, so a budget's two rows may come from one file or from two:
         results/benchmark_quick_full.json
 
 Per budget: training tokens, ppn's and the fine-tuned dense model's perplexity,
-and their ratio. The smallest measured budget that meets the aim is named; if
-none does, the straight line in log(ratio) against log(tokens) through the two
-largest budgets is followed to the aim, and that budget is reported, marked as an
-extrapolation, not a measurement. Writes results/budget_study.json, .md and .png.
+their ratio, and whether it meets the aim. Measured budgets only: a line drawn
+beyond them is a guess, not a result. Writes results/budget_study.json, .md and .png.
 """
 
 from __future__ import annotations
@@ -23,17 +21,14 @@ import argparse
 import json
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.ticker import NullFormatter  # noqa: E402
+from ppn.benchmark import DENSE_FINETUNED as DENSE_TUNED
+from ppn.plots import method_colour
+from ppn.report import write_results
 
-from ppn.benchmark import DENSE_FINETUNED as DENSE_TUNED  # noqa: E402
-from ppn.report import write_results  # noqa: E402
-COLUMNS = ["source", "train_tokens", "size", "ppn_perplexity", "dense_finetuned_perplexity", "ratio",
-           "meets_aim", "kind"]
+COLUMNS = ["source", "train_tokens", "size", "ppn_perplexity", "dense_finetuned_perplexity", "ratio", "meets_aim"]
 
 
 def _tokens(record: dict) -> int:
@@ -80,56 +75,37 @@ def budget_rows(paths: list[str | Path], size: float) -> list[dict]:
         dense_source, dense_ppl = dense[tokens]
         rows.append({"source": source if source == dense_source else f"{source} + {dense_source}",
                      "train_tokens": tokens, "size": size, "ppn_perplexity": ppl,
-                     "dense_finetuned_perplexity": dense_ppl, "ratio": ppl / dense_ppl, "kind": "measured"})
+                     "dense_finetuned_perplexity": dense_ppl, "ratio": ppl / dense_ppl})
     return rows
 
 
-def crossing(tokens: np.ndarray, ratio: np.ndarray, aim: float) -> float | None:
-    """Tokens where the log-log line through the two largest budgets reaches `aim`.
-
-    `tokens` ascending. The line follows the latest trend, not a least-squares fit
-    through every budget: returns diminish with the budget, so the early, steep
-    part of the curve would overstate the fall ahead. None when the ratio does not
-    fall between the two largest budgets (no crossing ahead)."""
-    (t0, t1), (r0, r1) = np.log(tokens[-2:]), np.log(ratio[-2:])
-    slope = (r1 - r0) / (t1 - t0)
-    if slope >= 0:
-        return None
-    return float(np.exp(t1 + (np.log(aim) - r1) / slope))
-
-
 def study(paths: list[str | Path], size: float = 0.5, aim: float = 1.5) -> list[dict]:
-    """The measured rows, sorted by budget, and (if none meets the aim) one extrapolated row."""
+    """The measured rows, sorted by budget, each marked whether it meets the aim."""
     rows = sorted(budget_rows(paths, size), key=lambda r: r["train_tokens"])
     for r in rows:
         r["meets_aim"] = r["ratio"] <= aim
-    if any(r["meets_aim"] for r in rows) or len(rows) < 2:
-        return rows
-    tokens = crossing(np.array([r["train_tokens"] for r in rows], float), np.array([r["ratio"] for r in rows]), aim)
-    rows.append({"source": "log-log line through the two largest budgets", "train_tokens": tokens, "size": size,
-                 "ratio": aim if tokens else None, "meets_aim": None, "kind": "extrapolated"})
     return rows
 
 
 def plot(rows: list[dict], aim: float, path: Path) -> None:
-    measured = [r for r in rows if r["kind"] == "measured"]
-    tokens = [r["train_tokens"] for r in measured]
+    """Perplexities and their ratio against the training tokens, at the measured budgets only."""
+    tokens = [r["train_tokens"] for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
-    left.plot(tokens, [r["ppn_perplexity"] for r in measured], "o-", label=f"ppn at {measured[0]['size']}")
-    left.plot(tokens, [r["dense_finetuned_perplexity"] for r in measured], "s-", label="dense fine-tuned")
+    left.plot(tokens, [r["ppn_perplexity"] for r in rows], "o-", color=method_colour("ppn"), lw=2.5,
+              label=f"ppn at {rows[0]['size']}")
+    left.plot(tokens, [r["dense_finetuned_perplexity"] for r in rows], "s-", color=method_colour("dense"),
+              label="dense fine-tuned")
     left.set(xscale="log", yscale="log", xlabel="training tokens", ylabel="validation perplexity (quick)")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # perplexities, not powers of ten
+    left.yaxis.set_major_formatter(plain)
+    left.yaxis.set_minor_formatter(plain)
     left.legend()
-    right.plot(tokens, [r["ratio"] for r in measured], "o-", label="measured")
-    ahead = [r for r in rows if r["kind"] == "extrapolated" and r["train_tokens"]]
-    if ahead:
-        right.plot([tokens[-1], ahead[0]["train_tokens"]], [measured[-1]["ratio"], aim], "k:",
-                   label="extrapolated (log-log line)")
-    right.axhline(aim, color="C3", lw=0.8, label=f"aim {aim}×")
+    right.plot(tokens, [r["ratio"] for r in rows], "o-", color=method_colour("ppn"), lw=2.5, label="measured")
+    right.axhline(aim, color="0.4", ls="--", lw=0.8, label=f"aim {aim}×")
     right.set(xscale="log", xlabel="training tokens", ylabel="ppn / dense fine-tuned")
     right.legend()
-    ticks = tokens + [r["train_tokens"] for r in ahead]
     for ax in (left, right):  # the budgets themselves as ticks: log-axis defaults overlap or vanish
-        ax.set_xticks(ticks, [f"{t / 1e6:.2g}M" for t in ticks])
+        ax.set_xticks(tokens, [f"{t / 1e6:.2g}M" for t in tokens])
         ax.xaxis.set_minor_formatter(NullFormatter())
     fig.tight_layout()
     fig.savefig(path, dpi=120)

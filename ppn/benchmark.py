@@ -431,42 +431,14 @@ def wall_time_per_method(rows: list[dict]) -> list[dict]:
 
 
 def plot(rows: list[dict], path: str | os.PathLike):
-    """Perplexity against kept fraction, one line per method and pattern; and the
-    structured models' prefill and decode speed against dense."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """Saves `ppn.plots.benchmark_figure` of `rows` to `path`, atomically."""
     import matplotlib.pyplot as plt
 
-    fig, (ax, sp) = plt.subplots(1, 2, figsize=(12, 4.5))
-    groups: dict[str, list[dict]] = {}
-    for r in rows:
-        if r["method"] != "dense":
-            groups.setdefault(f"{r['method']} ({r['pattern']})" if r["pattern"] not in ("structured", "dense")
-                              else r["method"], []).append(r)
-    for label, rs in groups.items():
-        rs = sorted(rs, key=lambda r: r["kept_fraction"])
-        style = "o-" if len(rs) > 1 else "s"
-        ax.plot([r["kept_fraction"] for r in rs], [r["perplexity"] for r in rs], style, label=label,
-                lw=2.5 if label == "ppn" else 1.2)
-    dense = [r for r in rows if r["method"] == "dense"]
-    if dense:
-        ax.axhline(dense[0]["perplexity"], color="k", ls=":", label="dense")
-    ax.set(xlabel="kept fraction of prunable parameters", ylabel="validation perplexity", yscale="log",
-           title="Quality")
-    ax.legend(fontsize=7)
-    for label, rs in groups.items():
-        rs = sorted((r for r in rs if r.get("prefill_ratio")), key=lambda r: r["kept_fraction"])
-        if rs:
-            sp.plot([r["kept_fraction"] for r in rs], [r["prefill_ratio"] for r in rs], "o-", label=f"{label} prefill")
-            sp.plot([r["kept_fraction"] for r in rs], [r["decode_ratio"] for r in rs], "x--", label=f"{label} decode")
-    sp.axhline(1.0, color="k", ls=":")
-    sp.set(xlabel="kept fraction of prunable parameters", ylabel="throughput / dense", title="Speed (structured)")
-    if sp.get_legend_handles_labels()[0]:
-        sp.legend(fontsize=6)
-    fig.tight_layout()
+    from ppn.plots import benchmark_figure
+
+    fig = benchmark_figure(rows)
     tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
     tmp.replace(path)
     plt.close(fig)
     return path
