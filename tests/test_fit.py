@@ -307,11 +307,88 @@ def test_taylor_importance_of_a_dead_unit_is_zero():
 
 def test_size_warmup_starts_near_one_and_then_covers_the_range():
     cfg = FitConfig(steps=1000, rho_min=0.2, rho_warmup=0.3)
-    early = [cfg.rho(s) for s in range(10)]
-    late = [cfg.rho(s) for s in range(300, 1000)]
-    assert min(early) > 0.95 and min(late) < 0.22 and max(late) > 0.98
-    assert cfg.rho(123) == FitConfig(steps=1000, rho_min=0.2, rho_warmup=0.3).rho(123)
-    assert min(FitConfig(steps=1000, rho_warmup=0.0).rho(s) for s in range(50)) < 0.4
+    early = [cfg.sizes(s) for s in range(10)]
+    late = [cfg.sizes(s) for s in range(300, 1000)]
+    assert np.shape(early[0]) == () and min(early) > 0.95 and min(late) < 0.22 and max(late) > 0.98
+    assert cfg.sizes(123) == FitConfig(steps=1000, rho_min=0.2, rho_warmup=0.3).sizes(123)
+    assert min(FitConfig(steps=1000, rho_warmup=0.0).sizes(s) for s in range(50)) < 0.4
+
+
+def test_sizes_per_sequence_sandwich_and_targets():
+    cfg = FitConfig(steps=100, batch_size=4, size_sampling="sequence", rho_warmup=0.0)
+    draws = np.stack([cfg.sizes(s) for s in range(200)])
+    assert draws.shape == (200, 4) and draws.dtype == np.float32
+    assert np.abs(np.corrcoef(draws[:, 0], draws[:, 1])[0, 1]) < 0.2  # independent per sequence
+    assert 0.2 <= draws.min() and draws.max() <= 1
+    sandwich = FitConfig(steps=100, batch_size=4, sandwich=True, rho_warmup=0.5)
+    for step in (0, 10, 60):
+        rho = sandwich.sizes(step)
+        low = 1 - 0.8 * min(1.0, max(0.05, step / 50))
+        assert rho[0] == 1.0 and rho[-1] == np.float32(low) and (rho[1:-1] >= np.float32(low)).all()
+    targeted = FitConfig(steps=100, batch_size=4, size_sampling="sequence", rho_warmup=0.0,
+                         target_sizes=(0.5, 0.3), target_share=0.5)
+    draws = np.concatenate([targeted.sizes(s) for s in range(500)])
+    share = np.isin(draws, np.float32([0.5, 0.3])).mean()
+    assert 0.4 < share < 0.6 and (draws < 0.3).mean() > 0.02  # the rest stays uniform: every size is trained
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(target_sizes=(0.5, 1.2)), "target sizes must lie in"), (dict(target_sizes=(0.0,)), "target sizes"),
+    (dict(teacher="start"), "teacher_weight > 0"), (dict(teacher_weight=0.5), "needs a teacher"),
+    (dict(sandwich=True, batch_size=2), "sandwich needs batch_size"), (dict(size_sampling="token"), "size_sampling"),
+    (dict(teacher="start", teacher_weight=0.5, teacher_temperature=0.0), "teacher_temperature"),
+])
+def test_bad_quality_options_are_refused(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        FitConfig(**overrides)
+
+
+def test_a_teacher_with_another_vocabulary_or_too_big_is_refused(tmp_path, monkeypatch):
+    from ppn.fit import load_teacher
+
+    other = ppn.save_model(tiny_model(vocab_size=50), tmp_path / "other")
+    with pytest.raises(ValueError, match="vocabulary of 50 tokens"):
+        load_teacher(tiny_model(), FitConfig(teacher=str(other), teacher_weight=0.5))
+    same = ppn.save_model(tiny_model(seed=1), tmp_path / "same")
+    teacher = load_teacher(tiny_model(), FitConfig(teacher=str(same), teacher_weight=0.5, teacher_dtype="bfloat16"))
+    assert teacher.dtype == jnp.bfloat16
+    import psutil
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("M", (), {"available": 1000})())
+    with pytest.raises(MemoryError, match="GiB for its weights"):
+        load_teacher(tiny_model(), FitConfig(teacher=str(same), teacher_weight=0.5))
+    with pytest.raises(FileNotFoundError):
+        load_teacher(tiny_model(), FitConfig(teacher=str(tmp_path / "nowhere"), teacher_weight=0.5))
+
+
+def test_resuming_with_another_teacher_or_loss_is_refused_naming_it(tmp_path):
+    from ppn.fit import RunFolder
+
+    base = FitConfig(**{**SMALL.__dict__, "teacher": "start", "teacher_weight": 0.5})
+    RunFolder(tmp_path, base, tiny_model())
+    for change, name in ((dict(teacher_weight=1.0), "teacher_weight"), (dict(teacher=str(tmp_path)), "teacher")):
+        with pytest.raises(ValueError, match=f"another configuration \\({name} "):
+            RunFolder(tmp_path, FitConfig(**{**base.__dict__, **change}), tiny_model())
+
+
+def test_the_quality_options_fit_and_their_plan_cuts_like_the_gated_model(tmp_path):
+    """Teacher, sizes per sequence with sandwich, and rescaling together: the
+    teacher's KL is logged, every sequence meets its own size, the plan carries
+    the rescaling through a file, and its cut equals the hard-gated network."""
+    from ppn.prune import hard_gates
+
+    cfg = FitConfig(steps=4, batch_size=3, seqlen=16, group_width=16, checkpoint_every=2, teacher="start",
+                    teacher_weight=0.5, sandwich=True, rescale=True, lr_rescale=0.05)
+    result = fit(tiny_model(), TOKENS, cfg, progress=False)
+    assert all(len(r["sizes"]) == 3 and r["sizes"][0] == 1.0 for r in result.metrics)
+    assert all(abs(r["size_error"]) < 2e-3 for r in result.metrics)
+    assert any(r["teacher_kl"] > 0 for r in result.metrics)
+    plan = Plan.load(Plan.from_fit(result).save(tmp_path / "plan.json"))
+    assert plan.rescale is not None and np.abs(plan.rescale["head"]).max() > 0.01
+    keep = plan.keep(0.5)
+    ids = TOKENS[:32].reshape(2, 16)
+    np.testing.assert_allclose(np.asarray(prune(result.model, plan, 0.5)(ids)),
+                               np.asarray(result.model(ids, gates=hard_gates(keep))), atol=1e-5)
 
 
 def test_self_distillation_is_logged():

@@ -1,0 +1,84 @@
+"""The NumPyro model's pieces: the generalised likelihood with a teacher, gates
+per sequence, and size-dependent rescaling."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import pytest
+
+from ppn import bayes
+from ppn.gates import RESCALE_KINDS, Units
+from ppn.testing import tiny_model
+
+TOKENS = np.random.default_rng(0).integers(0, 97, 4000)
+
+
+def test_token_losses_kl_is_zero_against_itself_and_matches_its_definition():
+    rng = np.random.default_rng(0)
+    student, teacher = (jnp.asarray(rng.normal(size=(2, 5, 11)), jnp.float32) for _ in range(2))
+    targets = jnp.asarray(rng.integers(0, 11, (2, 5)))
+    nll, kl = bayes.token_losses(student, targets, student)
+    assert abs(float(kl)) < 1e-4
+    np.testing.assert_allclose(float(nll), float(bayes.token_nll(student, targets)))
+    tau = 2.0
+    p = jax.nn.softmax(teacher / tau, -1)
+    expected = (p * (jnp.log(p) - jax.nn.log_softmax(student / tau, -1))).sum() * tau ** 2
+    np.testing.assert_allclose(float(bayes.token_losses(student, targets, teacher, tau)[1]), float(expected),
+                               rtol=1e-5)
+    assert float(bayes.token_losses(student, targets)[1]) == 0.0
+
+
+def _trace(rho, **kwargs):
+    model = tiny_model()
+    units = Units(model.config, 16)
+    batch = jnp.asarray(TOKENS[:51].reshape(3, 17))
+    with numpyro.handlers.seed(rng_seed=1), numpyro.handlers.trace() as tr:
+        z = bayes.push_puppet_model(batch, jnp.asarray(rho, jnp.float32), jnp.float32(0.5),
+                                    kwargs.pop("teacher_logits", None), network=model, units=units,
+                                    data_tokens=1000, **kwargs)
+    return tr, z, model, units, batch
+
+
+def test_the_token_factor_is_the_stated_gibbs_likelihood():
+    teacher = tiny_model(seed=7)(jnp.asarray(TOKENS[:51].reshape(3, 17))[:, :-1])
+    tr, z, model, units, batch = _trace(0.6, teacher_logits=teacher, teacher_weight=0.25, teacher_temperature=1.5)
+    out = model(batch[:, :-1], gates=bayes.block_gates(units, z))
+    nll, kl = bayes.token_losses(out, batch[:, 1:], teacher, 1.5)
+    expected = -(0.75 * nll + 0.25 * kl) * 1000 / batch[:, 1:].size
+    np.testing.assert_allclose(float(tr["tokens"]["fn"].log_factor), float(expected), rtol=1e-5)
+    with pytest.raises(ValueError, match="needs teacher_logits"):
+        _trace(0.6, teacher_weight=0.5)
+
+
+def test_each_sequence_meets_its_own_size_and_runs_on_its_own_gates():
+    rho = [0.3, 0.55, 0.9]
+    tr, z, model, units, batch = _trace(rho)
+    np.testing.assert_allclose(np.asarray(tr["ppn$metrics"]["value"]["expected_size"]), rho, atol=1e-4)
+    assert z["head"].shape == (3, 2, 4)
+    together = model(batch[:, :-1], gates=bayes.block_gates(units, z))
+    for b in range(3):
+        alone = model(batch[b:b + 1, :-1], gates=bayes.block_gates(units, {k: v[b] for k, v in z.items()}))
+        np.testing.assert_allclose(np.asarray(together[b]), np.asarray(alone[0]), atol=1e-5)
+
+
+def test_rescale_factors_are_one_at_full_size_and_monotone():
+    units = Units(tiny_model().config, 16)
+    rng = np.random.default_rng(0)
+    gamma = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in units.shapes().items()}
+    assert set(gamma) == set(RESCALE_KINDS)
+    full = bayes.rescale_factors(gamma, 1.0)
+    assert all(np.allclose(v, 1.0) for v in full.values())
+    sizes = jnp.asarray([0.2, 0.5, 0.8])
+    s = bayes.rescale_factors(gamma, sizes)
+    assert s["head"].shape == (3, 2, 4)
+    sign = np.sign(np.asarray(gamma["head"]))
+    assert (np.diff(np.asarray(s["head"]), axis=0) * sign <= 1e-7).all()  # gamma > 0: larger when smaller
+
+
+def test_rescaling_starts_as_the_identity_and_is_a_parameter():
+    tr, *_ = _trace(0.5, rescale=True)
+    plain, *_ = _trace(0.5)
+    assert all(f"rescale_{k}" in tr and tr[f"rescale_{k}"]["type"] == "param" for k in RESCALE_KINDS)
+    np.testing.assert_allclose(float(tr["tokens"]["fn"].log_factor), float(plain["tokens"]["fn"].log_factor),
+                               rtol=1e-6)
