@@ -352,6 +352,8 @@ def _tasks(cfg: BenchConfig, b: _Bench) -> list[tuple[str, Callable[[], dict]]]:
         tasks.append(("dense fine-tuned", dense_finetuned_row))
         if any(m in cfg.methods for m in SCORED_METHODS):
             tasks.append(("best structured fine-tuned@0.5", lambda: _best_structured_finetuned(b, mode, calib_tokens)))
+        if "sparsegpt" in cfg.methods:
+            tasks.append(("sparsegpt masked fine-tuned@0.5", lambda: _sparsegpt_finetuned(b, mode, calib_tokens)))
     return tasks
 
 
@@ -377,6 +379,20 @@ def _best_structured_finetuned(b: _Bench, mode: str, calib_tokens: int) -> dict:
     return _row(f"{best} fine-tuned (fit budget)", 0.5, tuned.model, b.dense, pattern="structured",
                 perplexity=b.perplexity(tuned.model), eval=mode, tokens_used=fit.train_tokens + calib_tokens,
                 prune_seconds=0.0, finetune_seconds=tuned.seconds)
+
+
+def _sparsegpt_finetuned(b: _Bench, mode: str, calib_tokens: int) -> dict:
+    """SparseGPT at sparsity 0.5, then its kept weights fine-tuned with the mask held fixed."""
+    sparse = prune_unstructured(b.dense, "sparsegpt", 0.5, windows=b.windows(), progress=b.progress)
+    fit = b.fit_config()
+    tuned = finetune(sparse.model, b.inputs()[2], fit, progress=b.progress, keep_zeros=True,
+                     run_dir=Path(b.cfg.state_dir) / "finetune-sparsegpt-0.5")
+    zeros = _zeros(tuned.model)
+    return _row("sparsegpt masked fine-tuned (fit budget)", 0.5, tuned.model, b.dense,
+                kept_prunable=b.dense.config.num_prunable_params() - zeros, pattern="unstructured",
+                perplexity=b.perplexity(tuned.model), eval=mode, tokens_used=fit.train_tokens + calib_tokens,
+                prune_seconds=sparse.seconds, finetune_seconds=tuned.seconds, prefill_ratio=None, decode_ratio=None,
+                speed_note="dense kernels: runs at dense speed")
 
 
 def _zeros(model: Llama) -> int:

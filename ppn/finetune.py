@@ -36,7 +36,7 @@ class FinetuneResult:
 
 
 def finetune(model: Llama, tokens, config: FitConfig = FitConfig(), progress: bool = True,
-             run_dir: str | os.PathLike | None = None) -> FinetuneResult:
+             run_dir: str | os.PathLike | None = None, keep_zeros: bool = False) -> FinetuneResult:
     """Fine-tunes every weight of `model` by next-token NLL with the fit's budget.
 
     Uses `config`'s steps, batch_size, seqlen, seed and lr_weights, the same
@@ -53,6 +53,9 @@ def finetune(model: Llama, tokens, config: FitConfig = FitConfig(), progress: bo
             `checkpoint_every` steps; a run killed there resumes from its last
             checkpoint with the same result as an unbroken one. None keeps
             nothing on disk.
+        keep_zeros: weights that are exactly zero get no update, so the mask
+            of an unstructured pruning (SparseGPT, Wanda) stays fixed while the
+            kept weights train (the masked fine-tune of a sparse model).
 
     Returns:
         The tuned model, the NLL of every step and the summed step time (over
@@ -66,14 +69,19 @@ def finetune(model: Llama, tokens, config: FitConfig = FitConfig(), progress: bo
     graphdef, params = nnx.split(model, nnx.Param)
     run = RunFolder(Path(run_dir) if run_dir is not None else None, config, model)
 
+    # Zero gradients keep Adam's moments, hence the updates, at zero: the masked weights never move.
+    mask = jax.tree.map(lambda p: p != 0, params) if keep_zeros else None
+
     @functools.partial(jax.jit, donate_argnums=0)
-    def step(state, batch):
+    def step(state, batch, mask):
         params, opt_state = state
 
         def loss(p):
             return token_nll(nnx.merge(graphdef, p)(batch[:, :-1]), batch[:, 1:]) / batch[:, 1:].size
 
         value, grads = jax.value_and_grad(loss)(params)
+        if mask is not None:
+            grads = jax.tree.map(lambda g, m: jnp.where(m, g, 0), grads, mask)
         updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), value
 
@@ -89,7 +97,7 @@ def finetune(model: Llama, tokens, config: FitConfig = FitConfig(), progress: bo
                        desc="finetune")
     for i in bar:
         tick = time.perf_counter()
-        state, value = step(state, jnp.asarray(next(batches)))
+        state, value = step(state, jnp.asarray(next(batches)), mask)
         history.append({"step": i, "nll_per_token": float(value), "seconds": time.perf_counter() - tick})
         if not np.isfinite(history[-1]["nll_per_token"]):
             raise FloatingPointError(f"non-finite loss {float(value)} at fine-tuning step {i}"

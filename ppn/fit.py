@@ -41,9 +41,9 @@ from jax.sharding import Mesh
 from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoNormal
 from numpyro.infer.initialization import init_to_median
-from tqdm.auto import tqdm
 
 from ppn import bayes, data, sharding
+from ppn.console import progress_bar
 from ppn.gates import Units
 from ppn.models.llama import Llama
 from ppn.report import atomic_write_text
@@ -580,8 +580,8 @@ def fit(model: Llama, tokens, config: FitConfig = FitConfig(), run_dir: str | os
 
     batches = data.train_batches(tokens, cfg.batch_size, cfg.seqlen + 1, cfg.seed, start_step=step0)
     consecutive = 0
-    bar = tqdm(range(step0, cfg.steps), initial=step0, total=cfg.steps, desc="fit",
-               disable=not (progress and sharding.is_main_process()))
+    bar = progress_bar(range(step0, cfg.steps), initial=step0, total=cfg.steps, desc="fit",
+                       enabled=progress and sharding.is_main_process())
     for step in bar:
         rho, temperature = cfg.sizes(step), cfg.temperature(step)
         tick = time.perf_counter()

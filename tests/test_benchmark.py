@@ -24,6 +24,7 @@ def test_every_method_has_its_rows(smoke):
     cfg, rows = smoke
     keys = {r["key"] for r in rows}
     assert "dense" in keys and "dense fine-tuned" in keys and "best structured fine-tuned@0.5" in keys
+    assert "sparsegpt masked fine-tuned@0.5" in keys
     for s in cfg.sizes:
         assert {f"{m}@{s}" for m in ("ppn", "block_influence", "flap", "wanda_structured", "random")} <= keys
     for s in cfg.unstructured_sizes:

@@ -435,6 +435,20 @@ def test_finetune_learns_a_repeating_text_and_leaves_the_input_model_alone():
         np.testing.assert_array_equal(a, np.asarray(b))
 
 
+def test_masked_finetune_keeps_the_zeros_of_a_sparse_model():
+    from ppn.finetune import finetune
+
+    model = tiny_model()
+    model.blocks[0].mlp.down[...] = model.blocks[0].mlp.down[...].at[:, ::2].set(0.0)
+    tokens = np.tile(np.arange(10), 400)
+    cfg = FitConfig(steps=5, batch_size=2, seqlen=16, lr_weights=3e-3)
+    tuned = finetune(model, tokens, cfg, progress=False, keep_zeros=True).model
+    down, before = np.asarray(tuned.blocks[0].mlp.down[...]), np.asarray(model.blocks[0].mlp.down[...])
+    assert (down[:, ::2] == 0).all() and (np.abs(down[:, 1::2] - before[:, 1::2]) > 0).mean() > 0.9
+    free = np.asarray(finetune(model, tokens, cfg, progress=False).model.blocks[0].mlp.down[...])
+    assert (free[:, ::2] != 0).mean() > 0.9  # without the mask the zeros move
+
+
 def test_finetune_killed_and_resumed_equals_an_unbroken_run(tmp_path, monkeypatch):
     from ppn.finetune import finetune
 
