@@ -101,6 +101,17 @@ def test_fsdp_run_killed_on_one_mesh_resumes_on_another_equal_to_the_single_devi
     assert q.sharding == NamedSharding(mesh, PartitionSpec(None, None, "fsdp"))
 
 
+def test_the_quality_options_fit_sharded_equal_to_one_device():
+    """A frozen teacher (FSDP-sharded like the weights), a size per sequence and
+    rescaling: the same fit on data=2, fsdp=4 as on one device."""
+    cfg = FitConfig(**{**CFG.__dict__, "teacher": "start", "teacher_weight": 0.5, "size_sampling": "sequence",
+                       "rescale": True})
+    single = fit(tiny_model(), TOKENS, cfg, progress=False)
+    sharded = fit(tiny_model(), TOKENS, cfg, progress=False, mesh=_mesh((2, 4)))
+    assert len(sharded.metrics[0]["sizes"]) == cfg.batch_size and "rescale_head" in sharded.guide_params
+    _assert_same_fit(single, sharded)
+
+
 # ------------------------------------------------------------- perplexity
 def test_sharded_perplexity_equals_single_device():
     model = tiny_model()
