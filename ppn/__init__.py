@@ -2,7 +2,8 @@
 
 The data flow, one module per step:
 
-    checkpoint   load_model, save_model, load_tokenizer   (HF directories, GGUF, the zoo)
+    checkpoint   load_model, save_model, load_tokenizer   (HF directories and Hub ids, GGUF, the zoo;
+                 from_pretrained, save_pretrained: the same under transformers' names)
     models       Llama, LlamaConfig                        (Flax NNX decoder, per-block shapes)
     gates        Units, KeepSet                            (prunable units and their exact costs)
     bayes        push_puppet_model                         (hierarchical prior, hard-concrete gates)
@@ -13,7 +14,7 @@ The data flow, one module per step:
     speculative  speculative_generate, draft_from_plan, choose_draft  (a pruned draft speeds up its target)
 """
 
-from ppn.checkpoint import count_params, load_model, load_tokenizer, save_model
+from ppn.checkpoint import count_params, from_pretrained, load_model, load_tokenizer, save_model, save_pretrained
 from ppn.evaluate import perplexity
 from ppn.fit import FitConfig, FitResult, fit
 from ppn.gates import KeepSet, Units
@@ -26,6 +27,7 @@ from ppn.speculative import SpeculativeResult, choose_draft, draft_from_plan, sp
 
 __all__ = [
     "FitConfig", "FitResult", "KVCache", "KeepSet", "LayerShape", "Llama", "LlamaConfig", "Plan", "RopeScaling",
-    "SpeculativeResult", "Units", "choose_draft", "count_params", "draft_from_plan", "fit", "generate", "load_model",
-    "load_pruned", "load_tokenizer", "perplexity", "prune", "save_model", "speculative_generate",
+    "SpeculativeResult", "Units", "choose_draft", "count_params", "draft_from_plan", "fit", "from_pretrained",
+    "generate", "load_model", "load_pruned", "load_tokenizer", "perplexity", "prune", "save_model", "save_pretrained",
+    "speculative_generate",
 ]

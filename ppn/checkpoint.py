@@ -1,12 +1,21 @@
 """Strict loading and atomic saving of checkpoints.
 
 A source is a Hugging Face checkpoint directory (config.json plus model.safetensors
-or a sharded model.safetensors.index.json), a `.gguf` file, or a zoo name such as
-"smollm2-135m". Loading builds the module abstractly with `nnx.eval_shape` (no
-random initialisation, no second copy of the weights) and fills it tensor by
-tensor from memory-mapped files. It is strict: every expected tensor must be
+or a sharded model.safetensors.index.json), a `.gguf` file, a zoo name such as
+"smollm2-135m-instruct-q4_1", or a Hugging Face Hub repo id such as
+"HuggingFaceTB/SmolLM2-135M" (downloaded once into the Hub's own cache).
+Loading builds the module abstractly with `nnx.eval_shape` (no random
+initialisation, no second copy of the weights) and fills it tensor by tensor
+from memory-mapped files. It is strict: every expected tensor must be
 present with its exact shape, and no unexpected tensor may remain; errors name
 the tensor and the file.
+
+Saving writes the Hugging Face layout: config.json (with the weights' `dtype`),
+then model.safetensors, or shards with a model.safetensors.index.json beyond
+`max_shard_size`. A model pruned to different shapes per block cannot be built
+by transformers; its config.json says so with its own model type
+("ppn_pruned_llama"), which transformers refuses by name instead of loading the
+dense shapes and re-initialising the weights that do not fit.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -31,6 +41,13 @@ from ppn.models.llama import Llama
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+# transformers' own default for `save_pretrained` (5.x): in practice, one file
+MAX_SHARD_SIZE = "50GB"
+
+PRUNED_PREFIX = "ppn_pruned_"  # model_type and (capitalised) architecture prefix of per-block pruned checkpoints
+PRUNED_NOTE = ("Pruned by ppn with different shapes per block (listed in ppn_layers): transformers cannot build "
+               "this model. Load it with ppn.load_model, or export a standard Hugging Face checkpoint with "
+               "`ppn resize --uniform` (ppn.load_pruned(..., uniform=True)).")
 
 log = logging.getLogger(__name__)
 
@@ -272,13 +289,94 @@ def read_config(directory: Path) -> LlamaConfig:
     except json.JSONDecodeError as e:
         raise ValueError(f"corrupt config {file}: {e}") from e
     try:
-        return LlamaConfig.from_hf(hf)
+        return config_from_hf(hf)
     except (ValueError, KeyError) as e:
         raise ValueError(f"{file}: {e}") from e
 
 
+def hf_config(config: LlamaConfig, dtype="float32") -> dict:
+    """The config.json dictionary that `save_model` writes for `config`.
+
+    `LlamaConfig.to_hf` with the weights' dtype under transformers 5's `dtype`
+    key. A per-block pruned config (`layers` set) also gets its own model type
+    and architecture, e.g. "ppn_pruned_llama" and "PpnPrunedLlamaForCausalLM",
+    and a `ppn_note` saying how to get a standard checkpoint: transformers then
+    refuses it as an unknown architecture rather than build the dense shapes.
+
+    Args:
+        config: the architecture, dense or pruned.
+        dtype: dtype of the saved weights.
+    """
+    d = config.to_hf()
+    d.pop("torch_dtype", None)
+    d["dtype"] = str(jnp.dtype(dtype))
+    if config.layers is None:
+        return d
+    arch = d["architectures"][0]
+    return {"ppn_note": PRUNED_NOTE, **d, "model_type": PRUNED_PREFIX + d["model_type"],
+            "architectures": ["PpnPruned" + arch]}
+
+
+def config_from_hf(hf: dict) -> LlamaConfig:
+    """The `LlamaConfig` of a config.json dictionary, ppn's pruned model types included.
+
+    Raises:
+        ValueError: an unsupported architecture, or a pruned model type without
+            its per-block shapes.
+    """
+    model_type = hf.get("model_type", "llama")
+    if model_type.startswith(PRUNED_PREFIX):
+        if not hf.get("ppn_layers"):
+            raise ValueError(f"model_type {model_type!r} needs the per-block shapes in ppn_layers, which are missing")
+        hf = hf | {"model_type": model_type.removeprefix(PRUNED_PREFIX)}
+    return LlamaConfig.from_hf(hf)
+
+
+# "org/name": what the Hub accepts as a repo id (letters, digits, "-", "_", "."; not starting with ".")
+HUB_ID = re.compile(r"[\w-][\w.-]*/[\w-][\w.-]*")
+# a checkpoint's files on the Hub: its config and weights, and the tokenizer's files; not other
+# formats (pytorch_model.bin, consolidated.safetensors, onnx/, gguf) that some repos carry as well
+HUB_FILES = ["config.json", "generation_config.json", SINGLE_FILE, "model-*-of-*.safetensors", INDEX_FILE,
+             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+             "tokenizer.model", "vocab.json", "merges.txt"]
+
+
+def is_hub_id(source: str) -> bool:
+    """Whether `source` has the form of a Hugging Face Hub repo id, "org/name"."""
+    return HUB_ID.fullmatch(source) is not None and not source.endswith((".", ".gguf"))
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot of Hub repo `repo_id`, downloading its checkpoint files on first use.
+
+    Goes through `huggingface_hub.snapshot_download`, so the files live in the
+    Hub's cache (`HF_HUB_CACHE`, `HF_HOME`), are shared with transformers, and
+    are found offline (`HF_HUB_OFFLINE=1`) once downloaded.
+
+    Raises:
+        FileNotFoundError: the repo is unknown, gated, unreachable or not cached
+            offline; the message names the repo id and the Hub's reason.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except (OSError, HFValidationError) as e:  # the Hub's HTTP and cache errors are OSErrors
+        raise FileNotFoundError(
+            f"no checkpoint at {repo_id!r}: not an existing directory or .gguf file, nor a known model name, and "
+            f"the Hugging Face Hub repo {repo_id!r} could not be fetched ({type(e).__name__}: {e})") from e
+
+
 def resolve_source(source: str | os.PathLike) -> Path:
-    """A checkpoint directory or .gguf file for `source`, fetching zoo names on first use."""
+    """A checkpoint directory or .gguf file for `source`.
+
+    In this order: an existing path; a zoo name, fetched and converted on first
+    use; a Hub repo id ("org/name"), downloaded on first use (`hub_snapshot`).
+
+    Raises:
+        FileNotFoundError: none of these; the message names `source`.
+    """
     path = Path(source).expanduser()
     if path.exists():
         return path
@@ -286,9 +384,11 @@ def resolve_source(source: str | os.PathLike) -> Path:
 
     if zoo.is_zoo_name(str(source)):
         return zoo.fetch(str(source))
+    if is_hub_id(str(source)):
+        return hub_snapshot(str(source))
     raise FileNotFoundError(
         f"no checkpoint at {str(source)!r}: not an existing directory or .gguf file, "
-        f"nor a known model name ({', '.join(zoo.MODELS)})")
+        f"nor a known model name ({', '.join(zoo.names())}), nor a Hugging Face Hub repo id (org/name)")
 
 
 def safetensors_dir(source: str | os.PathLike, *, progress: bool = True) -> Path:
@@ -326,8 +426,10 @@ def load_model(source: str | os.PathLike, dtype="float32") -> Llama:
     """Loads a LLaMA-family model strictly.
 
     Args:
-        source: a Hugging Face checkpoint directory, a `.gguf` file, or a zoo
-            name ("smollm2-135m", fetched and converted on first use).
+        source: a Hugging Face checkpoint directory, a `.gguf` file, a zoo
+            name ("smollm2-135m-instruct-q4_1", fetched and converted on first
+            use) or a Hub repo id ("HuggingFaceTB/SmolLM2-135M", downloaded on
+            first use).
         dtype: weight and activation dtype, "float32" (default) or "bfloat16".
 
     Returns:
@@ -443,23 +545,60 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> _AtomicDir
     return _AtomicDir(Path(target), overwrite)
 
 
-def save_model(model: Llama, directory: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
-    """Writes a Hugging Face-compatible checkpoint directory atomically.
+def save_model(model: Llama, directory: str | os.PathLike, tokenizer=None, overwrite: bool = False,
+               max_shard_size: int | str = MAX_SHARD_SIZE) -> Path:
+    """Writes a Hugging Face checkpoint directory atomically.
 
-    The directory holds config.json (with per-block shapes when pruned),
-    model.safetensors, and the tokenizer's files when one is given. Nothing is
-    written at `directory` unless everything succeeded.
+    The directory holds config.json (see `hf_config`), the weights in their
+    dtype, and the tokenizer's files when one is given. Weights above
+    `max_shard_size` are split like transformers' `save_pretrained` does, into
+    model-00001-of-0000N.safetensors ... with a model.safetensors.index.json;
+    else they go in one model.safetensors. Nothing is written at `directory`
+    unless everything succeeded.
+
+    A model pruned to the same shape in every block (`uniform=True`) is a
+    standard checkpoint that transformers loads; one with different shapes per
+    block has model type "ppn_pruned_llama" (or _mistral, _qwen2), which only
+    ppn loads.
+
+    Args:
+        model: the model to save.
+        directory: the checkpoint directory to create.
+        tokenizer: a Hugging Face tokenizer saved beside the weights, or None.
+        overwrite: replace an existing non-empty `directory`.
+        max_shard_size: largest shard, in bytes or as a string like "5GB"
+            (transformers' default, "50GB", keeps today's models in one file).
+
+    Returns:
+        `directory` as a Path.
+
+    Raises:
+        FileExistsError: `directory` exists, is not empty and `overwrite` is False.
     """
+    from huggingface_hub import split_state_dict_into_shards_factory
     from safetensors.flax import save_file
 
     target = Path(directory)
     with atomic_dir(target, overwrite) as tmp:
-        (tmp / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2))
-        save_file({name: jnp.asarray(t) for name, t in hf_tensors(model)}, str(tmp / SINGLE_FILE),
-                  metadata={"format": "pt"})
+        tensors = {name: jnp.asarray(t) for name, t in hf_tensors(model)}
+        split = split_state_dict_into_shards_factory(tensors, get_storage_size=lambda t: t.nbytes,
+                                                     filename_pattern="model{suffix}.safetensors",
+                                                     max_shard_size=max_shard_size)
+        (tmp / "config.json").write_text(json.dumps(hf_config(model.config, model.dtype), indent=2))
+        for file, names in split.filename_to_tensors.items():
+            save_file({name: tensors[name] for name in names}, str(tmp / file), metadata={"format": "pt"})
+        if split.is_sharded:
+            index = {"metadata": {"total_parameters": count_params(model), **split.metadata},
+                     "weight_map": split.tensor_to_filename}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return target
+
+
+# the names transformers users reach for; a model saves as `ppn.save_pretrained(model, directory)`
+from_pretrained = load_model
+save_pretrained = save_model
 
 
 def count_params(model: Llama) -> int:

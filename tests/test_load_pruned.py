@@ -141,14 +141,30 @@ def test_a_uniform_keep_set_is_a_standard_dense_model_that_fills_its_budget(over
 
 
 def test_pruned_exports_describe_themselves(tmp_path, checkpoint):
-    """Non-uniform: per-block shapes in config.json's ppn_layers; uniform: a plain HF config."""
+    """Non-uniform: ppn's own model type with per-block shapes in ppn_layers and a note
+    naming --uniform; uniform: a plain llama config. ppn reads both back identically."""
     path, _, plan = checkpoint
     for uniform in (False, True):
         small = ppn.load_pruned(path, plan, 0.7, uniform=uniform)
         out = ppn.save_model(small, tmp_path / f"out-{uniform}")
         hf = json.loads((out / "config.json").read_text())
         assert ("ppn_layers" in hf) is (not uniform)
+        if uniform:
+            assert (hf["model_type"], hf["architectures"]) == ("llama", ["LlamaForCausalLM"]) and "ppn_note" not in hf
+        else:
+            assert (hf["model_type"], hf["architectures"]) == ("ppn_pruned_llama", ["PpnPrunedLlamaForCausalLM"])
+            assert "ppn resize --uniform" in hf["ppn_note"]
         assert_same_model(ppn.load_model(out), small)
+
+
+def test_transformers_refuses_a_non_uniform_export_by_its_model_type(tmp_path, checkpoint):
+    """Rather than build the dense shapes and re-initialise what does not fit."""
+    import transformers
+
+    path, _, plan = checkpoint
+    out = ppn.save_model(ppn.load_pruned(path, plan, 0.5), tmp_path / "pruned")
+    with pytest.raises(ValueError, match="model type `ppn_pruned_llama`"):
+        transformers.AutoModelForCausalLM.from_pretrained(out)
 
 
 def test_uniform_export_loads_in_transformers_with_equal_logits(tmp_path):

