@@ -1,4 +1,4 @@
-"""The benchmark of BENCHMARK.md: dense, ppn and every baseline at every size,
+"""The benchmark of experiments/BENCHMARK.md: dense, ppn and every baseline at every size,
 the fine-tuned fairness rows, and speed; one table and one plot.
 
     python experiments/benchmark.py --quick     # about an hour on a 2-core CPU

@@ -6,13 +6,13 @@ fine-tuned on the same tokens. The rows come from results files of `ppn bench`
 `--finetune-steps N`) and of `ppn fit` (ppn rows); they are paired by their number
 of training tokens, so a budget's two rows may come from one file or from two:
 
-    python experiments/budget_study.py results/benchmark_quick_trim.json \
-        results/benchmark_quick_steps600.json results/fit_full.json \
-        results/benchmark_quick_full.json
+    python experiments/budget_study.py results/benchmark/benchmark_quick_trim.json \
+        results/benchmark/benchmark_quick_steps600.json results/budget/fit_full.json \
+        results/benchmark/benchmark_quick_full.json
 
 Per budget: training tokens, ppn's and the fine-tuned dense model's perplexity,
 their ratio, and whether it meets the aim. Measured budgets only: a line drawn
-beyond them is a guess, not a result. Writes results/budget_study.json, .md and .png.
+beyond them is a guess, not a result. Writes results/budget/budget_study.json, .md and .png.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def plot(rows: list[dict], aim: float, path: Path) -> None:
     plt.close(fig)
 
 
-def main(paths: list[str], size: float = 0.5, aim: float = 1.5, out_dir: str = "results",
+def main(paths: list[str], size: float = 0.5, aim: float = 1.5, out_dir: str = "results/budget",
          name: str = "budget_study") -> list[dict]:
     rows = study(paths, size, aim)
     write_results(name, rows, COLUMNS, out_dir=out_dir,
@@ -126,7 +126,7 @@ if __name__ == "__main__":
     parser.add_argument("results", nargs="+", help="results/*.json files of ppn bench and ppn fit")
     parser.add_argument("--size", type=float, default=0.5)
     parser.add_argument("--aim", type=float, default=1.5)
-    parser.add_argument("--out-dir", default="results")
+    parser.add_argument("--out-dir", default="results/budget")
     parser.add_argument("--name", default="budget_study")
     a = parser.parse_args()
     for row in main(a.results, a.size, a.aim, a.out_dir, a.name):

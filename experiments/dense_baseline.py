@@ -4,7 +4,7 @@ throughput of the ppn (JAX) model against the Hugging Face PyTorch model, in one
     python experiments/dense_baseline.py            # SmolLM2-135M, full validation split
     python experiments/dense_baseline.py --smoke    # tiny random model, seconds
 
-Writes results/dense_baseline.json and .md. PyTorch is imported here only as the
+Writes results/dense/dense_baseline.json and .md. PyTorch is imported here only as the
 reference implementation; the library itself never imports it.
 """
 
@@ -33,7 +33,7 @@ class Config:
     prompt_len: int = 128
     new_tokens: int = 128
     torch_perplexity: bool = True
-    out_dir: str = "results"
+    out_dir: str = "results/dense"
     smoke: bool = False
 
 
@@ -129,7 +129,7 @@ if __name__ == "__main__":
     parser.add_argument("--smoke", action="store_true", help="tiny random model, a few seconds")
     parser.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
     parser.add_argument("--no-torch-perplexity", action="store_true", help="skip the PyTorch perplexity")
-    parser.add_argument("--out-dir", default="results")
+    parser.add_argument("--out-dir", default="results/dense")
     a = parser.parse_args()
     smoke = dict(seqlen=64, prefill_batch=2, prompt_len=16, new_tokens=16) if a.smoke else {}
     main(Config(max_windows=a.max_windows, torch_perplexity=not a.no_torch_perplexity, out_dir=a.out_dir,

@@ -7,7 +7,7 @@ full validation perplexity by default (the main job measures quick perplexity).
 Reads the run's job.json (model, dtype, sizes), the fitted model and plan.json;
 evaluates the dense model, the fitted model unpruned and the plan's cut at each
 size (no random floor: the quick table has it). Writes
-results/<run folder name>_<eval>.json and .md.
+results/ablations/<run folder name>_<eval>.json and .md.
 """
 
 import argparse
@@ -20,7 +20,7 @@ from ppn.plan import Plan
 from ppn.report import write_results
 
 
-def main(run_dir: str, windows: int | None = None, out_dir: str = "results") -> list[dict]:
+def main(run_dir: str, windows: int | None = None, out_dir: str = "results/ablations") -> list[dict]:
     job = load_job(run_dir)
     dense, _, _, valid = load_inputs(job.model, job.dtype, job.smoke, job.random_weights, valid_text=job.valid_text)
     fitted = load_model(Path(run_dir) / "model", dtype=job.dtype)
@@ -38,7 +38,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--windows", type=int, default=None, help="validation windows (default: all of them)")
-    parser.add_argument("--out-dir", default="results")
+    parser.add_argument("--out-dir", default="results/ablations")
     a = parser.parse_args()
     for row in main(a.run_dir, a.windows, a.out_dir):
         print(row)

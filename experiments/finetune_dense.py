@@ -5,7 +5,7 @@ perplexity, beside the untouched dense model.
     python experiments/finetune_dense.py            # SmolLM2-135M, FitConfig() budget
     python experiments/finetune_dense.py --smoke    # tiny model, seconds
 
-Writes results/finetune_dense.json and .md (finetune_dense_steps<N> with --steps N
+Writes results/dense/finetune_dense.json and .md (finetune_dense_steps<N> with --steps N
 other than the default).
 """
 
@@ -27,7 +27,7 @@ class Config:
     model: str = "smollm2-135m"
     fit: ppn.FitConfig = ppn.FitConfig()
     eval_windows: int = 64
-    out_dir: str = "results"
+    out_dir: str = "results/dense"
     name: str = "finetune_dense"
     smoke: bool = False
 
@@ -61,7 +61,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--steps", type=int, help="override FitConfig's steps")
-    parser.add_argument("--out-dir", default="results")
+    parser.add_argument("--out-dir", default="results/dense")
     a = parser.parse_args()
     fit = ppn.FitConfig(steps=4, batch_size=2, seqlen=32, group_width=16) if a.smoke else ppn.FitConfig()
     name = "finetune_dense"

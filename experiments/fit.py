@@ -1,5 +1,5 @@
 """The main job: fit a push puppet network on the Shakespeare train split, then cut
-the fitted model to every size of BENCHMARK.md and report validation perplexity.
+the fitted model to every size of experiments/BENCHMARK.md and report validation perplexity.
 
     python experiments/fit.py                 # SmolLM2-135M, default CPU budget (~20 min)
     python experiments/fit.py --full          # the full budget

@@ -8,7 +8,7 @@ temperature ("median_gap").
     python experiments/gate_gap.py --run-dir runs/smollm2-135m   # after `ppn fit`
     python experiments/gate_gap.py --smoke                        # tiny model, seconds
 
-Writes results/gate_gap.json and .md.
+Writes results/budget/gate_gap.json and .md.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class Config:
     sizes: tuple[float, ...] = (0.9, 0.7, 0.5, 0.4, 0.3)
     eval_windows: int = 64
     temperature: float | None = None  # None: the fit's final temperature (temperature_end)
-    out_dir: str = "results"
+    out_dir: str = "results/budget"
     name: str = "gate_gap"  # of the results files
     smoke: bool = False
 
@@ -72,7 +72,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", default="runs/smollm2-135m")
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--out-dir", default="results")
+    parser.add_argument("--out-dir", default="results/budget")
     parser.add_argument("--name", default="gate_gap", help="results file name (without .json)")
     a = parser.parse_args()
     smoke = dict(eval_windows=4) if a.smoke else {}

@@ -15,7 +15,7 @@ the model's bytes, and added memory over what the dense load adds.
     python experiments/load_memory.py                   # runs/smollm2-135m/plan.json and its checkpoint
     python experiments/load_memory.py --smoke           # tiny model in a temporary folder, seconds
 
-Writes results/load_memory.json, .md and .png (load_memory_smoke.* with --smoke).
+Writes results/speed/load_memory.json, .md and .png (load_memory_smoke.* with --smoke).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class Config:
     sizes: tuple[float, ...] = (0.5, 0.3)
     uniform: bool = False
     repeats: int = 3
-    out_dir: str = "results"
+    out_dir: str = "results/speed"
     smoke: bool = False
 
 
@@ -179,7 +179,7 @@ if __name__ == "__main__":
     parser.add_argument("--sizes", default="0.5,0.3", help="comma-separated sizes for load_pruned")
     parser.add_argument("--uniform", action="store_true", help="load_pruned with uniform=True")
     parser.add_argument("--repeats", type=int, default=Config.repeats, help="processes per load (median)")
-    parser.add_argument("--out-dir", default="results")
+    parser.add_argument("--out-dir", default="results/speed")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # internal: one measurement, in this process
     a = parser.parse_args()

@@ -15,7 +15,7 @@ that one step of size `lr` (the fit's default lr_weights; Adam's first steps
 are about lr per weight) leaves unchanged when rounded to bfloat16: why a
 bfloat16 fit keeps float32 master weights (`ppn.fit`).
 
-Writes results/precision.json and .md (precision_smoke.* with --smoke).
+Writes results/speed/precision.json and .md (precision_smoke.* with --smoke).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class Config:
     seqlen: int = 512
     kl_windows: int = 8
     lr: float = FitConfig.lr_weights
-    out_dir: str = "results"
+    out_dir: str = "results/speed"
     smoke: bool = False
 
 
@@ -112,7 +112,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny random model, seconds")
     parser.add_argument("--max-windows", type=int, default=64, help="validation windows (default 64: quick)")
-    parser.add_argument("--out-dir", default="results")
+    parser.add_argument("--out-dir", default="results/speed")
     a = parser.parse_args()
     main(Config(max_windows=a.max_windows, out_dir=a.out_dir, smoke=a.smoke,
                 **(dict(seqlen=64, kl_windows=2) if a.smoke else {})))

@@ -7,7 +7,7 @@ runs side by side, from their metrics.jsonl alone.
 
 Per run: the mean and largest |E[size] - rho| over all steps and over the last
 third, and the mean signed error on steps that asked for rho < 0.4. Writes
-results/size_tracking.json, .md and .png (expected size against the asked size,
+results/speed/size_tracking.json, .md and .png (expected size against the asked size,
 one panel per run).
 """
 
@@ -64,7 +64,7 @@ def plot(run_dirs: list[Path], path: Path) -> None:
     plt.close(fig)
 
 
-def main(run_dirs: list[str], out_dir: str = "results", name: str = "size_tracking") -> list[dict]:
+def main(run_dirs: list[str], out_dir: str = "results/speed", name: str = "size_tracking") -> list[dict]:
     dirs = [Path(d) for d in run_dirs]
     rows = [summary(d) for d in dirs]
     write_results(name, rows, COLUMNS, out_dir=out_dir,
@@ -77,7 +77,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="*", help="run folders of ppn fit")
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--out-dir", default="results")
+    parser.add_argument("--out-dir", default="results/speed")
     a = parser.parse_args()
     if a.smoke:
         import ppn

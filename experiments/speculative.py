@@ -6,13 +6,13 @@ round, and the size and k `choose_draft` picks on separate calibration prompts,
 with the full vocabulary and with a shortlist of the train split's most frequent
 tokens, `ShortlistDraft`).
 Prompts are windows of the validation text; greedy decoding, batch 1, KV cache
-(BENCHMARK.md, "Speed, memory and cost"). The decoders take turns on each
+(experiments/BENCHMARK.md, "Speed, memory and cost"). The decoders take turns on each
 prompt, so the machine's slow spells fall on all of them alike.
 
     python experiments/speculative.py --run-dir runs/smollm2-135m   # after `ppn fit`
     python experiments/speculative.py --smoke                        # tiny model, seconds
 
-Writes results/speculative.json and .md (one row per decoder), speculative.png
+Writes results/speed/speculative.json and .md (one row per decoder), speculative.png
 (speed-up and acceptance by draft), and speculative_choice.json and .md (the
 estimate of every candidate (size, k)).
 """
@@ -46,7 +46,7 @@ class Config:
     calibration_prompts: int = 4  # for the automatic choice, disjoint from the timed prompts
     shortlist: int = 8192  # the shortlist drafts score the train split's most frequent tokens
     seed: int = 0
-    out_dir: str = "results"
+    out_dir: str = "results/speed"
     smoke: bool = False
 
 
@@ -180,7 +180,7 @@ if __name__ == "__main__":
     parser.add_argument("--run-dir", default="runs/smollm2-135m")
     parser.add_argument("--num-prompts", type=int, default=4)
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--out-dir", default="results")
+    parser.add_argument("--out-dir", default="results/speed")
     a = parser.parse_args()
     sizes = SMOKE if a.smoke else {"num_prompts": a.num_prompts}
     for row in main(Config(run_dir=a.run_dir, out_dir=a.out_dir, smoke=a.smoke, **sizes)):

@@ -14,7 +14,7 @@ set and would otherwise simply open every gate).
 Gates are hard-concrete samples at eta_g, so the network trains on exact zeros
 and ones. The hierarchical prior (non-centred) ties units to their layer and
 layers to the model; its negative log density is the "hierarchical penalty".
-One addition to DESIGN.md's prior: layer gates sit a learned margin above their
+Beyond the original formulation (ppn/METHOD.md), layer gates sit a learned margin above their
 units (`_layer_margin`), so that units close before whole sub-layers do.
 `push_puppet_model` is public so that `numpyro.infer.Predictive` can run it.
 
@@ -92,13 +92,13 @@ def _layer_margin() -> jax.Array:
 
 
 def hierarchical_prior(units: Units) -> tuple[dict, dict]:
-    """DESIGN.md's prior (model -> layer -> unit intercepts, Normal unit
+    """The formulation's prior (model -> layer -> unit intercepts, Normal unit
     deviations) with layer gates a learned margin above their units: the default."""
     return _hierarchical(units, dist.Normal(0.0, 1.0))
 
 
 def design_prior(units: Units) -> tuple[dict, dict]:
-    """DESIGN.md's prior exactly as written: layer gates share their units'
+    """The original formulation's prior exactly as written: layer gates share their units'
     layer intercept, with no margin (the ablation of `_layer_margin`)."""
     return _hierarchical(units, dist.Normal(0.0, 1.0), margin=False)
 
@@ -238,7 +238,7 @@ _ascend.defvjp(lambda x: (x, None), lambda _, g: (-g,))
 
 def lagrange_penalty(size_error: jax.Array) -> jax.Array:
     """lambda_1 (s - rho) + lambda_2 (s - rho)^2 with multipliers that the same
-    optimiser step ascends (targeted structured pruning's constraint, DESIGN.md (b)).
+    optimiser step ascends (targeted structured pruning's constraint, the alternative to the push offset).
     With several sizes in a step, both terms are averaged over them."""
     lam = _ascend(numpyro.param("size_lagrange", jnp.zeros(2)))
     return lam[0] * size_error.mean() + lam[1] * (size_error ** 2).mean()

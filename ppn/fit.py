@@ -100,7 +100,7 @@ class FitConfig:
             into the weights when the model is cut.
         lr_rescale: Adam learning rate of the rescaling exponents.
         constraint: "offset" (push offset: expected size = rho exactly at every
-            step) or "lagrange" (gradient-ascended multipliers; DESIGN.md's
+            step) or "lagrange" (gradient-ascended multipliers; ppn/METHOD.md's
             alternative, kept for comparison).
         data_tokens: tokens the likelihood is scaled to; None = len(tokens).
         checkpoint_every: steps between checkpoints of the run folder.

@@ -6,7 +6,8 @@
 
 Writes into the run folder: config.json, metrics.jsonl, checkpoints/, model/
 (the fitted dense weights, HF format), plan.json, posterior.nc (ArviZ), PNG
-plots and table.md; and results/<name>.json + .md with one row per size.
+plots and table.md; and the results JSON (default <run folder>/results.json) + .md
+with one row per size.
 With several processes (`jax.distributed`) every process computes, and
 process 0 alone writes those files.
 """
@@ -50,7 +51,8 @@ class JobConfig:
         fit: the fit's knobs.
         sizes: target fractions of prunable parameters to cut to.
         eval_windows: validation windows per perplexity (64 = "quick", None = full).
-        results: the results JSON to write (a markdown table goes beside it).
+        results: the results JSON to write (a markdown table goes beside it);
+            None = results.json in the run folder.
         random_floor: also evaluate a random structure at each size (same weights).
         smoke: a tiny random model and random tokens instead of the real ones.
         dtype: weight and activation dtype of the model, "float32" or "bfloat16"
@@ -71,7 +73,7 @@ class JobConfig:
     fit: FitConfig = FitConfig()
     sizes: tuple[float, ...] = SIZES
     eval_windows: int | None = 64
-    results: str = "results/fit.json"
+    results: str | None = None
     random_floor: bool = True
     smoke: bool = False
     dtype: str = "float32"
@@ -149,7 +151,7 @@ def run(cfg: JobConfig, progress: bool = True) -> list[dict]:
                      random_floor=cfg.random_floor, dense_perplexity=dense_ppl)
     for r in rows:
         r["fit_seconds"] = fit_seconds if r["train_tokens"] else 0.0
-    results = Path(cfg.results)
+    results = Path(cfg.results) if cfg.results else run_dir / "results.json"
     if main:
         write_results(results.stem, rows, COLUMNS, out_dir=results.parent,
                       title=f"Push puppet fit on {cfg.model}: validation perplexity by size ({mode})",

@@ -1,4 +1,4 @@
-"""Throughput measurements of the BENCHMARK.md protocol, for any `Llama` (dense or pruned).
+"""Throughput measurements of the experiments/BENCHMARK.md protocol, for any `Llama` (dense or pruned).
 
 Each function compiles first (untimed), then reports the median of `repeats`
 timed runs, blocking on the result so asynchronous dispatch is not mistaken for

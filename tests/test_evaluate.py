@@ -1,4 +1,4 @@
-"""Perplexity against its definition (BENCHMARK.md), on tiny models with known answers."""
+"""Perplexity against its definition (experiments/BENCHMARK.md), on tiny models with known answers."""
 
 import math
 

@@ -75,6 +75,9 @@ def test_fit_memory_smoke(tmp_path):
     loaded = rows[0]["peak_gib"]
     assert all(0.05 < r["median_gib"] <= r["peak_gib"] < 64 for r in rows)
     assert rows[2]["peak_gib"] >= loaded * 0.9 and rows[1]["seconds"] > 0 and rows[2]["seconds"] > 0
+    steps = rows[2]
+    assert steps["step_per_forward"] > 1 and 0 <= steps["system_cpu_share"] <= 1
+    assert steps["minor_faults_per_second"] >= 0 and steps["allocator"]
 
 
 def test_size_tracking_smoke(tmp_path):

@@ -1,1 +1,1 @@
-"""One-shot pruning baselines on ppn's own model (BENCHMARK.md), each written from its paper."""
+"""One-shot pruning baselines on ppn's own model (experiments/BENCHMARK.md), each written from its paper."""

@@ -75,7 +75,7 @@ class BlockStats:
 
 def calibration_windows(tokens, num_windows: int = 128, seqlen: int = 512, seed: int = 0) -> np.ndarray:
     """`num_windows` windows of `seqlen` tokens with start positions drawn uniformly
-    from the token stream (BENCHMARK.md: 128 x 512 from the train split, seed 0).
+    from the token stream (experiments/BENCHMARK.md: 128 x 512 from the train split, seed 0).
 
     Returns:
         int32 (num_windows, seqlen).

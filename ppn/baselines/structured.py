@@ -1,5 +1,5 @@
 """Structured one-shot baselines: scores for layers, heads and MLP groups, and the
-keep-sets they give at any size (BENCHMARK.md, "structured baselines").
+keep-sets they give at any size (experiments/BENCHMARK.md, "structured baselines").
 
 Methods (`STRUCTURED_METHODS`):
 
