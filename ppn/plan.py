@@ -137,6 +137,11 @@ class Plan:
             raise FileNotFoundError(f"no plan file at {path}")
         try:
             doc = json.loads(path.read_text())
+            _expect_dicts(doc, "the document")
+            _expect_dicts(doc.get("config"), "config")
+            _expect_dicts(doc.get("sites"), "sites", nested=True)
+            if "rescale" in doc:
+                _expect_dicts(doc["rescale"], "rescale")
             if doc.get("format") != PLAN_FORMAT:
                 raise ValueError(f"format is {doc.get('format')!r}, expected {PLAN_FORMAT!r}")
             units = Units(LlamaConfig.from_hf(doc["config"]), int(doc["group_width"]))
@@ -162,7 +167,9 @@ class Plan:
                     raise ValueError(f"site {k!r} has shape {s.loc.shape}, expected {shapes[k]}")
                 if not (np.all(np.isfinite(s.loc)) and np.all(s.scale > 0)):
                     raise ValueError(f"site {k!r} has non-finite locations or non-positive scales")
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        # A hand-edited config can fail deep in LlamaConfig (an attribute of a wrong
+        # type, a zero head count); all of it is the file's fault, named as such.
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as e:
             raise ValueError(f"{path} is not a valid ppn plan: {e}") from e
         return plan
 
@@ -285,6 +292,12 @@ class Plan:
         if config.replace(layers=None) != self.units.config or config.layers is not None:
             raise ValueError("the plan was fitted on another architecture than this model's "
                              f"(plan: {self.units.config}; model: {config})")
+
+
+def _expect_dicts(value, what: str, nested: bool = False) -> None:
+    """Raises ValueError unless `value` is a JSON object (and, with `nested`, so is each of its values)."""
+    if not isinstance(value, dict) or (nested and not all(isinstance(v, dict) for v in value.values())):
+        raise ValueError(f"{what} must be a JSON object{' of objects' if nested else ''}")
 
 
 def fill_budget(units: Units, logits: dict[str, np.ndarray], budget: int) -> KeepSet:
