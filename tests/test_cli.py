@@ -1,6 +1,7 @@
 """The `ppn` command line on a tiny checkpoint."""
 
 import json
+import os
 import subprocess
 import sys
 from importlib.metadata import version
@@ -145,7 +146,7 @@ def test_tqdm_disable_turns_the_bars_off(tmp_path):
     """tqdm reads TQDM_DISABLE when it is imported and only for bars given no `disable`."""
     script = ("import numpy as np; from ppn.testing import tiny_model; from ppn.evaluate import perplexity; "
               "perplexity(tiny_model(), np.arange(64) % 97, seqlen=16)")
-    env = {k: v for k, v in __import__("os").environ.items() if k != "TQDM_DISABLE"}
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
     shown = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     hidden = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                             env=env | {"TQDM_DISABLE": "1"})
@@ -199,3 +200,49 @@ def test_quiet_smoke_fit_on_own_text_writes_into_the_run_folder(tmp_path, capsys
         0.9, 0.7, 0.5, 0.4, 0.3]
     job = json.loads((run_dir / "job.json").read_text())
     assert job["train_text"] == job["valid_text"] == str(text)
+
+
+@pytest.fixture
+def jax_cache_config():
+    """JAX's cache settings, as a process without JAX_COMPILATION_CACHE_DIR starts, restored afterwards."""
+    import jax
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    saved = {name: getattr(jax.config, name) for name in names}
+    jax.config.update("jax_compilation_cache_dir", None)
+    yield jax.config
+    for name, value in saved.items():
+        jax.config.update(name, value)
+
+
+def test_the_compilation_cache_is_on_in_the_ppn_cache_unless_turned_off(tmp_path, monkeypatch, jax_cache_config):
+    monkeypatch.setenv("PPN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("PPN_NO_COMPILATION_CACHE", raising=False)
+    monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", raising=False)
+    assert cli.enable_compilation_cache(False) is None and jax_cache_config.jax_compilation_cache_dir is None
+    monkeypatch.setenv("PPN_NO_COMPILATION_CACHE", "1")
+    assert cli.enable_compilation_cache() is None and jax_cache_config.jax_compilation_cache_dir is None
+    monkeypatch.setenv("PPN_NO_COMPILATION_CACHE", "0")
+    assert cli.enable_compilation_cache() == str(tmp_path / "cache" / "jax")
+    assert jax_cache_config.jax_compilation_cache_dir == str(tmp_path / "cache" / "jax")
+    assert jax_cache_config.jax_persistent_cache_min_compile_time_secs == cli.CACHE_MIN_COMPILE_SECS
+    jax_cache_config.update("jax_compilation_cache_dir", str(tmp_path / "mine"))  # one set by the user stays
+    assert cli.enable_compilation_cache() == str(tmp_path / "mine")
+    for argv in (["--no-compilation-cache", "fit"], ["fit", "--no-compilation-cache"]):
+        assert cli.build_parser().parse_args(argv).compilation_cache is False
+    assert cli.build_parser().parse_args(["fit"]).compilation_cache is True
+
+
+def test_a_command_fills_the_compilation_cache(tmp_path, tiny_checkpoint):
+    """In a fresh process, as `ppn` runs: compiled programs land in <PPN_CACHE>/jax."""
+    path, _ = tiny_checkpoint
+    text = tmp_path / "corpus.txt"
+    text.write_text("Shall I compare thee to a summer's day? " * 40)
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "PPN_NO_COMPILATION_CACHE",
+                                                             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")}
+    env["PPN_CACHE"] = str(tmp_path / "cache")
+    argv = [sys.executable, "-m", "ppn.cli", "--quiet", "eval", "--model", str(path), "--text", str(text),
+            "--out", str(tmp_path / "ev.json")]
+    run = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert any((tmp_path / "cache" / "jax").glob("*-cache"))
