@@ -428,11 +428,15 @@ class RunFolder:
                                  "resume it with the same FitConfig and model, or use another folder")
         elif jax.process_index() == 0:
             atomic_write_text(config_file, json.dumps(record, indent=2))
+        if jax.process_index() == 0:  # a kill mid-write leaves atomic_write_text's temporary files
+            for stale in run_dir.glob(".*.json*"):
+                stale.unlink(missing_ok=True)
         import orbax.checkpoint as ocp
 
+        # cleanup_tmp_directories: a checkpoint whose writing was killed is removed, never read.
         self.manager = ocp.CheckpointManager(
             (run_dir / "checkpoints").absolute(),
-            options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+            options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True, cleanup_tmp_directories=True))
 
     def restore(self, state):
         """(step, state, nonfinite) from the latest checkpoint, or (0, state, 0).
