@@ -27,6 +27,12 @@ VARIANTS = {
     "sizes": dict(size_sampling="sequence", sandwich=True),
     "rescale": dict(rescale=True),
     "combined": dict(teacher="start", teacher_weight=0.5, size_sampling="sequence", sandwich=True, rescale=True),
+    # the weights' learning rate that favoured the small sizes (results/ablations/ablation_lr3e-4)
+    # with the techniques that protect the large ones: a teacher and the full network in every batch
+    "teacher_sizes_lr3e-4": dict(teacher="start", teacher_weight=0.5, size_sampling="sequence", sandwich=True,
+                                 lr_weights=3e-4),
+    "combined_lr3e-4": dict(teacher="start", teacher_weight=0.5, size_sampling="sequence", sandwich=True,
+                            rescale=True, lr_weights=3e-4),
 }
 
 
