@@ -10,7 +10,7 @@ Same as `ppn bench`; see ppn/benchmark.py. Resumes where it stopped.
 
 import argparse
 
-from ppn.benchmark import run
+from ppn.harness.benchmark import run
 from ppn.cli import add_bench_arguments, bench_config
 
 if __name__ == "__main__":

@@ -24,9 +24,9 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
-from ppn.benchmark import DENSE_FINETUNED as DENSE_TUNED
-from ppn.plots import method_colour
-from ppn.report import write_results
+from ppn.harness.benchmark import DENSE_FINETUNED as DENSE_TUNED
+from ppn.harness.figures import method_colour
+from ppn.harness.report import write_results
 
 COLUMNS = ["source", "train_tokens", "size", "ppn_perplexity", "dense_finetuned_perplexity", "ratio", "meets_aim"]
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from ppn.checkpoint import load_model
 from ppn.evaluate import perplexity
-from ppn.pipeline import COLUMNS, eval_mode, load_inputs, load_job, size_rows
+from ppn.harness.job import COLUMNS, eval_mode, load_inputs, load_job, size_rows
 from ppn.plan import Plan
-from ppn.report import write_results
+from ppn.harness.report import write_results
 
 
 def main(run_dir: str, windows: int | None = None, out_dir: str = "results/ablations") -> list[dict]:

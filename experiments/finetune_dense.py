@@ -18,8 +18,8 @@ import numpy as np
 
 import ppn
 from ppn import data
-from ppn.finetune import finetune
-from ppn.report import write_results
+from ppn.harness.finetune import finetune
+from ppn.harness.report import write_results
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,7 @@ Same as `ppn fit`; see ppn/pipeline.py.
 import argparse
 
 from ppn.cli import add_job_arguments, job_config
-from ppn.pipeline import run
+from ppn.harness.job import run
 from ppn.sharding import initialize_distributed
 
 if __name__ == "__main__":

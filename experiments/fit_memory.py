@@ -43,7 +43,7 @@ import psutil
 
 import ppn
 from ppn import data
-from ppn.report import write_results
+from ppn.harness.report import write_results
 
 COLUMNS = ["phase", "seconds", "peak_gib", "median_gib", "median_step_seconds", "step_per_forward",
            "system_cpu_share", "minor_faults_per_second", "allocator"]

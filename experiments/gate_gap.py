@@ -20,7 +20,7 @@ import numpy as np
 
 import ppn
 from ppn import data
-from ppn.report import write_results
+from ppn.harness.report import write_results
 
 
 @dataclasses.dataclass(frozen=True)

@@ -141,7 +141,7 @@ if [ ! -f "$RUN/plan.json" ]; then
 fi
 BENCH=("${PPN[@]}" bench --quick --model "$MODEL" --plan "$RUN/plan.json" --state-dir "$OUT/bench-state"
        --out "$OUT/benchmark_quick.json" --dtype "$DTYPE")
-FAST=$("$PY" -c "from ppn.benchmark import METHODS; print(','.join(m for m in METHODS if m != 'finetuned'))")
+FAST=$("$PY" -c "from ppn.harness.benchmark import METHODS; print(','.join(m for m in METHODS if m != 'finetuned'))")
 say "benchmark without the fine-tuned rows, timeout $(( $(left) - 20 ))s"
 timeout $(( $(left) - 20 )) "${BENCH[@]}" --methods "$FAST" 2>&1 | tee -a "$LOG" | quiet \
     || say "benchmark stopped (status $?): run again to resume"

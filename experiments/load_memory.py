@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 import ppn
-from ppn.report import write_results
+from ppn.harness.report import write_results
 
 # Aim of the issue at the smallest size: added memory <= 1.2x the pruned model's bytes
 # and < 55% of what a dense load adds.

@@ -36,7 +36,7 @@ import ppn
 from ppn import data
 from ppn.evaluate import perplexity
 from ppn.fit import FitConfig
-from ppn.report import write_results
+from ppn.harness.report import write_results
 
 DTYPES = ("float32", "bfloat16")
 

@@ -15,7 +15,7 @@ import argparse
 import dataclasses
 
 from ppn.fit import FitConfig
-from ppn.pipeline import JobConfig, run
+from ppn.harness.job import JobConfig, run
 
 VARIANTS = {
     "default": {},

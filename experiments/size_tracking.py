@@ -24,7 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ppn.report import write_results  # noqa: E402
+from ppn.harness.report import write_results  # noqa: E402
 
 COLUMNS = ["run", "constraint", "steps", "mean_abs_error", "max_abs_error", "mean_abs_error_last_third",
            "mean_error_below_0.4"]

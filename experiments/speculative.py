@@ -30,7 +30,7 @@ import numpy as np
 
 import ppn
 from ppn import data
-from ppn.report import write_results
+from ppn.harness.report import write_results
 from ppn.speculative import choose_draft, draft_from_plan, frequent_tokens, speculative_generate
 
 

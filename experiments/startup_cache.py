@@ -37,7 +37,7 @@ from flax import nnx
 
 import ppn
 from ppn import data
-from ppn.report import write_results
+from ppn.harness.report import write_results
 
 COLUMNS = ["command", "cache", "run", "wall_s", "cpu_s", "load_avg", "cache_files"]
 COMMANDS = ("fit", "eval")

@@ -17,7 +17,7 @@ The data flow, one module per step:
 from ppn.checkpoint import count_params, from_pretrained, load_model, load_tokenizer, save_model, save_pretrained
 from ppn.evaluate import perplexity
 from ppn.fit import FitConfig, FitResult, fit
-from ppn.gates import KeepSet, Units
+from ppn.units import KeepSet, Units
 from ppn.generate import generate
 from ppn.models.config import LayerShape, LlamaConfig, RopeScaling
 from ppn.models.llama import KVCache, Llama

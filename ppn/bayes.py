@@ -1,6 +1,6 @@
 """The push puppet model in NumPyro: gates that open with the target size.
 
-Every gate g (see `ppn.gates`) has an intercept alpha_g and a slope beta_g > 0;
+Every gate g (see `ppn.units`) has an intercept alpha_g and a slope beta_g > 0;
 its logit at size rho is
 
     eta_g(rho) = alpha_g + beta_g * logit(rho) - c(rho)
@@ -35,7 +35,7 @@ import optax
 from numpyro.contrib.module import nnx_module
 from numpyro.primitives import mutable as numpyro_mutable
 
-from ppn.gates import KINDS, RESCALE_KINDS, Units
+from ppn.units import KINDS, RESCALE_KINDS, Units
 from ppn.models.llama import BlockGates, Llama
 
 # Stretch limits of the hard-concrete distribution (Louizos et al., 2018).
@@ -156,7 +156,7 @@ def rescale_factors(gamma: dict, rho: jax.Array) -> dict:
     gamma, and exactly 1 at rho = 1, so the full network is untouched.
 
     Args:
-        gamma: exponents by `ppn.gates.RESCALE_KINDS` kind, shaped as `Units.shapes`.
+        gamma: exponents by `ppn.units.RESCALE_KINDS` kind, shaped as `Units.shapes`.
         rho: scalar, or (B,) (the factors then get a leading B axis).
     """
     log_inv = -jnp.log(jnp.clip(jnp.asarray(rho, jnp.float32), 1e-4, 1.0))

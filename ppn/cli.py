@@ -98,7 +98,7 @@ def evaluate_split(model_source: str, split: str, *, quick: bool, text: str | No
 
 
 def _eval(args) -> int:
-    from ppn.report import write_results
+    from ppn.harness.report import write_results
 
     record = evaluate_split(args.model, args.split, quick=args.quick, text=args.text, dtype=args.dtype,
                             batch_size=args.batch_size)
@@ -158,7 +158,7 @@ def job_config(args):
         ValueError: the arguments make no valid `FitConfig` (a bad `--set`, say).
     """
     from ppn.fit import FitConfig
-    from ppn.pipeline import JobConfig
+    from ppn.harness.job import JobConfig
 
     fit_fields = {}
     if args.smoke:
@@ -241,8 +241,8 @@ def _fit(args) -> int:
     from ppn.sharding import initialize_distributed, is_main_process
 
     initialize_distributed(args.distributed)
-    from ppn.pipeline import COLUMNS, run
-    from ppn.report import markdown_table
+    from ppn.harness.job import COLUMNS, run
+    from ppn.harness.report import markdown_table
 
     cfg = _configured(job_config, args)
     rows = run(cfg, progress=not args.quiet)
@@ -281,7 +281,7 @@ def bench_config(args):
     Raises:
         ValueError: the arguments make no valid `BenchConfig` (an unknown method, say).
     """
-    from ppn.benchmark import BenchConfig
+    from ppn.harness.benchmark import BenchConfig
 
     fields = {k: v for k, v in dict(model=args.model, plan=args.plan, state_dir=args.state_dir,
                                     out=args.out, mesh=args.mesh,
@@ -340,8 +340,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _bench(args) -> int:
-    from ppn.benchmark import COLUMNS, run
-    from ppn.report import markdown_table
+    from ppn.harness.benchmark import COLUMNS, run
+    from ppn.harness.report import markdown_table
 
     cfg = _configured(bench_config, args)
     rows = run(cfg, progress=not args.quiet)

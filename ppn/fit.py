@@ -44,9 +44,9 @@ from numpyro.infer.initialization import init_to_median
 
 from ppn import bayes, data, sharding
 from ppn.console import progress_bar
-from ppn.gates import Units
+from ppn.units import Units
 from ppn.models.llama import Llama
-from ppn.report import atomic_write_text
+from ppn.runs import atomic_write_text
 
 WEIGHTS_SITE = "llama$params"
 
@@ -401,7 +401,7 @@ def _all_finite(tree) -> jax.Array:
 class RunFolder:
     """A training run's folder: config, metrics log, orbax checkpoints.
 
-    Shared by `fit` and `ppn.finetune.finetune`: an unfinished run with the same
+    Shared by `fit` and `ppn.harness.finetune.finetune`: an unfinished run with the same
     config resumes from its latest checkpoint, a finished one (DONE) is refused.
     """
 

@@ -33,9 +33,9 @@ import numpyro
 from numpyro.distributions import biject_to
 
 from ppn import bayes
-from ppn.gates import KINDS, RESCALE_KINDS, KeepSet, Units
+from ppn.units import KINDS, RESCALE_KINDS, KeepSet, Units
 from ppn.models.config import LlamaConfig
-from ppn.report import atomic_write_text
+from ppn.runs import atomic_write_text
 
 PLAN_FORMAT = "ppn-plan/1"
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)

@@ -20,7 +20,7 @@ import numpy as np
 
 from ppn.checkpoint import (SafetensorsReader, build_model, check_names, hf_layout, hf_tensors, read_config,
                             safetensors_dir)
-from ppn.gates import KeepSet
+from ppn.units import KeepSet
 from ppn.models.config import LlamaConfig
 from ppn.models.llama import BlockGates, Llama
 

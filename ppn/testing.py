@@ -40,7 +40,7 @@ def random_plan(config: LlamaConfig, seed: int = 0, group_width: int = 16, prior
     """A `Plan` for `config` with random guide locations (scale 0.1), without fitting:
     its keep-sets vary from block to block like a fitted plan's. With `rescale`,
     random rescaling exponents (sd 0.3) too."""
-    from ppn.gates import RESCALE_KINDS, Units
+    from ppn.units import RESCALE_KINDS, Units
     from ppn.plan import Plan, _prior_shapes
 
     units = Units(config, group_width)

@@ -6,11 +6,11 @@ import pytest
 
 import ppn
 from ppn import prune
-from ppn.baselines.calibration import calibration_windows, layerwise
-from ppn.baselines.structured import (STRUCTURED_METHODS, prune_compensated, structured_keep, structured_scores,
+from ppn.harness.baselines.calibration import calibration_windows, layerwise
+from ppn.harness.baselines.structured import (STRUCTURED_METHODS, prune_compensated, structured_keep, structured_scores,
                                       unit_scores)
 from ppn.checkpoint import hf_tensors
-from ppn.gates import KeepSet, Units
+from ppn.units import KeepSet, Units
 from ppn.testing import tiny_model
 
 SIZES = (0.9, 0.6, 0.35, 0.2)

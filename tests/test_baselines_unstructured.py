@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ppn.baselines.calibration import calibration_windows, layerwise
-from ppn.baselines.unstructured import (METHODS, magnitude_mask, prune_unstructured, sparsegpt_prune, wanda_mask,
+from ppn.harness.baselines.calibration import calibration_windows, layerwise
+from ppn.harness.baselines.unstructured import (METHODS, magnitude_mask, prune_unstructured, sparsegpt_prune, wanda_mask,
                                         wanda_scores)
 from ppn.testing import tiny_model
 

@@ -8,7 +8,7 @@ import numpyro
 import pytest
 
 from ppn import bayes
-from ppn.gates import RESCALE_KINDS, Units
+from ppn.units import RESCALE_KINDS, Units
 from ppn.testing import tiny_model
 
 TOKENS = np.random.default_rng(0).integers(0, 97, 4000)

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from ppn import benchmark
-from ppn.benchmark import BenchConfig
+from ppn.harness import benchmark
+from ppn.harness.benchmark import BenchConfig
 from ppn.cli import main
 
 ROW_TYPES = {"method": str, "pattern": str, "size": float, "kept_prunable": int, "kept_fraction": float,

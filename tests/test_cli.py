@@ -101,7 +101,7 @@ def test_fit_set_rejects_bad_overrides(pair, message, capsys):
 
 def test_random_weights_need_only_the_config_and_tokenizer(tiny_checkpoint):
     from ppn.checkpoint import random_model
-    from ppn.pipeline import load_inputs
+    from ppn.harness.job import load_inputs
 
     path, saved = tiny_checkpoint
     for f in path.glob("*.safetensors"):
@@ -172,7 +172,7 @@ def test_fit_flags_reach_the_configs(tmp_path, capsys):
 
 def test_own_text_replaces_the_shakespeare_splits(tmp_path, tiny_checkpoint):
     from ppn import data
-    from ppn.pipeline import load_inputs
+    from ppn.harness.job import load_inputs
 
     path, _ = tiny_checkpoint
     folder = tmp_path / "notes"

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import ppn
 from ppn import bayes
 from ppn.fit import FitConfig, fit, mark_done
-from ppn.gates import Units
+from ppn.units import Units
 from ppn.plan import Plan
 from ppn.prune import prune
 from ppn.testing import tiny_config, tiny_model
@@ -424,7 +424,7 @@ def test_median_soft_gates_are_the_louizos_gates_sharpened_by_the_temperature(pl
 
 
 def test_finetune_learns_a_repeating_text_and_leaves_the_input_model_alone():
-    from ppn.finetune import finetune
+    from ppn.harness.finetune import finetune
 
     model = tiny_model()
     before = [np.asarray(x).copy() for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
@@ -436,7 +436,7 @@ def test_finetune_learns_a_repeating_text_and_leaves_the_input_model_alone():
 
 
 def test_masked_finetune_keeps_the_zeros_of_a_sparse_model():
-    from ppn.finetune import finetune
+    from ppn.harness.finetune import finetune
 
     model = tiny_model()
     model.blocks[0].mlp.down[...] = model.blocks[0].mlp.down[...].at[:, ::2].set(0.0)
@@ -450,7 +450,7 @@ def test_masked_finetune_keeps_the_zeros_of_a_sparse_model():
 
 
 def test_finetune_killed_and_resumed_equals_an_unbroken_run(tmp_path, monkeypatch):
-    from ppn.finetune import finetune
+    from ppn.harness.finetune import finetune
 
     cfg = FitConfig(steps=7, batch_size=2, seqlen=16, lr_weights=3e-3, checkpoint_every=3)
     unbroken = finetune(tiny_model(), TOKENS, cfg, progress=False)

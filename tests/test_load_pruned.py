@@ -13,7 +13,7 @@ from test_cli import tiny_checkpoint  # noqa: F401  (a fixture: tiny model with 
 import ppn
 from ppn import cli
 from ppn.checkpoint import INDEX_FILE, SINGLE_FILE, SafetensorsReader, hf_tensors
-from ppn.gates import KeepSet, Units
+from ppn.units import KeepSet, Units
 from ppn.plan import fill_uniform
 from ppn.testing import random_plan, tiny_config, tiny_model
 

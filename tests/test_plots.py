@@ -7,7 +7,8 @@ import matplotlib.pyplot as plt
 import pytest
 from matplotlib.figure import Figure
 
-from ppn import benchmark, plots
+from ppn import plots
+from ppn.harness import benchmark, figures
 
 DENSE = 30.0
 
@@ -46,16 +47,16 @@ def test_no_library_module_chooses_a_backend():
 
 
 def test_method_colours_are_distinct_and_cover_every_method():
-    colours = plots.METHOD_COLOURS
+    colours = figures.METHOD_COLOURS
     assert len(set(colours.values())) == len(colours)
     assert all(m in colours for m in benchmark.METHODS if m != "finetuned")
-    assert plots.method_colour("flap fine-tuned (fit budget)") == colours["flap"]
-    assert plots.method_colour(benchmark.DENSE_FINETUNED) == colours["dense"]
-    assert plots.method_colour("obs") == plots.method_colour("obs")  # a new method: a fixed spare colour
+    assert figures.method_colour("flap fine-tuned (fit budget)") == colours["flap"]
+    assert figures.method_colour(benchmark.DENSE_FINETUNED) == colours["dense"]
+    assert figures.method_colour("obs") == figures.method_colour("obs")  # a new method: a fixed spare colour
 
 
 def test_benchmark_figure_emphasises_ppn_and_dashes_unstructured_rows(tmp_path):
-    fig = plots.benchmark_figure(ROWS, path=tmp_path / "b.png")
+    fig = figures.benchmark_figure(ROWS, path=tmp_path / "b.png")
     assert isinstance(fig, Figure) and (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
     quality = fig.axes[0]
     lines = {line.get_label(): line for line in quality.get_lines()}
@@ -64,19 +65,19 @@ def test_benchmark_figure_emphasises_ppn_and_dashes_unstructured_rows(tmp_path):
     assert {label for label, line in lines.items() if line.get_linestyle() == "--"} == {
         "wanda", "wanda (2:4)", "magnitude"}
     for method in ("ppn", "flap", "wanda", "magnitude"):
-        assert lines[method].get_color() == plots.METHOD_COLOURS[method]
+        assert lines[method].get_color() == figures.METHOD_COLOURS[method]
     assert quality.get_legend() is None and len(fig.legends) == 1  # the legend sits outside the axes
 
 
 def test_benchmark_figure_caps_the_axis_and_marks_points_beyond_it():
-    fig = plots.benchmark_figure(ROWS)
+    fig = figures.benchmark_figure(ROWS)
     quality = fig.axes[0]
-    top = plots.DENSE_MULTIPLE * DENSE
+    top = figures.DENSE_MULTIPLE * DENSE
     assert quality.get_yscale() == "log" and quality.get_ylim() == pytest.approx((20.0 / 1.25, top))
     on_edge = [line for line in quality.get_lines() if not line.get_clip_on()]
     # flap and magnitude at 0.5, side by side (0.02 of the sizes' span apart)
     assert sorted(float(line.get_xdata()[0]) for line in on_edge) == pytest.approx([0.49, 0.51])
-    assert {line.get_color() for line in on_edge} == {plots.METHOD_COLOURS["flap"], plots.METHOD_COLOURS["magnitude"]}
+    assert {line.get_color() for line in on_edge} == {figures.METHOD_COLOURS["flap"], figures.METHOD_COLOURS["magnitude"]}
     assert all(float(line.get_ydata()[0]) == top for line in on_edge)
     assert any(label.startswith(f"above {top:.0f}") for label in quality.get_legend_handles_labels()[1])
 

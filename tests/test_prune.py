@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ppn
-from ppn.gates import KeepSet, Units
+from ppn.units import KeepSet, Units
 from ppn.prune import hard_gates, prune
 from ppn.testing import random_plan, tiny_config, tiny_model
 

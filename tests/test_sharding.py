@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import ppn
 from ppn import bayes, cli, sharding
 from ppn.fit import FitConfig, fit
-from ppn.gates import Units
+from ppn.units import Units
 from ppn.models.config import LlamaConfig
 from ppn.models.llama import Llama
 from ppn.testing import random_plan, tiny_model

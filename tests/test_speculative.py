@@ -14,8 +14,8 @@ from flax import nnx
 from scipy import stats
 
 import ppn
-from ppn.baselines.structured import structured_keep
-from ppn.gates import Units
+from ppn.harness.baselines.structured import structured_keep
+from ppn.units import Units
 from ppn.generate import token_probs
 from ppn.speculative import (ShortlistDraft, _init, _round, _speculative, choose_draft, draft_from_plan,
                              expected_speedup, expected_tokens_per_round, frequent_tokens, speculative_generate)

@@ -22,7 +22,7 @@ Granularity of the "sparsity" fraction s (round() is Python's, ties to even):
     N:M        N kept in every group of M consecutive inputs of every row, for all three;
                the sparsity passed must then be 1 - N/M.
 
-Wanda and SparseGPT calibrate sequentially (`ppn.baselines.calibration.layerwise`):
+Wanda and SparseGPT calibrate sequentially (`ppn.harness.baselines.calibration.layerwise`):
 block l is pruned from the statistics of its inputs, and its pruned output is the
 input of block l+1.
 
@@ -40,7 +40,7 @@ import numpy as np
 import scipy.linalg
 from flax import nnx
 
-from ppn.baselines.calibration import BlockStats, layerwise
+from ppn.harness.baselines.calibration import BlockStats, layerwise
 from ppn.models.llama import Block, Llama
 
 METHODS = ("magnitude", "wanda", "sparsegpt")

@@ -37,9 +37,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ppn.baselines.calibration import BlockStats
+from ppn.harness.baselines.calibration import BlockStats
 from ppn.checkpoint import build_model, hf_tensors
-from ppn.gates import KeepSet, Units
+from ppn.units import KeepSet, Units
 from ppn.models.llama import Llama
 from ppn.plan import fill_budget
 from ppn.prune import keep_set, prune
@@ -55,7 +55,7 @@ def structured_scores(model: Llama, method: str, *, stats: list[BlockStats] | No
     Args:
         model: the dense model the scores are for.
         method: one of `STRUCTURED_METHODS`.
-        stats: `ppn.baselines.calibration.layerwise(model, windows)` of the dense
+        stats: `ppn.harness.baselines.calibration.layerwise(model, windows)` of the dense
             model (no visit); required by every method but "random".
         units: the unit registry; `Units(model.config)` (MLP groups of 64) by default.
         seed: the seed of "random"'s scores.
@@ -150,7 +150,7 @@ def prune_compensated(dense: Llama, keep: KeepSet, stats: list[BlockStats]) -> L
     Args:
         dense: the dense model.
         keep: the keep-set to cut it to (`structured_keep`).
-        stats: `ppn.baselines.calibration.layerwise(dense, windows)` (no visit).
+        stats: `ppn.harness.baselines.calibration.layerwise(dense, windows)` (no visit).
 
     Raises:
         ValueError: the keep-set or stats belong to another model.

@@ -37,18 +37,19 @@ import jax
 import numpy as np
 from flax import nnx
 
-from ppn.baselines.calibration import calibration_windows, layerwise
-from ppn.baselines.structured import STRUCTURED_METHODS, prune_compensated, structured_keep
-from ppn.baselines.unstructured import METHODS as UNSTRUCTURED_METHODS
-from ppn.baselines.unstructured import prune_unstructured
+from ppn.harness.baselines.calibration import calibration_windows, layerwise
+from ppn.harness.baselines.structured import STRUCTURED_METHODS, prune_compensated, structured_keep
+from ppn.harness.baselines.unstructured import METHODS as UNSTRUCTURED_METHODS
+from ppn.harness.baselines.unstructured import prune_unstructured
 from ppn.evaluate import perplexity
-from ppn.finetune import finetune
+from ppn.harness.finetune import finetune
 from ppn.fit import FitConfig
-from ppn.gates import Units
+from ppn.units import Units
 from ppn.models.llama import Llama
 from ppn.plan import Plan
 from ppn.prune import prune
-from ppn.report import atomic_write_text, markdown_table, write_results
+from ppn.harness.report import markdown_table, write_results
+from ppn.runs import atomic_write_text
 from ppn.sharding import make_mesh
 
 SIZES = (0.9, 0.7, 0.5, 0.4, 0.3)
@@ -199,7 +200,7 @@ class _Bench:
     def inputs(self):
         """(dense model, tokenizer or None, train tokens, validation tokens, eval seqlen)."""
         def make():
-            from ppn.pipeline import load_inputs
+            from ppn.harness.job import load_inputs
 
             return (*load_inputs(self.cfg.model, self.cfg.dtype, self.cfg.smoke), 64 if self.cfg.smoke else 512)
         return self._once("inputs", make)
@@ -236,7 +237,7 @@ class _Bench:
 
             path = Path(self.cfg.plan)
             if not path.exists():
-                from ppn import pipeline
+                from ppn.harness import job as pipeline
 
                 fit = FitConfig(steps=8, batch_size=2, seqlen=32, group_width=16) if self.cfg.smoke else FitConfig()
                 pipeline.run(pipeline.JobConfig(model=self.cfg.model, run_dir=str(path.parent), fit=fit,
@@ -447,10 +448,10 @@ def wall_time_per_method(rows: list[dict]) -> list[dict]:
 
 
 def plot(rows: list[dict], path: str | os.PathLike):
-    """Saves `ppn.plots.benchmark_figure` of `rows` to `path`, atomically."""
+    """Saves `ppn.harness.figures.benchmark_figure` of `rows` to `path`, atomically."""
     import matplotlib.pyplot as plt
 
-    from ppn.plots import benchmark_figure
+    from ppn.harness.figures import benchmark_figure
 
     fig = benchmark_figure(rows)
     tmp = Path(path).with_suffix(".tmp.png")
