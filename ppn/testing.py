@@ -21,6 +21,21 @@ def tiny_config(**overrides) -> LlamaConfig:
     return LlamaConfig(**fields)
 
 
+def tiny_tokens(count: int = 4000, seed: int = 0, vocab_size: int = 97) -> np.ndarray:
+    """`count` random token ids of the tiny vocabulary: a corpus for tiny fits, (count,) int64."""
+    return np.random.default_rng(seed).integers(0, vocab_size, count)
+
+
+def smoke_fit_config(**overrides):
+    """A `FitConfig` for the tiny model that fits in seconds: 6 steps of 2 windows of
+    16 tokens, groups of 16 channels, a checkpoint every 3 steps. `overrides` are
+    FitConfig fields."""
+    from ppn.fit import FitConfig
+
+    fields = dict(steps=6, batch_size=2, seqlen=16, group_width=16, checkpoint_every=3)
+    return FitConfig(**(fields | overrides))
+
+
 def tiny_model(seed: int = 0, dtype=jnp.float32, **overrides) -> Llama:
     """A randomly initialised `Llama` of `tiny_config(**overrides)`.
 

@@ -15,6 +15,23 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="session")
+def tiny_fit():
+    """One `smoke_fit_config()` fit of `tiny_model()` on `tiny_tokens()`, shared by every test of a worker."""
+    from ppn.fit import fit
+    from ppn.testing import smoke_fit_config, tiny_model, tiny_tokens
+
+    return fit(tiny_model(), tiny_tokens(), smoke_fit_config(), progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_plan(tiny_fit):
+    """The plan of `tiny_fit`."""
+    from ppn.plan import Plan
+
+    return Plan.from_fit(tiny_fit)
+
+
 
 def hf_reference(tmp_path, model_type="llama", seed=0, **overrides):
     """Saves a tiny random Hugging Face model of `model_type` and returns (dir, torch model).

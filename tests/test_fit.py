@@ -17,20 +17,20 @@ from ppn.fit import FitConfig, fit, mark_done
 from ppn.units import Units
 from ppn.plan import Plan
 from ppn.prune import prune
-from ppn.testing import tiny_config, tiny_model
+from ppn.testing import smoke_fit_config, tiny_config, tiny_model, tiny_tokens
 
-TOKENS = np.random.default_rng(0).integers(0, 97, 4000)
-SMALL = FitConfig(steps=6, batch_size=2, seqlen=16, group_width=16, checkpoint_every=3)
-
-
-@pytest.fixture(scope="module")
-def fitted():
-    return fit(tiny_model(), TOKENS, SMALL, progress=False)
+TOKENS = tiny_tokens()
+SMALL = smoke_fit_config()
 
 
-@pytest.fixture(scope="module")
-def plan(fitted):
-    return Plan.from_fit(fitted)
+@pytest.fixture
+def fitted(tiny_fit):
+    return tiny_fit
+
+
+@pytest.fixture
+def plan(tiny_plan):
+    return tiny_plan
 
 
 # ---------------------------------------------------------------- the model
