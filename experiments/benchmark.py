@@ -11,7 +11,7 @@ Same as `ppn bench`; see ppn/benchmark.py. Resumes where it stopped.
 import argparse
 
 from ppn.harness.benchmark import run
-from ppn.cli import add_bench_arguments, bench_config
+from ppn.harness.arguments import add_bench_arguments, bench_config
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -10,7 +10,7 @@ Same as `ppn fit`; see ppn/pipeline.py.
 
 import argparse
 
-from ppn.cli import add_job_arguments, job_config
+from ppn.harness.arguments import add_job_arguments, job_config
 from ppn.harness.job import run
 from ppn.sharding import initialize_distributed
 

@@ -107,10 +107,11 @@ timeout $(( $(left) * 55 / 100 )) "${PPN[@]}" fit "${MODEL_ARGS[@]}" --run-dir "
 "$PY" - "$RUN" "$PEAK_TFLOPS" 2>&1 <<'EOF' | tee "$OUT/throughput.txt" | tee -a "$LOG"
 import json, sys
 from pathlib import Path
+from ppn.runs import read_metrics
 run, peak = Path(sys.argv[1]), float(sys.argv[2]) * 1e12
-if not (run / "metrics.jsonl").exists():
+rows = read_metrics(run)
+if not rows:
     sys.exit("no fit metrics yet")
-rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l]
 cfg = json.loads((run / "config.json").read_text())
 fit, hf = cfg["fit"], cfg["model"]
 d, f, v, L = hf["hidden_size"], hf["intermediate_size"], hf["vocab_size"], hf["num_hidden_layers"]

@@ -105,7 +105,7 @@ def _in_child(job: dict) -> dict:
 
 def _smoke_checkpoint(folder: Path) -> tuple[str, str]:
     """A tiny random model and a random plan for it, saved in `folder`."""
-    from ppn.checkpoint import build_model
+    from ppn.hf_format import build_model
     from ppn.testing import random_plan, tiny_config
 
     rng = np.random.default_rng(0)  # numpy weights: no initialiser to compile

@@ -25,16 +25,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ppn.harness.report import write_results  # noqa: E402
+from ppn.runs import read_metrics  # noqa: E402
 
 COLUMNS = ["run", "constraint", "steps", "mean_abs_error", "max_abs_error", "mean_abs_error_last_third",
            "mean_error_below_0.4"]
 
 
 def _metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
+    rows = read_metrics(run_dir)
+    if not rows:
         raise FileNotFoundError(f"{run_dir} has no metrics.jsonl: not a run folder of ppn fit")
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+    return rows
 
 
 def summary(run_dir: str | Path) -> dict:

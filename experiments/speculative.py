@@ -30,8 +30,9 @@ import numpy as np
 
 import ppn
 from ppn import data
+from ppn.drafts import choose_draft, draft_from_plan, frequent_tokens
 from ppn.harness.report import write_results
-from ppn.speculative import choose_draft, draft_from_plan, frequent_tokens, speculative_generate
+from ppn.speculative import speculative_generate
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,30 +4,38 @@ The data flow, one module per step:
 
     checkpoint   load_model, save_model, load_tokenizer   (HF directories and Hub ids, GGUF, the zoo;
                  from_pretrained, save_pretrained: the same under transformers' names)
+                 formats: hf_format (tensor layout, config.json), safetensors_io, gguf_reader, gguf_tokenizer
     models       Llama, LlamaConfig                        (Flax NNX decoder, per-block shapes)
-    gates        Units, KeepSet                            (prunable units and their exact costs)
-    bayes        push_puppet_model                         (hierarchical prior, hard-concrete gates)
-    fit          fit, FitConfig                            (SVI with the network weights)
-    plan         Plan                                      (posterior summary: size -> structure)
+    units        Units, KeepSet                            (prunable units and their exact costs)
+    gates        hard_gates, soft_gates                    (hard-concrete gates, per-block BlockGates)
+    bayes        push_puppet_model                         (push function, hierarchical prior)
+    fit          fit, FitConfig                            (SVI with the network weights: the run loop)
+                 svi: init_fit, fit_step (one jitted step); start: the guide's starting values, the teacher;
+                 runs: RunFolder, read_metrics (config.json, metrics.jsonl, checkpoints)
+    posterior    Posterior                                 (the guide's posterior: draws, summaries, ArviZ)
+    plan         Plan                                      (posterior + provenance in a file: size -> structure)
     prune        prune, load_pruned                        (the smaller dense model, in memory or from disk)
     evaluate     perplexity;  generate: generate;  speed: throughput
-    speculative  speculative_generate, draft_from_plan, choose_draft  (a pruned draft speeds up its target)
+    drafts       draft_from_plan, choose_draft             (a pruned draft of the target; its size and k)
+    speculative  speculative_generate                      (the draft proposes, the target verifies)
 """
 
 from ppn.checkpoint import count_params, from_pretrained, load_model, load_tokenizer, save_model, save_pretrained
+from ppn.drafts import choose_draft, draft_from_plan
 from ppn.evaluate import perplexity
 from ppn.fit import FitConfig, FitResult, fit
-from ppn.units import KeepSet, Units
 from ppn.generate import generate
 from ppn.models.config import LayerShape, LlamaConfig, RopeScaling
 from ppn.models.llama import KVCache, Llama
 from ppn.plan import Plan
+from ppn.posterior import Posterior
 from ppn.prune import load_pruned, prune
-from ppn.speculative import SpeculativeResult, choose_draft, draft_from_plan, speculative_generate
+from ppn.speculative import SpeculativeResult, speculative_generate
+from ppn.units import KeepSet, Units
 
 __all__ = [
-    "FitConfig", "FitResult", "KVCache", "KeepSet", "LayerShape", "Llama", "LlamaConfig", "Plan", "RopeScaling",
-    "SpeculativeResult", "Units", "choose_draft", "count_params", "draft_from_plan", "fit", "from_pretrained",
-    "generate", "load_model", "load_pruned", "load_tokenizer", "perplexity", "prune", "save_model", "save_pretrained",
-    "speculative_generate",
+    "FitConfig", "FitResult", "KVCache", "KeepSet", "LayerShape", "Llama", "LlamaConfig", "Plan", "Posterior",
+    "RopeScaling", "SpeculativeResult", "Units", "choose_draft", "count_params", "draft_from_plan", "fit",
+    "from_pretrained", "generate", "load_model", "load_pruned", "load_tokenizer", "perplexity", "prune", "save_model",
+    "save_pretrained", "speculative_generate",
 ]

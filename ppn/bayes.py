@@ -11,8 +11,8 @@ order in which units close as rho is pushed down, and the size constraint holds
 whatever the scale of the token likelihood (which is scaled to the whole data
 set and would otherwise simply open every gate).
 
-Gates are hard-concrete samples at eta_g, so the network trains on exact zeros
-and ones. The hierarchical prior (non-centred) ties units to their layer and
+Gates are hard-concrete samples at eta_g (`ppn.gates`), so the network trains
+on exact zeros and ones. The hierarchical prior (non-centred) ties units to their layer and
 layers to the model; its negative log density is the "hierarchical penalty".
 Beyond the original formulation (ppn/METHOD.md), layer gates sit a learned margin above their
 units (`_layer_margin`), so that units close before whole sub-layers do.
@@ -35,11 +35,10 @@ import optax
 from numpyro.contrib.module import nnx_module
 from numpyro.primitives import mutable as numpyro_mutable
 
+from ppn.gates import block_gates, open_probability, sample_hard_concrete
+from ppn.models.llama import Llama
 from ppn.units import KINDS, RESCALE_KINDS, Units
-from ppn.models.llama import BlockGates, Llama
 
-# Stretch limits of the hard-concrete distribution (Louizos et al., 2018).
-STRETCH_LO, STRETCH_HI = -0.1, 1.1
 # The offset is bracketed by [min logit - margin, max logit + margin]: there every
 # gate is almost surely open (resp. closed), whatever the temperature up to ~5.
 OFFSET_MARGIN = 60.0
@@ -133,7 +132,7 @@ def get_prior(name: str) -> Callable[[Units], tuple[dict, dict]]:
     return PRIORS[name]
 
 
-# ------------------------------------------------------------------ gates
+# ---------------------------------------------------------- push function
 def _per_size(x: jax.Array, like: jax.Array) -> jax.Array:
     """x () or (B,), one value per size, shaped to broadcast against `like` (gate shape)."""
     return x.reshape(x.shape + (1,) * like.ndim)
@@ -161,18 +160,6 @@ def rescale_factors(gamma: dict, rho: jax.Array) -> dict:
     """
     log_inv = -jnp.log(jnp.clip(jnp.asarray(rho, jnp.float32), 1e-4, 1.0))
     return {k: jnp.exp(_per_size(log_inv, g) * g) for k, g in gamma.items()}
-
-
-def open_probability(logit: jax.Array, temperature) -> jax.Array:
-    """P(z > 0) of a hard-concrete gate with location `logit`."""
-    return jax.nn.sigmoid(logit - temperature * jnp.log(-STRETCH_LO / STRETCH_HI))
-
-
-def sample_hard_concrete(key: jax.Array, logit: jax.Array, temperature) -> jax.Array:
-    """A gate in [0, 1] with point masses at 0 and 1, reparameterised in `logit`."""
-    u = jax.random.uniform(key, logit.shape, minval=1e-6, maxval=1 - 1e-6)
-    s = jax.nn.sigmoid((jnp.log(u) - jnp.log1p(-u) + logit) / temperature)
-    return jnp.clip(s * (STRETCH_HI - STRETCH_LO) + STRETCH_LO, 0.0, 1.0)
 
 
 def expected_size(units: Units, p: dict) -> jax.Array:
@@ -242,29 +229,6 @@ def lagrange_penalty(size_error: jax.Array) -> jax.Array:
     With several sizes in a step, both terms are averaged over them."""
     lam = _ascend(numpyro.param("size_lagrange", jnp.zeros(2)))
     return lam[0] * size_error.mean() + lam[1] * (size_error ** 2).mean()
-
-
-def block_gates(units: Units, z: dict, scales: dict | None = None) -> list[BlockGates]:
-    """Per-block gates of the network from gate values (MLP groups spread over their channels).
-
-    Args:
-        z: gate values by kind, shaped as `_shapes`, or with a leading batch axis B.
-        scales: optional `rescale_factors` of the same leading shape, multiplied
-            into the gates; their input scales become the blocks' `attn_in` / `mlp_in`.
-    """
-    if scales is not None:
-        z = {k: z[k] * scales[k] for k in KINDS}
-    widths = units.group_widths
-    channels = jnp.repeat(z["mlp_group"], widths, axis=-1, total_repeat_length=int(widths.sum()))
-    batched = z["attn_layer"].ndim == 2
-
-    def at(x, l):
-        return None if x is None else (x[:, l] if batched else x[l])
-
-    scales = scales or {}
-    return [BlockGates(attn=at(z["attn_layer"], l), heads=at(z["head"], l), mlp=at(z["mlp_layer"], l),
-                       channels=at(channels, l), attn_in=at(scales.get("attn_in"), l),
-                       mlp_in=at(scales.get("mlp_in"), l)) for l in range(units.num_layers)]
 
 
 # ------------------------------------------------------------------ model

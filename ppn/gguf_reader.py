@@ -1,13 +1,13 @@
-"""Reading llama.cpp GGUF files as Hugging Face checkpoints, without torch.
+"""Reading llama.cpp GGUF files' weights and config as a Hugging Face checkpoint, without torch.
 
 A GGUF file holds a model's config and tokenizer as metadata (llama.cpp key
 names, e.g. `llama.block_count`) and its weights as possibly quantised tensors
-(llama.cpp names, e.g. `blk.3.attn_q.weight`). This module turns one into what a
-Hugging Face `LlamaForCausalLM` checkpoint holds:
+(llama.cpp names, e.g. `blk.3.attn_q.weight`). This module turns the weights
+and config into what a Hugging Face `LlamaForCausalLM` checkpoint holds:
 
     ckpt = read_gguf("model.Q4_1.gguf")     # config dict + float32 tensors, HF names
-    tok = tokenizer_from_gguf("model.Q4_1.gguf")
-    convert_gguf("model.Q4_1.gguf", "out")   # config.json, model.safetensors, tokenizer files
+
+(the tokenizer, and the whole file as a checkpoint directory: `ppn.gguf_tokenizer`).
 
 Weights are dequantised to float32 (a quantised model stays as accurate as it
 was; nothing is gained back). Two llama.cpp conventions are undone: the reversed
@@ -18,11 +18,8 @@ the query and key projections (see `unpermute_rows`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -56,10 +53,6 @@ _ROPE_FREQS = "rope_freqs.weight"
 _VOCABULARY_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
                     "tokenizer.ggml.scores")
 
-# GGUF token types (llama.cpp's `llama_token_type`).
-_TOKEN_CONTROL = 3
-_TOKEN_USER_DEFINED = 4
-
 
 @dataclasses.dataclass(frozen=True)
 class GGUFCheckpoint:
@@ -81,7 +74,7 @@ class GGUFCheckpoint:
 
 
 # ------------------------------------------------------------------ opening
-def _open(path: str | os.PathLike):
+def open_gguf(path: str | os.PathLike):
     """Opens a GGUF file with `gguf.GGUFReader`, turning every failure into a clear error.
 
     Returns:
@@ -108,7 +101,7 @@ def _open(path: str | os.PathLike):
     return path, reader
 
 
-def _metadata(reader, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+def read_metadata(reader, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """Key-value metadata of an open GGUF file as Python values (str, int, float, bool, list).
 
     Keys starting with a prefix in `skip` are left out (decoding the 49k-string
@@ -130,13 +123,15 @@ def _metadata(reader, skip: tuple[str, ...] = ()) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ config
-def _required(meta: Mapping[str, Any], key: str, path: Path):
+def required(meta: Mapping[str, Any], key: str, path: Path):
+    """`meta[key]`; a ValueError naming the key and the file when it is missing."""
     if key not in meta:
         raise ValueError(f"GGUF file {path} lacks metadata key {key!r}")
     return meta[key]
 
 
-def _check_architecture(meta: Mapping[str, Any], path: Path) -> None:
+def check_architecture(meta: Mapping[str, Any], path: Path) -> None:
+    """Raises ValueError unless the file's `general.architecture` is the one ppn reads ("llama")."""
     arch = meta.get("general.architecture")
     if arch != SUPPORTED_ARCHITECTURE:
         raise ValueError(
@@ -208,10 +203,10 @@ def _rope_scaling(meta: Mapping[str, Any], rope_freqs: np.ndarray | None, head_d
     kind = meta.get("llama.rope.scaling.type", "none")
     original = meta.get("llama.rope.scaling.original_context_length")
     if kind == "linear":
-        return {"rope_type": "linear", "factor": float(_required(meta, "llama.rope.scaling.factor", path))}
+        return {"rope_type": "linear", "factor": float(required(meta, "llama.rope.scaling.factor", path))}
     if kind == "llama3":  # not written by llama.cpp's converter, but unambiguous when present
         return {"rope_type": "llama3",
-                "factor": float(_required(meta, "llama.rope.scaling.factor", path)),
+                "factor": float(required(meta, "llama.rope.scaling.factor", path)),
                 "low_freq_factor": float(meta.get("llama.rope.scaling.low_freq_factor", 1.0)),
                 "high_freq_factor": float(meta.get("llama.rope.scaling.high_freq_factor", 4.0)),
                 "original_max_position_embeddings": int(original or 8192)}
@@ -225,8 +220,8 @@ def _rope_scaling(meta: Mapping[str, Any], rope_freqs: np.ndarray | None, head_d
 def _config(meta: Mapping[str, Any], rope_freqs: np.ndarray | None, vocab_rows: int | None, tied: bool,
             path: Path) -> dict[str, Any]:
     """The Hugging Face `config.json` dict for a llama GGUF's metadata."""
-    hidden = int(_required(meta, "llama.embedding_length", path))
-    heads = int(_required(meta, "llama.attention.head_count", path))
+    hidden = int(required(meta, "llama.embedding_length", path))
+    heads = int(required(meta, "llama.attention.head_count", path))
     kv_heads = int(meta.get("llama.attention.head_count_kv", heads))
     head_dim = int(meta.get("llama.attention.key_length", hidden // heads))
     if int(meta.get("llama.attention.value_length", head_dim)) != head_dim:
@@ -243,8 +238,8 @@ def _config(meta: Mapping[str, Any], rope_freqs: np.ndarray | None, vocab_rows: 
         "model_type": "llama",
         "vocab_size": int(vocab),
         "hidden_size": hidden,
-        "intermediate_size": int(_required(meta, "llama.feed_forward_length", path)),
-        "num_hidden_layers": int(_required(meta, "llama.block_count", path)),
+        "intermediate_size": int(required(meta, "llama.feed_forward_length", path)),
+        "num_hidden_layers": int(required(meta, "llama.block_count", path)),
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
@@ -357,9 +352,9 @@ def read_gguf(path: str | os.PathLike, *, progress: bool = False) -> GGUFCheckpo
     """
     from ppn.console import progress_bar
 
-    path, reader = _open(path)
-    meta = _metadata(reader, skip=_VOCABULARY_KEYS)
-    _check_architecture(meta, path)
+    path, reader = open_gguf(path)
+    meta = read_metadata(reader, skip=_VOCABULARY_KEYS)
+    check_architecture(meta, path)
     by_name = {t.name: t for t in reader.tensors}
     rope_freqs = _dequantize(by_name[_ROPE_FREQS], path) if _ROPE_FREQS in by_name else None
     embed = by_name.get("token_embd.weight")
@@ -385,148 +380,3 @@ def read_gguf(path: str | os.PathLike, *, progress: bool = False) -> GGUFCheckpo
         raise ValueError(f"GGUF file {path} lacks {len(missing)} tensor(s) of its config, e.g. {missing[0]!r}")
     del reader  # release the memory map
     return GGUFCheckpoint(config=config, tensors=tensors, path=path)
-
-
-# ------------------------------------------------------------------ tokenizer
-def _byte_alphabet() -> dict[int, str]:
-    """GPT-2's byte-level alphabet: a printable character standing for each byte.
-
-    Printable Latin-1 bytes stand for themselves; the other 68 (controls,
-    space, ...) take the characters from U+0100 on, in byte order. Byte-level
-    BPE vocabularies spell every token in this alphabet.
-    """
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    kept = set(keep)
-    table, extra = {}, 0
-    for b in range(256):
-        if b in kept:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-# Pre-tokenizer splits for GGUF `tokenizer.ggml.pre` values used by LLaMA-family
-# vocabularies whose split differs from GPT-2's (Llama 3's; the "smollm" and
-# "gpt-2" vocabularies use GPT-2's, which is ByteLevel's built-in one).
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
-           "smaug-bpe": _LLAMA3_SPLIT}
-
-
-def tokenizer_from_gguf(path: str | os.PathLike):
-    """The Hugging Face fast tokenizer a GGUF file describes, built without torch.
-
-    `AutoTokenizer.from_pretrained(dir, gguf_file=...)` gives the same token ids
-    but imports torch; this builds the byte-level BPE directly with the
-    `tokenizers` library from the metadata: tokens, merges, token types (control
-    tokens become special tokens, user-defined ones added tokens), BOS/EOS/UNK/PAD
-    ids, the add-BOS/EOS flags and the chat template.
-
-    Args:
-        path: the `.gguf` file.
-
-    Returns:
-        A `transformers.PreTrainedTokenizerFast`.
-
-    Raises:
-        FileNotFoundError: no file at `path`.
-        ValueError: not a GGUF file, or a tokenizer model other than byte-level
-            BPE ("gpt2"); the message names the file.
-    """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    path, reader = _open(path)
-    meta = _metadata(reader)
-    del reader
-    _check_architecture(meta, path)
-    kind = meta.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise ValueError(f"unsupported tokenizer model {kind!r} in {path}: only byte-level BPE ('gpt2') is supported")
-    tokens = list(_required(meta, "tokenizer.ggml.tokens", path))
-    types = list(meta.get("tokenizer.ggml.token_type") or [0] * len(tokens))
-    merges = []
-    for m in _required(meta, "tokenizer.ggml.merges", path):
-        pair = m.split(" ")
-        if len(pair) != 2:
-            raise ValueError(f"malformed merge {m!r} in {path}")
-        merges.append(tuple(pair))
-
-    alphabet = _byte_alphabet()
-    letters = set(alphabet.values())
-    # A token not already spelled in the byte alphabet (rare: a raw space, say) is respelled from its UTF-8 bytes.
-    spelled = [t if set(t) <= letters else "".join(alphabet[b] for b in t.encode("utf-8")) for t in tokens]
-    vocab = {t: i for i, t in enumerate(spelled)}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-                                   end_of_word_suffix="", fuse_unk=False))
-    split = _SPLITS.get(meta.get("tokenizer.ggml.pre"))
-    if split is None:
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(
-            add_prefix_space=bool(meta.get("tokenizer.ggml.add_space_prefix", False)))
-    else:
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(split), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    backend.decoder = decoders.ByteLevel()
-    # Control tokens (e.g. <|im_start|>) must stay whole: special tokens. One not spelled in the
-    # byte alphabet would be a mislabelled entry and is left alone, as transformers does.
-    backend.add_special_tokens([AddedToken(t, normalized=False, special=True)
-                                for t, k in zip(tokens, types) if k == _TOKEN_CONTROL and set(t) <= letters])
-    backend.add_tokens([AddedToken(t, normalized=False, special=False)
-                        for t, k in zip(tokens, types) if k == _TOKEN_USER_DEFINED and t in vocab])
-
-    def token(key):
-        i = meta.get(f"tokenizer.ggml.{key}")
-        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
-
-    kwargs = {"bos_token": token("bos_token_id"), "eos_token": token("eos_token_id"),
-              "unk_token": token("unknown_token_id"), "pad_token": token("padding_token_id"),
-              "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
-              "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False))}
-    if "tokenizer.chat_template" in meta:
-        kwargs["chat_template"] = meta["tokenizer.chat_template"]
-    return PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs)
-
-
-# ------------------------------------------------------------------ conversion
-def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, *, progress: bool = False) -> Path:
-    """Converts a llama GGUF file into a Hugging Face checkpoint directory, atomically.
-
-    Writes `config.json`, `model.safetensors` (float32) and the tokenizer files
-    into a temporary directory next to `out_dir` and renames it into place, so
-    `out_dir` either appears complete or not at all.
-
-    Args:
-        path: the `.gguf` file.
-        out_dir: the directory to create; it must not exist yet.
-        progress: show a tqdm bar while dequantising.
-
-    Returns:
-        `out_dir`, loadable by `transformers.LlamaForCausalLM.from_pretrained` and
-        `AutoTokenizer.from_pretrained`, and by `ppn.load_model`.
-
-    Raises:
-        FileExistsError: `out_dir` already exists.
-        FileNotFoundError, ValueError: as `read_gguf` and `tokenizer_from_gguf`.
-    """
-    from safetensors.numpy import save_file
-
-    out = Path(out_dir).expanduser()
-    if out.exists():
-        raise FileExistsError(f"cannot convert {path} into {out}: it already exists")
-    ckpt = read_gguf(path, progress=progress)
-    tokenizer = tokenizer_from_gguf(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        (tmp / "config.json").write_text(json.dumps(ckpt.config, indent=2) + "\n")
-        save_file(ckpt.tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        tokenizer.save_pretrained(tmp)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out

@@ -1,103 +1,63 @@
-"""The plan: the fitted posterior over the push function, in a small JSON file.
+"""The plan: a fitted posterior with its provenance, in a small JSON file, and the
+map from a size to the structure to keep.
 
-A plan holds the dense model's config, the unit registry's group width, the
-prior's name and the guide's variational parameters (a location and a scale per
-latent coordinate, a few thousand numbers). From these alone, without weights:
+A plan (`Plan`) is a `ppn.posterior.Posterior` (the dense model's config and unit
+group width, the prior's name, the guide's location and scale for every latent
+coordinate, a few thousand numbers, and any rescaling exponents) plus free-form
+provenance `meta`. From it alone, without weights:
 
 - `keep(size)` ranks every unit by its posterior-median logit eta_g(rho) (a
   unit's score capped by its layer's) and fills the budget greedily, most
-  important first, so the kept size is at most the target and within one
-  unit's cost of it;
-- `keep_probability(size)` repeats that ranking for posterior draws and gives
+  important first (`fill_budget`), so the kept size is at most the target and
+  within one unit's cost of it; `keep(size, uniform=True)` keeps the same counts
+  in every block (`fill_uniform`), a standard Hugging Face architecture;
+- `keep_probability(size)` repeats that fill for posterior draws and gives
   each unit's probability of being kept;
-- `summary()` gives posterior mean, sd and quantiles of every alpha_g and beta_g;
 - with a fit that learned size-dependent rescaling, `keep(size)` also carries the
-  factors at that size (`ppn.bayes.rescale_factors`), which `ppn.prune` folds
-  into the kept weights;
-- `to_arviz()` exports draws as `arviz.InferenceData` with dims (layer, head|group).
+  factors at that size (`scales`, `ppn.bayes.rescale_factors`), which `ppn.prune`
+  folds into the kept weights;
+- `soft_gates(size)` gives deterministic gates of the gated network (`ppn.gates`).
+
+`save` / `load` write and read the file (format `PLAN_FORMAT`, which existing
+plan files keep); `load` validates every field against the prior.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import numpyro
-from numpyro.distributions import biject_to
 
-from ppn import bayes
-from ppn.units import KINDS, RESCALE_KINDS, KeepSet, Units
+from ppn import bayes, gates
 from ppn.models.config import LlamaConfig
+from ppn.posterior import Posterior, Site, prior_shapes, prior_supports
 from ppn.runs import atomic_write_text
+from ppn.units import KINDS, RESCALE_KINDS, KeepSet, Units
 
 PLAN_FORMAT = "ppn-plan/1"
-QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
-RANKING_DRAWS = 256
-
-
-@dataclasses.dataclass(frozen=True)
-class Site:
-    """The guide's Normal over one latent site, in unconstrained space.
-
-    Attributes:
-        loc, scale: arrays of the site's shape.
-        positive: whether the site's support is positive (mapped through exp).
-    """
-
-    loc: np.ndarray
-    scale: np.ndarray
-    positive: bool
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Plan:
-    """A fitted size-to-structure map.
+class Plan(Posterior):
+    """A fitted size-to-structure map: a posterior with its provenance.
 
-    Attributes:
-        units: the dense model's unit registry (config and group width).
-        prior: the name of the prior the plan was fitted with.
-        sites: the guide's per-site Normal (mean-field) posterior.
+    Attributes (besides `Posterior`'s units, prior, sites and rescale):
         meta: free-form provenance (fit config, tokens seen, seconds).
-        rescale: the fitted rescaling exponents gamma by `RESCALE_KINDS` kind
-            (point estimates), or None when the fit learned no rescaling.
     """
 
-    units: Units
-    prior: str
-    sites: dict[str, Site]
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
-    rescale: dict[str, np.ndarray] | None = None
 
     # -------------------------------------------------------------- creation
     @classmethod
     def from_guide_params(cls, units: Units, prior: str, guide_params: dict[str, np.ndarray],
                           meta: dict[str, Any] | None = None) -> Plan:
-        """Builds a plan from AutoNormal parameters (`<site>_auto_loc`, `<site>_auto_scale`),
-        or from AutoLowRankMultivariateNormal ones (`auto_loc`, `auto_cov_factor`,
-        `auto_scale`), of which the plan keeps each site's marginal Normal: the
-        ranking uses medians, which marginals keep exactly; draws lose the
-        correlations between sites."""
-        supports = _prior_supports(units, prior)
-        if "auto_loc" in guide_params:
-            guide_params = _lowrank_marginals(units, prior, guide_params)
-        sites = {}
-        for name, positive in supports.items():
-            try:
-                loc, scale = guide_params[f"{name}_auto_loc"], guide_params[f"{name}_auto_scale"]
-            except KeyError as e:
-                raise ValueError(f"guide parameters lack site {name!r} of the {prior!r} prior; "
-                                 "plans are built from an AutoNormal or low-rank guide") from e
-            sites[name] = Site(np.asarray(loc, np.float32), np.asarray(scale, np.float32), positive)
-        rescale = ({k: np.asarray(guide_params[f"rescale_{k}"], np.float32) for k in RESCALE_KINDS}
-                   if "rescale_head" in guide_params else None)
-        return cls(units, prior, sites, dict(meta or {}), rescale)
+        """`Posterior.from_guide_params` with provenance `meta`."""
+        return dataclasses.replace(super().from_guide_params(units, prior, guide_params), meta=dict(meta or {}))
 
     @classmethod
     def from_fit(cls, result, meta: dict[str, Any] | None = None) -> Plan:
@@ -157,11 +117,11 @@ class Plan:
                     if v.shape != shapes[k] or not np.all(np.isfinite(v)):
                         raise ValueError(f"rescale {k!r} has shape {v.shape} (expected {shapes[k]}) "
                                          "or non-finite values")
-            plan = cls(units, doc["prior"], sites, doc.get("meta", {}), rescale)
-            expected = _prior_supports(units, plan.prior)
+            plan = cls(units, doc["prior"], sites, rescale=rescale, meta=doc.get("meta", {}))
+            expected = prior_supports(units, plan.prior)
             if set(expected) != set(sites):
                 raise ValueError(f"sites {sorted(sites)} do not match the {plan.prior!r} prior's {sorted(expected)}")
-            shapes = _prior_shapes(units, plan.prior)
+            shapes = prior_shapes(units, plan.prior)
             for k, s in sites.items():
                 if s.loc.shape != shapes[k] or s.scale.shape != shapes[k]:
                     raise ValueError(f"site {k!r} has shape {s.loc.shape}, expected {shapes[k]}")
@@ -172,21 +132,6 @@ class Plan:
         except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as e:
             raise ValueError(f"{path} is not a valid ppn plan: {e}") from e
         return plan
-
-    # ----------------------------------------------------------------- draws
-    def draws(self, num_samples: int, seed: int = 0) -> tuple[dict, dict]:
-        """Posterior draws of every gate's alpha and beta: dicts by kind of arrays (S, ...)."""
-        return _draws(self, num_samples, seed)
-
-    @functools.cached_property
-    def _ranking_draws(self) -> tuple[dict, dict]:
-        return self.draws(RANKING_DRAWS, seed=0)
-
-    def median_logits(self, rho: float) -> dict[str, np.ndarray]:
-        """Posterior-median eta_g(rho) of every gate (no offset: it does not change the order)."""
-        alpha, beta = self._ranking_draws
-        lr = np.log(rho) - np.log1p(-rho)
-        return {k: np.median(alpha[k] + beta[k] * lr, axis=0) for k in KINDS}
 
     # ------------------------------------------------------------- resizing
     def keep(self, size: float | int, uniform: bool = False) -> KeepSet:
@@ -217,29 +162,22 @@ class Plan:
         return {k: np.asarray(v) for k, v in bayes.rescale_factors(self.rescale, rho).items()}
 
     def soft_gates(self, size: float | int, temperature: float = 0.2, estimator: str = "louizos"):
-        """Deterministic gates of the gated network at `size`, at the posterior-median
-        logits eta with the push offset c solved so that the expected size at
-        `temperature` is the target. Returns per-block `BlockGates`.
+        """Deterministic gates of the gated network at `size` (`ppn.gates.soft_gates`), at
+        the posterior-median logits eta with the push offset c solved so that the
+        expected size at `temperature` is the target, times the rescaling factors
+        at `size` if the plan has them. Returns per-block `BlockGates`.
 
-        estimator: "louizos", the hard-concrete test-time value of Louizos et al.
-            clip(sigmoid(eta - c)(hi - lo) + lo, 0, 1), which ignores the
-            temperature; or "median", the median of the gate's hard-concrete
-            distribution at `temperature` (its sample at noise u = 1/2),
-            clip(sigmoid((eta - c) / temperature)(hi - lo) + lo, 0, 1): at the
-            fit's final temperature, the gate the network last trained around.
+        estimator: "louizos" (the hard-concrete test-time value, which ignores the
+            temperature) or "median" (the gate's median at `temperature`: at the
+            fit's final temperature, the gate the network last trained around).
         """
-        if estimator not in ("louizos", "median"):
-            raise ValueError(f"unknown soft-gate estimator {estimator!r}; choose 'louizos' or 'median'")
         units = self.units
         rho = float(np.clip(units.budget(size) / units.total, 1e-6, 1 - 1e-6))
         logits = {k: jnp.asarray(v) for k, v in self.median_logits(rho).items()}
         c = bayes.push_offset(units, logits, jnp.float32(rho), temperature)
-        scale = temperature if estimator == "median" else 1.0
-        z = {k: jnp.clip(jax.nn.sigmoid((v - c) / scale) * (bayes.STRETCH_HI - bayes.STRETCH_LO) + bayes.STRETCH_LO,
-                         0, 1)
-             for k, v in logits.items()}
         scales = self.scales(size)
-        return bayes.block_gates(units, z, None if scales is None else {k: jnp.asarray(v) for k, v in scales.items()})
+        return gates.soft_gates(units, {k: v - c for k, v in logits.items()}, temperature, estimator,
+                                None if scales is None else {k: jnp.asarray(v) for k, v in scales.items()})
 
     def keep_probability(self, size: float | int, num_samples: int = 200, seed: int = 0) -> dict[str, np.ndarray]:
         """Each unit's posterior probability of being kept at `size`.
@@ -249,43 +187,13 @@ class Plan:
         """
         budget = self.units.budget(size)
         rho = float(np.clip(budget / self.units.total, 1e-6, 1 - 1e-6))
-        alpha, beta = self.draws(num_samples, seed)
-        lr = np.log(rho) - np.log1p(-rho)
+        logits = self.logit_draws(rho, num_samples, seed)
         total = {k: 0.0 for k in KINDS}
         for s in range(num_samples):
-            keep = fill_budget(self.units, {k: alpha[k][s] + beta[k][s] * lr for k in KINDS}, budget).effective()
+            keep = fill_budget(self.units, {k: v[s] for k, v in logits.items()}, budget).effective()
             for k, v in zip(KINDS, (keep.attn, keep.mlp, keep.heads, keep.groups)):
                 total[k] = total[k] + v
         return {k: np.asarray(v, np.float64) / num_samples for k, v in total.items()}
-
-    # ------------------------------------------------------------- summaries
-    def summary(self, num_samples: int = 1000) -> dict[str, dict[str, list]]:
-        """Posterior mean, sd and quantiles of alpha and beta of every gate, by kind."""
-        alpha, beta = self.draws(num_samples, seed=1)
-        out = {}
-        for name, values in (("alpha", alpha), ("beta", beta)):
-            for k in KINDS:
-                v = values[k]
-                v = np.asarray(v, np.float64)
-                out[f"{name}_{k}"] = {"mean": np.round(v.mean(0), 3).tolist(), "sd": np.round(v.std(0), 3).tolist(),
-                                      **{f"q{int(q * 100):02d}": np.round(np.quantile(v, q, axis=0), 3).tolist()
-                                         for q in QUANTILES}}
-        return out
-
-    def to_arviz(self, num_samples: int = 500, seed: int = 0):
-        """Posterior draws of alpha and beta as `arviz.InferenceData` (one chain),
-        with named dims: layer, head, group."""
-        import arviz as az
-
-        alpha, beta = self.draws(num_samples, seed)
-        dims = {"attn_layer": ["layer"], "mlp_layer": ["layer"], "head": ["layer", "head"],
-                "mlp_group": ["layer", "group"]}
-        posterior = {f"{n}_{k}": v[k][None] for n, v in (("alpha", alpha), ("beta", beta)) for k in KINDS}
-        return az.from_dict(
-            posterior=posterior,
-            dims={f"{n}_{k}": dims[k] for n in ("alpha", "beta") for k in KINDS},
-            coords={"layer": np.arange(self.units.num_layers), "head": np.arange(self.units.num_heads),
-                    "group": np.arange(self.units.num_groups)})
 
     def check_model(self, config: LlamaConfig) -> None:
         """Raises ValueError unless `config` is the dense architecture this plan was fitted on."""
@@ -402,64 +310,6 @@ def _first_occurrence(keys: np.ndarray) -> np.ndarray:
     first = np.zeros(keys.size, bool)
     first[np.unique(keys, return_index=True)[1]] = True
     return first
-
-
-def _prior_trace(units: Units, prior: str):
-    return numpyro.handlers.trace(numpyro.handlers.seed(bayes.get_prior(prior), 0)).get_trace(units)
-
-
-def _prior_supports(units: Units, prior: str) -> dict[str, bool]:
-    """Latent sites of the prior and whether each is positive-valued (else real)."""
-    constraints = numpyro.distributions.constraints
-    supports = {}
-    for name, site in _prior_trace(units, prior).items():
-        if site["type"] == "sample":
-            support = site["fn"].support
-            support = getattr(support, "base_constraint", support)  # unwrap to_event
-            if support not in (constraints.real, constraints.positive):
-                raise ValueError(f"prior site {name!r} has support {support}; plans handle real and positive")
-            supports[name] = support is constraints.positive
-    return supports
-
-
-def _prior_shapes(units: Units, prior: str) -> dict[str, tuple]:
-    return {n: tuple(np.shape(s["value"])) for n, s in _prior_trace(units, prior).items() if s["type"] == "sample"}
-
-
-def _lowrank_marginals(units: Units, prior: str, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Per-site `<site>_auto_loc` / `_auto_scale` of a low-rank guide's marginals.
-
-    The guide's latent vector (D,) concatenates the sites in the model's trace
-    order; its covariance is diag(s) (W W^T + I) diag(s) with W (D, rank) the
-    cov_factor and s the scale, so a coordinate's marginal sd is s_i sqrt(1 + |W_i|^2).
-    """
-    loc = np.asarray(params["auto_loc"], np.float64)
-    w, s = np.asarray(params["auto_cov_factor"], np.float64), np.asarray(params["auto_scale"], np.float64)
-    sd = s * np.sqrt(1.0 + (w ** 2).sum(-1))
-    out, start = {}, 0
-    for name, shape in _prior_shapes(units, prior).items():
-        n = int(np.prod(shape))
-        out[f"{name}_auto_loc"] = loc[start:start + n].reshape(shape)
-        out[f"{name}_auto_scale"] = sd[start:start + n].reshape(shape)
-        start += n
-    if start != loc.size:
-        raise ValueError(f"low-rank guide has {loc.size} latent values; the {prior!r} prior has {start}")
-    return out
-
-
-def _draws(plan: Plan, num_samples: int, seed: int) -> tuple[dict, dict]:
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(plan.sites))
-    latents = {}
-    for key, (name, site) in zip(keys, sorted(plan.sites.items())):
-        u = site.loc + site.scale * jax.random.normal(key, (num_samples,) + site.loc.shape)
-        latents[name] = biject_to(numpyro.distributions.constraints.positive)(u) if site.positive else u
-
-    def one(values):
-        with numpyro.handlers.seed(rng_seed=0), numpyro.handlers.substitute(data=values):
-            return bayes.get_prior(plan.prior)(plan.units)
-
-    alpha, beta = jax.vmap(one)(latents)
-    return ({k: np.asarray(v) for k, v in alpha.items()}, {k: np.asarray(v) for k, v in beta.items()})
 
 
 def _short(x: np.ndarray) -> list:

@@ -8,7 +8,9 @@ the notebooks.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -17,10 +19,24 @@ from ppn.plan import Plan
 
 DEFAULT_SIZES = tuple(np.round(np.linspace(0.1, 1.0, 19), 3))
 
+
+def save_figure(fig, path: str | os.PathLike, **savefig_kwargs) -> Path:
+    """Saves `fig` as a PNG at `path` atomically (a temporary file beside it, then a
+    rename), so a killed run never leaves half an image."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix or '.png'}")
+    try:
+        fig.savefig(tmp, dpi=120, format=(path.suffix[1:] or "png"), **savefig_kwargs)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def _finish(fig, path):
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=120)
+        save_figure(fig, path)
     return fig
 
 
@@ -43,7 +59,7 @@ def keep_probability_heatmap(plan: Plan, sizes: Sequence[float] = DEFAULT_SIZES,
     fig.colorbar(im, ax=axes, label="posterior expected fraction kept")
     fig.suptitle("Push puppet: which layers survive as the size is pushed down")
     if path is not None:
-        fig.savefig(path, dpi=120)
+        save_figure(fig, path)
     return fig
 
 

@@ -18,11 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ppn.checkpoint import (SafetensorsReader, build_model, check_names, hf_layout, hf_tensors, read_config,
-                            safetensors_dir)
+from ppn.checkpoint import safetensors_dir
+from ppn.hf_format import build_model, check_names, hf_layout, hf_tensors, read_config
 from ppn.units import KeepSet
 from ppn.models.config import LlamaConfig
-from ppn.models.llama import BlockGates, Llama
+from ppn.models.llama import Llama
+from ppn.safetensors_io import SafetensorsReader
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +123,7 @@ def keep_set(keep, size: float | int | None, config: LlamaConfig, uniform: bool 
 def prune(model: Llama, keep, size: float | int | None = None, *, uniform: bool = False) -> Llama:
     """The smaller dense model that keeps exactly the chosen units.
 
-    Its logits equal those of `model` run with `hard_gates(keep)`, and its
+    Its logits equal those of `model` run with `ppn.gates.hard_gates(keep)`, and its
     prunable parameter count is `keep.num_params()`. The gathers are jitted,
     compiled once per (tensor shape, kept count).
 
@@ -187,15 +188,3 @@ def load_pruned(checkpoint: str | os.PathLike, plan, size: float | int | None = 
     spec = gather_spec(keep)
     return build_model(keep.config(), lambda name, _: spec[name].apply_scale(
         reader.read(name, dense[name].hf_shape, spec[name].axis, spec[name].indices)), dtype)
-
-
-def hard_gates(keep: KeepSet, dtype=jnp.float32) -> list[BlockGates]:
-    """0/1 gates for the dense model's gated forward pass that reproduce `keep`
-    (times its rescaling factors, if it has any)."""
-    from ppn.bayes import block_gates
-
-    eff = keep.effective()
-    z = {"attn_layer": eff.attn, "mlp_layer": eff.mlp, "head": eff.heads, "mlp_group": eff.groups}
-    scales = keep.scales
-    return block_gates(keep.units, {k: jnp.asarray(v, dtype) for k, v in z.items()},
-                       None if scales is None else {k: jnp.asarray(v, dtype) for k, v in scales.items()})

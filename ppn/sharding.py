@@ -122,6 +122,18 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def gather(tree, mesh: Mesh | None):
+    """Inside a jitted function: FSDP-sharded weights gathered whole where they are
+    read (ZeRO-3's forward; the gradients flow back reduce-scattered through the
+    constraint's transpose). Unchanged without a mesh.
+
+    Without it the partitioner, seeing weights split along a layer's input or
+    output dimension, may keep them in place and move activations instead, and
+    fall back to replicating tensors it cannot reshard (XLA's "involuntary full
+    rematerialization")."""
+    return tree if mesh is None else jax.lax.with_sharding_constraint(tree, replicated(mesh))
+
+
 def fsdp_spec(shape: tuple[int, ...], size: int) -> PartitionSpec:
     """Splits the largest dimension divisible by `size` over "fsdp" (the first
     such on ties); replicates when none is, or when size is 1."""

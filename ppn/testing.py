@@ -1,10 +1,14 @@
-"""Tiny models for unit tests, notebook smoke runs and `--smoke` experiments.
+"""Tiny models for unit tests, notebook smoke runs and `--smoke` experiments, and
+the kill of a run that tests of resuming need.
 
 They run the same code paths as the real model in milliseconds.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -55,15 +59,47 @@ def random_plan(config: LlamaConfig, seed: int = 0, group_width: int = 16, prior
     """A `Plan` for `config` with random guide locations (scale 0.1), without fitting:
     its keep-sets vary from block to block like a fitted plan's. With `rescale`,
     random rescaling exponents (sd 0.3) too."""
+    from ppn.plan import Plan
+    from ppn.posterior import prior_shapes
     from ppn.units import RESCALE_KINDS, Units
-    from ppn.plan import Plan, _prior_shapes
 
     units = Units(config, group_width)
     rng = np.random.default_rng(seed)
     params = {}
-    for name, shape in _prior_shapes(units, prior).items():
+    for name, shape in prior_shapes(units, prior).items():
         params[f"{name}_auto_loc"] = rng.normal(0.0, 1.0, shape)
         params[f"{name}_auto_scale"] = np.full(shape, 0.1)
     if rescale:
         params |= {f"rescale_{k}": rng.normal(0.0, 0.3, units.shapes()[k]) for k in RESCALE_KINDS}
     return Plan.from_guide_params(units, prior, params)
+
+
+def run_killed_at(step: int, train: Callable[[], object], seed: int | None = None) -> None:
+    """Runs `train()` with `ppn.data.train_batches` raising KeyboardInterrupt where it
+    would yield the batch of `step` (of the stream of `seed` only, if given): a run
+    killed mid-way, as tests of resuming need. Raises AssertionError if `train()`
+    finishes."""
+    from ppn import data
+
+    original = data.train_batches
+
+    def dying(tokens, batch_size, seqlen, stream_seed, start_step=0):
+        for i, batch in enumerate(original(tokens, batch_size, seqlen, stream_seed, start_step=start_step)):
+            if start_step + i == step and seed in (None, stream_seed):
+                raise KeyboardInterrupt
+            yield batch
+
+    data.train_batches = dying
+    try:
+        train()
+    except KeyboardInterrupt:
+        return
+    finally:
+        data.train_batches = original
+    raise AssertionError(f"the run finished without drawing the batch of step {step}")
+
+
+def assert_same_weights(a: Llama, b: Llama, rtol: float = 1e-6, atol: float = 1e-7) -> None:
+    """Asserts that two models' weights (`nnx.Param`s) agree, leaf by leaf."""
+    for x, y in zip(jax.tree.leaves(nnx.state(a, nnx.Param)), jax.tree.leaves(nnx.state(b, nnx.Param)), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)

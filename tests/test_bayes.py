@@ -1,5 +1,5 @@
 """The NumPyro model's pieces: the generalised likelihood with a teacher, gates
-per sequence, and size-dependent rescaling."""
+per sequence, size-dependent rescaling, the push offset, the expected size, and the priors."""
 
 import jax
 import jax.numpy as jnp
@@ -7,11 +7,13 @@ import numpy as np
 import numpyro
 import pytest
 
-from ppn import bayes
+import ppn
+from ppn import bayes, gates
+from ppn.fit import FitConfig
+from ppn.testing import tiny_config, tiny_model, tiny_tokens
 from ppn.units import RESCALE_KINDS, Units
-from ppn.testing import tiny_model
 
-TOKENS = np.random.default_rng(0).integers(0, 97, 4000)
+TOKENS = tiny_tokens()
 
 
 def test_token_losses_kl_is_zero_against_itself_and_matches_its_definition():
@@ -43,7 +45,7 @@ def _trace(rho, **kwargs):
 def test_the_token_factor_is_the_stated_gibbs_likelihood():
     teacher = tiny_model(seed=7)(jnp.asarray(TOKENS[:51].reshape(3, 17))[:, :-1])
     tr, z, model, units, batch = _trace(0.6, teacher_logits=teacher, teacher_weight=0.25, teacher_temperature=1.5)
-    out = model(batch[:, :-1], gates=bayes.block_gates(units, z))
+    out = model(batch[:, :-1], gates=gates.block_gates(units, z))
     nll, kl = bayes.token_losses(out, batch[:, 1:], teacher, 1.5)
     expected = -(0.75 * nll + 0.25 * kl) * 1000 / batch[:, 1:].size
     np.testing.assert_allclose(float(tr["tokens"]["fn"].log_factor), float(expected), rtol=1e-5)
@@ -56,9 +58,9 @@ def test_each_sequence_meets_its_own_size_and_runs_on_its_own_gates():
     tr, z, model, units, batch = _trace(rho)
     np.testing.assert_allclose(np.asarray(tr["ppn$metrics"]["value"]["expected_size"]), rho, atol=1e-4)
     assert z["head"].shape == (3, 2, 4)
-    together = model(batch[:, :-1], gates=bayes.block_gates(units, z))
+    together = model(batch[:, :-1], gates=gates.block_gates(units, z))
     for b in range(3):
-        alone = model(batch[b:b + 1, :-1], gates=bayes.block_gates(units, {k: v[b] for k, v in z.items()}))
+        alone = model(batch[b:b + 1, :-1], gates=gates.block_gates(units, {k: v[b] for k, v in z.items()}))
         np.testing.assert_allclose(np.asarray(together[b]), np.asarray(alone[0]), atol=1e-5)
 
 
@@ -82,3 +84,63 @@ def test_rescaling_starts_as_the_identity_and_is_a_parameter():
     assert all(f"rescale_{k}" in tr and tr[f"rescale_{k}"]["type"] == "param" for k in RESCALE_KINDS)
     np.testing.assert_allclose(float(tr["tokens"]["fn"].log_factor), float(plain["tokens"]["fn"].log_factor),
                                rtol=1e-6)
+
+
+# ------------------------------------------------------- push offset, size, priors
+@pytest.mark.parametrize("prior", list(bayes.PRIORS))
+def test_expected_size_equals_rho_whatever_the_likelihood_scale(prior):
+    model = tiny_model()
+    units = Units(model.config, 16)
+    batch = jnp.asarray(TOKENS[:34].reshape(2, 17))
+    for data_tokens in (10, 10**7):
+        for rho in (0.25, 0.6, 0.95):
+            with numpyro.handlers.seed(rng_seed=1):
+                tr = numpyro.handlers.trace(bayes.push_puppet_model).get_trace(
+                    batch, jnp.float32(rho), jnp.float32(0.5), network=model, units=units, prior=prior,
+                    data_tokens=data_tokens)
+            assert abs(float(tr["ppn$metrics"]["value"]["expected_size"]) - rho) < 1e-4
+
+
+def test_push_offset_gradient_follows_the_implicit_function():
+    units = Units(tiny_config(), 16)
+    rng = np.random.default_rng(0)
+    logits = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in bayes._shapes(units).items()}
+    rho, temp = jnp.float32(0.4), 0.5
+
+    def offset(scale):
+        return bayes.push_offset(units, {k: v * scale for k, v in logits.items()}, rho, temp)
+
+    eps = 1e-2
+    numeric = (offset(1 + eps) - offset(1 - eps)) / (2 * eps)
+    assert abs(float(jax.grad(offset)(1.0)) - float(numeric)) < 2e-2 * max(1.0, abs(float(numeric)))
+
+
+@pytest.mark.parametrize("shift", [-300.0, 0.0, 250.0])
+def test_push_offset_meets_the_size_wherever_the_logits_drift(shift):
+    units = Units(tiny_config(), 16)
+    rng = np.random.default_rng(1)
+    logits = {k: jnp.asarray(rng.normal(size=s) * 3 + shift, jnp.float32) for k, s in bayes._shapes(units).items()}
+    for rho in (0.2, 0.7):
+        c = bayes.push_offset(units, logits, jnp.float32(rho), 0.3)
+        p = {k: gates.open_probability(v - c, 0.3) for k, v in logits.items()}
+        assert abs(float(bayes.expected_size(units, p)) / units.total - rho) < 1e-4
+
+
+def test_expected_size_matches_monte_carlo_over_bernoulli_gates():
+    units = Units(tiny_config(), 16)
+    rng = np.random.default_rng(1)
+    p = {k: rng.uniform(0.1, 0.9, s) for k, s in bayes._shapes(units).items()}
+    draws = 4000
+    total = 0
+    for _ in range(draws):
+        z = {k: rng.random(v.shape) < v for k, v in p.items()}
+        total += ppn.KeepSet(units, z["attn_layer"], z["mlp_layer"], z["head"], z["mlp_group"]).num_params()
+    expected = float(bayes.expected_size(units, {k: jnp.asarray(v) for k, v in p.items()}))
+    # exact up to the norms, which the expectation counts with the layer gate alone
+    assert abs(total / draws - expected) < 0.01 * units.total
+
+
+def test_unknown_prior_is_refused():
+    with pytest.raises(ValueError, match="unknown prior 'horse'"):
+        FitConfig(prior="horse")
+

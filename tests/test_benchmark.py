@@ -120,7 +120,8 @@ def test_cli_names_an_unknown_method(tmp_path, capsys):
 
 
 def test_cli_sets_the_sizes_and_patterns():
-    from ppn.cli import bench_config, build_parser
+    from ppn.cli import build_parser
+    from ppn.harness.arguments import bench_config
 
     quick = bench_config(build_parser().parse_args(["bench", "--quick"]))
     assert quick.sizes == benchmark.QUICK_SIZES and quick.nm == ((2, 4),) and quick.eval_windows == 64

@@ -1,5 +1,5 @@
-"""Saved checkpoints as transformers writes them: the dtype key, ppn's pruned model
-type, shards with an index, the transformers-style names, and Hub repo ids."""
+"""Saved checkpoints as transformers writes them: the dtype key, older config keys,
+shards with an index, the transformers-style names, and Hub repo ids."""
 
 import json
 
@@ -9,7 +9,9 @@ import pytest
 from conftest import torch_logits
 
 import ppn
-from ppn.checkpoint import INDEX_FILE, SINGLE_FILE, config_from_hf, hf_config, hf_tensors, is_hub_id
+from ppn.checkpoint import is_hub_id
+from ppn.hf_format import hf_tensors
+from ppn.safetensors_io import INDEX_FILE, SINGLE_FILE
 from ppn.testing import random_plan, tiny_config, tiny_model
 
 IDS = np.random.RandomState(0).randint(0, 97, (2, 12))
@@ -42,20 +44,6 @@ def test_older_config_keys_still_load(tmp_path):
     del hf["ppn_note"]
     (out / "config.json").write_text(json.dumps(hf))
     assert_same_model(ppn.load_model(out), model)
-
-
-def test_pruned_model_types_round_trip_and_need_their_layers():
-    config = tiny_config(num_layers=3)
-    keep = random_plan(config).keep(0.5)
-    for model_type in ("llama", "mistral", "qwen2"):
-        fields = dict(qkv_bias=True) if model_type == "qwen2" else {}
-        pruned = keep.config().replace(model_type=model_type, **fields)
-        hf = hf_config(pruned)
-        assert hf["model_type"] == f"ppn_pruned_{model_type}" and hf["architectures"][0].startswith("PpnPruned")
-        assert config_from_hf(hf) == pruned
-        assert hf_config(pruned.replace(layers=None))["model_type"] == model_type
-    with pytest.raises(ValueError, match="ppn_layers"):
-        config_from_hf({k: v for k, v in hf.items() if k != "ppn_layers"})
 
 
 # ------------------------------------------------------------------ shards

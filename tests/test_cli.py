@@ -11,7 +11,8 @@ import pytest
 
 import ppn
 from ppn import cli
-from ppn.testing import tiny_model
+from ppn.harness import arguments
+from ppn.testing import smoke_fit_config, tiny_model, tiny_tokens
 
 
 @pytest.fixture
@@ -61,11 +62,9 @@ def test_unknown_subcommand_exits():
 
 
 def test_resize_writes_a_smaller_checkpoint(tmp_path, tiny_checkpoint, capsys):
-    from ppn.fit import FitConfig
-
     path, model = tiny_checkpoint
-    tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, 2000)
-    result = ppn.fit(model, tokens, FitConfig(steps=2, batch_size=2, seqlen=16, group_width=16), progress=False)
+    result = ppn.fit(model, tiny_tokens(2000, vocab_size=model.config.vocab_size), smoke_fit_config(steps=2),
+                     progress=False)
     plan = ppn.Plan.from_fit(result)
     plan.save(tmp_path / "plan.json")
     out = tmp_path / "small"
@@ -84,7 +83,8 @@ def test_resize_writes_a_smaller_checkpoint(tmp_path, tiny_checkpoint, capsys):
 
 
 def test_fit_set_overrides_any_fit_config_field():
-    from ppn.cli import build_parser, job_config
+    from ppn.cli import build_parser
+    from ppn.harness.arguments import job_config
 
     args = build_parser().parse_args(["fit", "--steps", "7", "--set", "lr_weights=1e-4", "--set", "init=prior",
                                       "--set", "train_weights=false", "--set", "data_tokens=none"])
@@ -114,7 +114,7 @@ def test_random_weights_need_only_the_config_and_tokenizer(tiny_checkpoint):
     assert not np.allclose(np.asarray(model.embed[...]), np.asarray(other.embed[...]))
     assert tokenizer is not None and train.max() < saved.config.vocab_size and len(valid) > 0
     assert random_model(path, dtype="bfloat16").dtype == np.dtype("bfloat16")
-    job = cli.job_config(cli.build_parser().parse_args(["fit", "--model", str(path), "--random-weights"]))
+    job = arguments.job_config(cli.build_parser().parse_args(["fit", "--model", str(path), "--random-weights"]))
     assert job.random_weights and job.model == str(path)
     with pytest.raises(ValueError, match="not a file"):
         random_model(path / "config.json")
@@ -158,12 +158,12 @@ def test_fit_flags_reach_the_configs(tmp_path, capsys):
     args = cli.build_parser().parse_args(["fit", "--run-dir", str(tmp_path / "run"), "--target-sizes", "0.5,0.3",
                                           "--teacher", "start", "--set", "teacher_weight=0.5",
                                           "--train-text", "mine.txt", "--valid-text", "notes"])
-    job = cli.job_config(args)
+    job = arguments.job_config(args)
     assert (job.fit.target_sizes, job.fit.teacher, job.fit.teacher_weight) == ((0.5, 0.3), "start", 0.5)
     assert (job.train_text, job.valid_text) == ("mine.txt", "notes")
     assert job.results == str(tmp_path / "run" / "results.json")  # the run folder, not ./results
     args = cli.build_parser().parse_args(["fit", "--set", "target_sizes=0.4,0.2", "--results", "r/x.json"])
-    assert cli.job_config(args).fit.target_sizes == (0.4, 0.2) and cli.job_config(args).results == "r/x.json"
+    assert arguments.job_config(args).fit.target_sizes == (0.4, 0.2) and arguments.job_config(args).results == "r/x.json"
     for bad in ("0.5,1.5", "0", "half"):
         with pytest.raises(SystemExit) as e:
             cli.build_parser().parse_args(["fit", "--target-sizes", bad])

@@ -12,9 +12,9 @@ from test_cli import tiny_checkpoint  # noqa: F401  (a fixture: tiny model with 
 
 import ppn
 from ppn import cli
-from ppn.checkpoint import INDEX_FILE, SINGLE_FILE, SafetensorsReader, hf_tensors
+from ppn.hf_format import hf_tensors
+from ppn.safetensors_io import INDEX_FILE, SINGLE_FILE, SafetensorsReader
 from ppn.units import KeepSet, Units
-from ppn.plan import fill_uniform
 from ppn.testing import random_plan, tiny_config, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +92,7 @@ def test_reader_maps_big_tensors_chunk_by_chunk(tmp_path, monkeypatch):
     """Runs that cross chunk boundaries, along both axes, come back whole and in order."""
     from safetensors.numpy import save_file
 
-    monkeypatch.setattr(ppn.checkpoint, "CHUNK_BYTES", 4 * 3 * 7)  # 3 rows of 7 float32 a chunk
+    monkeypatch.setattr(ppn.safetensors_io, "CHUNK_BYTES", 4 * 3 * 7)  # 3 rows of 7 float32 a chunk
     x = np.arange(20 * 7, dtype=np.float32).reshape(20, 7)
     save_file({"x": x}, str(tmp_path / SINGLE_FILE))
     reader = SafetensorsReader(tmp_path)
@@ -103,43 +103,6 @@ def test_reader_maps_big_tensors_chunk_by_chunk(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------ uniform plans
-@pytest.mark.parametrize("overrides", [CONFIG, dict(num_layers=3, num_heads=6, num_kv_heads=3, intermediate_size=80),
-                                       dict(num_layers=2, num_heads=8, num_kv_heads=8)])
-def test_a_uniform_keep_set_is_a_standard_dense_model_that_fills_its_budget(overrides):
-    """Same whole KV groups and width in every block, hidden size a multiple of the heads
-    (transformers checks it), at most the budget, and no further step of either kind fits."""
-    config = tiny_config(**overrides)
-    units, G = Units(config, 16), config.group_size
-    rng = np.random.default_rng(0)
-    widths = np.sort(units.group_widths)[::-1]  # MLP steps, a narrow group last
-    smallest = config.replace(num_heads=G, num_kv_heads=1, intermediate_size=16).num_prunable_params()
-    for budget in rng.integers(smallest, units.total, 20):
-        logits = {k: rng.normal(size=s) for k, s in
-                  dict(attn_layer=(units.num_layers,), mlp_layer=(units.num_layers,),
-                       head=(units.num_layers, units.num_heads), mlp_group=(units.num_layers, units.num_groups)).items()}
-        keep = fill_uniform(units, logits, int(budget))
-        small = keep.config()
-        assert small.layers is None and small.num_layers == config.num_layers
-        assert small.num_heads == G * small.num_kv_heads and config.hidden_size % small.num_heads == 0
-        assert keep.num_params() == small.num_prunable_params() <= budget
-        m = int(keep.groups[0].sum())
-        more_kv = [k for k in range(small.num_kv_heads + 1, config.num_kv_heads + 1)
-                   if config.hidden_size % (k * G) == 0][:1]
-        bigger = [small.replace(num_kv_heads=k, num_heads=k * G) for k in more_kv]
-        bigger += [small.replace(intermediate_size=small.intermediate_size + int(widths[m]))] if m < len(widths) else []
-        assert all(b.num_prunable_params() > budget for b in bigger)
-        # within each block, the kept KV groups and MLP groups are the best-ranked ones
-        kv_score = logits["head"].reshape(units.num_layers, config.num_kv_heads, G).mean(-1)
-        for l in range(units.num_layers):
-            kept = keep.kv_kept()[l]
-            assert kv_score[l][kept].min() >= kv_score[l][~kept].max(initial=-np.inf)
-            full = units.group_widths == 16
-            g, on = logits["mlp_group"][l][full], keep.groups[l][full]
-            assert g[on].min() >= g[~on].max(initial=-np.inf)
-    with pytest.raises(ValueError, match="below the smallest uniform model"):
-        fill_uniform(units, logits, smallest - 1)
-
-
 def test_pruned_exports_describe_themselves(tmp_path, checkpoint):
     """Non-uniform: ppn's own model type with per-block shapes in ppn_layers and a note
     naming --uniform; uniform: a plain llama config. ppn reads both back identically."""
@@ -218,7 +181,7 @@ def test_bad_plans_and_checkpoints_are_refused(small_checkpoint, tmp_path):
 
 def test_a_gguf_is_converted_once_then_sliced(tmp_path, monkeypatch):
     pytest.importorskip("gguf")
-    from test_gguf import write_tiny_gguf
+    from test_gguf_reader import write_tiny_gguf
 
     monkeypatch.setenv("PPN_CACHE", str(tmp_path / "cache"))
     file = tmp_path / "tiny.gguf"

@@ -82,6 +82,6 @@ def test_benchmark_figure_caps_the_axis_and_marks_points_beyond_it():
     assert any(label.startswith(f"above {top:.0f}") for label in quality.get_legend_handles_labels()[1])
 
 
-def test_benchmark_plot_writes_the_png(tmp_path):
-    path = benchmark.plot(ROWS, tmp_path / "bench.png")
-    assert Path(path).read_bytes()[:4] == b"\x89PNG" and not list(tmp_path.glob("*.tmp.png"))
+def test_benchmark_figure_writes_the_png_atomically(tmp_path):
+    figures.benchmark_figure(ROWS, tmp_path / "bench.png")
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG" and [p.name for p in tmp_path.iterdir()] == ["bench.png"]

@@ -15,16 +15,17 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import ppn
-from ppn import bayes, cli, sharding
+from ppn import bayes, cli, gates, sharding
 from ppn.fit import FitConfig, fit
+from ppn.harness import arguments
 from ppn.units import Units
 from ppn.models.config import LlamaConfig
 from ppn.models.llama import Llama
-from ppn.testing import random_plan, tiny_model
+from ppn.testing import random_plan, run_killed_at, smoke_fit_config, tiny_model, tiny_tokens
 
-TOKENS = np.random.default_rng(0).integers(0, 97, 4000)
+TOKENS = tiny_tokens()
 # init="prior": the Taylor init's sharded pass is tested on its own (test_sharded_taylor_importances...)
-CFG = FitConfig(steps=3, batch_size=8, seqlen=16, group_width=16, checkpoint_every=2, init="prior")
+CFG = smoke_fit_config(steps=3, batch_size=8, checkpoint_every=2, init="prior")
 MESHES = [(8, 1), (2, 4), (1, 8)]  # (data, fsdp)
 
 
@@ -75,24 +76,12 @@ def test_data_parallel_fit_equals_the_single_device_fit_and_compiles_once(refere
     assert all(isinstance(v, np.ndarray) for v in result.guide_params.values())
 
 
-def test_fsdp_run_killed_on_one_mesh_resumes_on_another_equal_to_the_single_device_fit(reference, tmp_path,
-                                                                                       monkeypatch):
+def test_fsdp_run_killed_on_one_mesh_resumes_on_another_equal_to_the_single_device_fit(reference, tmp_path):
     """Steps 0-1 run on data=2,fsdp=4 and are checkpointed (state split 4 ways), the
     run is killed, and step 2 runs on fsdp=8 from that checkpoint read back 8 ways."""
-    from ppn import data
-
-    original = data.train_batches
-
-    def dying(tokens, batch_size, seqlen, seed, start_step=0):
-        for i, batch in enumerate(original(tokens, batch_size, seqlen, seed, start_step=start_step)):
-            if seed == CFG.seed and start_step + i == 2:  # the fit's stream (not Taylor's): killed before step 2
-                raise KeyboardInterrupt
-            yield batch
-
-    monkeypatch.setattr(data, "train_batches", dying)
-    with pytest.raises(KeyboardInterrupt):
-        fit(tiny_model(), TOKENS, CFG, run_dir=tmp_path / "run", progress=False, mesh=_mesh((2, 4)))
-    monkeypatch.setattr(data, "train_batches", original)
+    # the fit's stream (not Taylor's): killed before step 2
+    run_killed_at(2, lambda: fit(tiny_model(), TOKENS, CFG, run_dir=tmp_path / "run", progress=False,
+                                 mesh=_mesh((2, 4))), seed=CFG.seed)
     mesh = _mesh((1, 8))
     resumed = fit(tiny_model(), TOKENS, CFG, run_dir=tmp_path / "run", progress=False, mesh=mesh)
     assert [r["step"] for r in resumed.metrics] == list(range(CFG.steps))
@@ -125,7 +114,7 @@ def test_sharded_perplexity_equals_single_device():
 
 
 def test_sharded_taylor_importances_equal_single_device():
-    from ppn.fit import gate_gradients
+    from ppn.start import gate_gradients
 
     model, units = tiny_model(), Units(tiny_model().config, 16)
     batches = [TOKENS[:136].reshape(8, 17), TOKENS[136:272].reshape(8, 17)]
@@ -159,9 +148,9 @@ def test_bad_meshes_are_refused_before_any_compilation(tmp_path, monkeypatch):
 
 def test_fit_flags_reach_the_job_config():
     args = cli.build_parser().parse_args(["fit", "--mesh", "data=2,fsdp=4", "--dtype", "bfloat16", "--distributed"])
-    job = cli.job_config(args)
+    job = arguments.job_config(args)
     assert (job.mesh, job.dtype, args.distributed) == ("data=2,fsdp=4", "bfloat16", True)
-    bench = cli.bench_config(cli.build_parser().parse_args(["bench", "--smoke", "--mesh", "fsdp=8",
+    bench = arguments.bench_config(cli.build_parser().parse_args(["bench", "--smoke", "--mesh", "fsdp=8",
                                                             "--dtype", "bfloat16"]))
     assert (bench.mesh, bench.dtype) == ("fsdp=8", "bfloat16")
 
@@ -190,9 +179,8 @@ def test_bfloat16_fit_updates_float32_master_weights():
     # The norms start at 1.0, where bfloat16's spacing is 2**-7: an Adam step of
     # 1e-3 rounds away in bfloat16, so they move only through float32 masters.
     model = tiny_model(dtype=jnp.bfloat16)
-    cfg = FitConfig(steps=12, batch_size=2, seqlen=16, group_width=16, lr_weights=1e-3, init="prior")
-    tokens = np.random.default_rng(0).integers(0, 97, 4000)
-    fitted = fit(model, tokens, cfg, progress=False).model
+    cfg = smoke_fit_config(steps=12, lr_weights=1e-3, init="prior")
+    fitted = fit(model, TOKENS, cfg, progress=False).model
     assert fitted.dtype == jnp.bfloat16
     norms = np.concatenate([np.asarray(b.input_norm.weight[...], np.float32) for b in fitted.blocks])
     assert (norms != 1.0).mean() > 0.3
@@ -240,7 +228,7 @@ def test_llama3_gated_model_and_units_shape_only(name):
     assert size.shape == () and size.dtype == jnp.float32
     if name == "8B":  # the gated forward pass, traced shape-only (70B would only take longer)
         ids = jax.ShapeDtypeStruct((2, 16), jnp.int32)
-        logits = jax.eval_shape(lambda p, i: nnx.merge(graphdef, p)(i, gates=bayes.block_gates(units, z)),
+        logits = jax.eval_shape(lambda p, i: nnx.merge(graphdef, p)(i, gates=gates.block_gates(units, z)),
                                 params, ids)
         assert (logits.shape, logits.dtype) == ((2, 16, v), jnp.float32)
 

@@ -1,5 +1,5 @@
 """Speculative decoding: greedy parity with the target, the sampled distribution,
-cache rollback, bad input, the draft choice, and the experiment's smoke run."""
+cache rollback, bad input, and the experiment's smoke run."""
 
 import importlib.util
 import json
@@ -17,8 +17,8 @@ import ppn
 from ppn.harness.baselines.structured import structured_keep
 from ppn.units import Units
 from ppn.generate import token_probs
-from ppn.speculative import (ShortlistDraft, _init, _round, _speculative, choose_draft, draft_from_plan,
-                             expected_speedup, expected_tokens_per_round, frequent_tokens, speculative_generate)
+from ppn.drafts import ShortlistDraft, draft_from_plan
+from ppn.speculative import _init, _round, _speculative, speculative_generate
 from ppn.testing import random_plan, tiny_model
 
 # The shapes of the experiment's smoke run, so that compiled functions are shared.
@@ -164,26 +164,6 @@ def test_sampled_tokens_follow_the_targets_distribution(shortlist):
         assert observed[q == 0].sum() > 0.05 * num
 
 
-def test_frequent_tokens_and_the_shortlist_draft_logits(target):
-    tokens = np.array([5, 3, 5, 9, 3, 5, 1, 9, 9, 9])
-    np.testing.assert_array_equal(frequent_tokens(tokens, 2), [5, 9])
-    np.testing.assert_array_equal(frequent_tokens(tokens, 3), [3, 5, 9])
-    np.testing.assert_array_equal(frequent_tokens(tokens, 99), [1, 3, 5, 9])  # only tokens that occur
-    ids = np.array([3, 7, 50, 96])
-    draft = ShortlistDraft(target, ids[::-1])
-    full, short = np.asarray(target(jnp.asarray(PROMPT))), np.asarray(draft(jnp.asarray(PROMPT)))
-    np.testing.assert_array_equal(np.asarray(draft.token_ids[...]), ids)
-    np.testing.assert_allclose(short[..., ids], full[..., ids], rtol=1e-6, atol=1e-6)
-    assert np.isneginf(np.delete(short, ids, axis=-1)).all()
-    everything = ShortlistDraft(target, np.arange(97))
-    np.testing.assert_allclose(np.asarray(everything(jnp.asarray(PROMPT))), full, rtol=1e-6, atol=1e-6)
-    for bad in ([], [0, 97], [-1, 4]):
-        with pytest.raises(ValueError, match="shortlist"):
-            ShortlistDraft(target, np.asarray(bad, np.int64))
-    with pytest.raises(ValueError, match="count"):
-        frequent_tokens(tokens, 0)
-
-
 # ------------------------------------------------------------------ errors
 @pytest.mark.parametrize("prompt, kwargs, match", [
     (PROMPT, dict(num_draft_tokens=0), "num_draft_tokens must be >= 1"),
@@ -206,15 +186,7 @@ def test_a_draft_with_another_vocabulary_is_refused(target):
         speculative_generate(target, tiny_model(1, vocab_size=64), PROMPT, 4)
 
 
-# --------------------------------------------------------- choosing a draft
-def test_expected_speedup_follows_leviathan():
-    assert expected_tokens_per_round(1.0, 4) == 5.0
-    assert expected_tokens_per_round(0.0, 4) == 1.0
-    assert expected_tokens_per_round(0.5, 2) == pytest.approx(1.75)
-    assert expected_speedup(0.5, 2, 0.1) == pytest.approx(1.75 / 1.2)
-    assert expected_speedup(0.5, 2, 0.1, verify_ratio=2.0) == pytest.approx(1.75 / 2.2)
-
-
+# ------------------------------------------------------------ the experiment
 def test_experiment_smoke(tmp_path):
     spec = importlib.util.spec_from_file_location(
         "speculative_experiment", Path(__file__).resolve().parents[1] / "experiments" / "speculative.py")
@@ -235,15 +207,6 @@ def test_experiment_smoke(tmp_path):
     for vocab, row in (("all", rows[-2]), (48, rows[-1])):
         best = max((r for r in table if r["draft_vocabulary"] == vocab), key=lambda r: r["expected_speedup"])
         assert row["method"].startswith(f"auto: ρ={best['size']}, k={best['k']}")
-
-
-def test_choose_draft_with_size_and_k_fixed(target, plan):
-    choice = choose_draft(target, plan, PROMPT, size=0.5, k=K, new_tokens=NEW)
-    assert (choice.size, choice.k) == (0.5, K) and len(choice.table) == 1
-    row = choice.table[0]
-    assert 0.0 <= row["alpha"] <= 1.0 and row["cost_ratio"] > 0 and row["verify_ratio"] > 0
-    assert choice.expected_speedup == pytest.approx(
-        expected_speedup(row["alpha"], K, row["cost_ratio"], row["verify_ratio"]))
 
 
 # -------------------------------------------------------------- real model

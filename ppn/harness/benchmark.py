@@ -34,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
+import matplotlib.pyplot as plt
 import numpy as np
 from flax import nnx
 
@@ -42,6 +43,7 @@ from ppn.harness.baselines.structured import STRUCTURED_METHODS, prune_compensat
 from ppn.harness.baselines.unstructured import METHODS as UNSTRUCTURED_METHODS
 from ppn.harness.baselines.unstructured import prune_unstructured
 from ppn.evaluate import perplexity
+from ppn.harness.figures import benchmark_figure
 from ppn.harness.finetune import finetune
 from ppn.fit import FitConfig
 from ppn.units import Units
@@ -49,7 +51,7 @@ from ppn.models.llama import Llama
 from ppn.plan import Plan
 from ppn.prune import prune
 from ppn.harness.report import markdown_table, write_results
-from ppn.runs import atomic_write_text
+from ppn.runs import atomic_write_text, read_metrics
 from ppn.sharding import make_mesh
 
 SIZES = (0.9, 0.7, 0.5, 0.4, 0.3)
@@ -270,10 +272,7 @@ class _Bench:
 
 def _fit_seconds(run_dir: Path) -> float:
     """Wall time of a fit: the sum of its steps' times in metrics.jsonl (0 if absent)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return 0.0
-    return float(sum(json.loads(line).get("seconds", 0.0) for line in path.read_text().splitlines() if line))
+    return float(sum(row.get("seconds", 0.0) for row in read_metrics(run_dir)))
 
 
 def _row(method: str, size: float, model: Llama, dense: Llama, **fields) -> dict:
@@ -427,7 +426,7 @@ def run(cfg: BenchConfig, progress: bool = True) -> list[dict]:
     atomic_write_text(md, md.read_text() + "\n## Wall time per method, all sizes\n\n"
                       + markdown_table(totals, TOTAL_COLUMNS)
                       + "\nUnstructured and N:M rows keep dense shapes and run at dense speed here.\n")
-    plot(rows, out.parent / f"{name}.png")
+    plt.close(benchmark_figure(rows, out.parent / f"{name}.png"))
     return rows
 
 
@@ -445,17 +444,3 @@ def wall_time_per_method(rows: list[dict]) -> list[dict]:
         totals.append({"method": method, "sizes": len(mine), "total_seconds": once + per_size,
                        "one_time_seconds": once, "per_size_seconds": per_size})
     return totals
-
-
-def plot(rows: list[dict], path: str | os.PathLike):
-    """Saves `ppn.harness.figures.benchmark_figure` of `rows` to `path`, atomically."""
-    import matplotlib.pyplot as plt
-
-    from ppn.harness.figures import benchmark_figure
-
-    fig = benchmark_figure(rows)
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    tmp.replace(path)
-    plt.close(fig)
-    return path

@@ -13,6 +13,8 @@ import matplotlib.pyplot as plt
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+from ppn.plots import save_figure
+
 METHOD_COLOURS = {
     "ppn": "#d62728",
     "dense": "#000000",
@@ -140,5 +142,5 @@ def benchmark_figure(rows: Sequence[dict], path=None):
                frameon=False)
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=120, bbox_inches="tight")
+        save_figure(fig, path, bbox_inches="tight")
     return fig

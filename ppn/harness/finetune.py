@@ -22,8 +22,9 @@ from flax import nnx
 from ppn import data
 from ppn.bayes import token_nll
 from ppn.console import progress_bar
-from ppn.fit import FitConfig, RunFolder
+from ppn.fit import FitConfig
 from ppn.models.llama import Llama
+from ppn.runs import RunFolder
 
 
 @dataclasses.dataclass

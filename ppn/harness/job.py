@@ -29,12 +29,12 @@ from ppn import data, plots
 from ppn.harness.baselines.structured import structured_keep
 from ppn.checkpoint import load_model, load_tokenizer, random_model, save_model
 from ppn.evaluate import perplexity
-from ppn.fit import FitConfig, fit, mark_done
+from ppn.fit import FitConfig, fit
 from ppn.models.llama import Llama
 from ppn.plan import Plan
 from ppn.prune import prune
 from ppn.harness.report import markdown_table, write_results
-from ppn.runs import atomic_write_text
+from ppn.runs import atomic_write_text, mark_done
 from ppn.sharding import addressable, is_main_process, make_mesh
 
 SIZES = (0.9, 0.7, 0.5, 0.4, 0.3)

@@ -38,7 +38,7 @@ from __future__ import annotations
 import numpy as np
 
 from ppn.harness.baselines.calibration import BlockStats
-from ppn.checkpoint import build_model, hf_tensors
+from ppn.hf_format import build_model, hf_tensors
 from ppn.units import KeepSet, Units
 from ppn.models.llama import Llama
 from ppn.plan import fill_budget

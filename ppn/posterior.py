@@ -1,0 +1,199 @@
+"""The fitted posterior over the push function, and what it says without weights.
+
+A fit's guide is a Normal over every latent site of the prior in unconstrained
+space: mean-field (AutoNormal), or low-rank, of which each site's marginal is
+kept. Pushed through the prior (`ppn.bayes.PRIORS`), its draws give every gate's
+intercept alpha_g and slope beta_g, hence its logit eta_g(rho) = alpha_g +
+beta_g * logit(rho) at any size rho (before the push offset, which shifts all
+gates alike). From a `Posterior`:
+
+- `draws(S)`: alpha and beta, dicts by kind of arrays (S, ...);
+- `logit_draws(rho, S)` and `median_logits(rho)`: eta at a size, drawn or the
+  posterior median (the ranking `ppn.plan.Plan.keep` fills the budget by);
+- `summary()`: posterior mean, sd and quantiles of every alpha_g and beta_g;
+- `to_arviz()`: draws as `arviz.InferenceData` with dims (layer, head|group).
+
+Shapes: L blocks, N query heads, M MLP groups; by kind "attn_layer" (L,),
+"mlp_layer" (L,), "head" (L, N), "mlp_group" (L, M) (`ppn.units.KINDS`).
+`ppn.plan.Plan` is a posterior with provenance, kept in a file, that turns sizes
+into structures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+import numpyro
+from numpyro.distributions import biject_to, constraints
+
+from ppn import bayes
+from ppn.units import KINDS, RESCALE_KINDS, Units
+
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+# Draws behind `median_logits`, fixed (seed 0) so that a posterior always ranks alike.
+RANKING_DRAWS = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """The guide's Normal over one latent site, in unconstrained space.
+
+    Attributes:
+        loc, scale: arrays of the site's shape.
+        positive: whether the site's support is positive (mapped through exp).
+    """
+
+    loc: np.ndarray
+    scale: np.ndarray
+    positive: bool
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Posterior:
+    """The posterior over every gate's alpha_g and beta_g (and the rescaling point estimates).
+
+    Attributes:
+        units: the dense model's unit registry (config and group width).
+        prior: the name of the prior the fit used (`ppn.bayes.PRIORS`).
+        sites: the guide's per-site Normal (mean-field) posterior, by latent site name.
+        rescale: the fitted rescaling exponents gamma by `RESCALE_KINDS` kind
+            (point estimates shaped as `Units.shapes`), or None when the fit learned no rescaling.
+    """
+
+    units: Units
+    prior: str
+    sites: dict[str, Site]
+    rescale: dict[str, np.ndarray] | None = None
+
+    @classmethod
+    def from_guide_params(cls, units: Units, prior: str, guide_params: dict[str, np.ndarray]):
+        """Builds the posterior from AutoNormal parameters (`<site>_auto_loc`, `<site>_auto_scale`),
+        or from AutoLowRankMultivariateNormal ones (`auto_loc`, `auto_cov_factor`,
+        `auto_scale`), of which it keeps each site's marginal Normal: the
+        ranking uses medians, which marginals keep exactly; draws lose the
+        correlations between sites. Rescaling exponents come from `rescale_<kind>`."""
+        supports = prior_supports(units, prior)
+        if "auto_loc" in guide_params:
+            guide_params = _lowrank_marginals(units, prior, guide_params)
+        sites = {}
+        for name, positive in supports.items():
+            try:
+                loc, scale = guide_params[f"{name}_auto_loc"], guide_params[f"{name}_auto_scale"]
+            except KeyError as e:
+                raise ValueError(f"guide parameters lack site {name!r} of the {prior!r} prior; "
+                                 "plans are built from an AutoNormal or low-rank guide") from e
+            sites[name] = Site(np.asarray(loc, np.float32), np.asarray(scale, np.float32), positive)
+        rescale = ({k: np.asarray(guide_params[f"rescale_{k}"], np.float32) for k in RESCALE_KINDS}
+                   if "rescale_head" in guide_params else None)
+        return cls(units, prior, sites, rescale)
+
+    # ----------------------------------------------------------------- draws
+    def draws(self, num_samples: int, seed: int = 0) -> tuple[dict, dict]:
+        """Posterior draws of every gate's alpha and beta: dicts by kind of arrays (S, ...)."""
+        keys = jax.random.split(jax.random.PRNGKey(seed), len(self.sites))
+        latents = {}
+        for key, (name, site) in zip(keys, sorted(self.sites.items())):
+            u = site.loc + site.scale * jax.random.normal(key, (num_samples,) + site.loc.shape)
+            latents[name] = biject_to(constraints.positive)(u) if site.positive else u
+
+        def one(values):
+            with numpyro.handlers.seed(rng_seed=0), numpyro.handlers.substitute(data=values):
+                return bayes.get_prior(self.prior)(self.units)
+
+        alpha, beta = jax.vmap(one)(latents)
+        return ({k: np.asarray(v) for k, v in alpha.items()}, {k: np.asarray(v) for k, v in beta.items()})
+
+    @functools.cached_property
+    def _ranking_draws(self) -> tuple[dict, dict]:
+        return self.draws(RANKING_DRAWS, seed=0)
+
+    def logit_draws(self, rho: float, num_samples: int, seed: int = 0) -> dict[str, np.ndarray]:
+        """Posterior draws of every gate's eta_g(rho) at a size rho in (0, 1): dict by kind of (S, ...)."""
+        return _logits(*self.draws(num_samples, seed), rho)
+
+    def median_logits(self, rho: float) -> dict[str, np.ndarray]:
+        """Posterior-median eta_g(rho) of every gate (no offset: it does not change the order)."""
+        return {k: np.median(v, axis=0) for k, v in _logits(*self._ranking_draws, rho).items()}
+
+    # ------------------------------------------------------------- summaries
+    def summary(self, num_samples: int = 1000) -> dict[str, dict[str, list]]:
+        """Posterior mean, sd and quantiles of alpha and beta of every gate, by kind:
+        {"alpha_head": {"mean": ..., "sd": ..., "q05": ..., ...}, ...}, nested lists of the gate shape."""
+        alpha, beta = self.draws(num_samples, seed=1)
+        out = {}
+        for name, values in (("alpha", alpha), ("beta", beta)):
+            for k in KINDS:
+                v = np.asarray(values[k], np.float64)
+                out[f"{name}_{k}"] = {"mean": np.round(v.mean(0), 3).tolist(), "sd": np.round(v.std(0), 3).tolist(),
+                                      **{f"q{int(q * 100):02d}": np.round(np.quantile(v, q, axis=0), 3).tolist()
+                                         for q in QUANTILES}}
+        return out
+
+    def to_arviz(self, num_samples: int = 500, seed: int = 0):
+        """Posterior draws of alpha and beta as `arviz.InferenceData` (one chain),
+        with named dims: layer, head, group."""
+        import arviz as az
+
+        alpha, beta = self.draws(num_samples, seed)
+        dims = {"attn_layer": ["layer"], "mlp_layer": ["layer"], "head": ["layer", "head"],
+                "mlp_group": ["layer", "group"]}
+        posterior = {f"{n}_{k}": v[k][None] for n, v in (("alpha", alpha), ("beta", beta)) for k in KINDS}
+        return az.from_dict(
+            posterior=posterior,
+            dims={f"{n}_{k}": dims[k] for n in ("alpha", "beta") for k in KINDS},
+            coords={"layer": np.arange(self.units.num_layers), "head": np.arange(self.units.num_heads),
+                    "group": np.arange(self.units.num_groups)})
+
+
+def _logits(alpha: dict, beta: dict, rho: float) -> dict[str, np.ndarray]:
+    """eta_g(rho) = alpha_g + beta_g * logit(rho) of draws (S, ...) by kind, before the offset
+    (`ppn.bayes.gate_logits` in NumPy, on draws)."""
+    lr = np.log(rho) - np.log1p(-rho)
+    return {k: alpha[k] + beta[k] * lr for k in KINDS}
+
+
+# ------------------------------------------------------- the prior's structure
+def _prior_trace(units: Units, prior: str):
+    return numpyro.handlers.trace(numpyro.handlers.seed(bayes.get_prior(prior), 0)).get_trace(units)
+
+
+def prior_supports(units: Units, prior: str) -> dict[str, bool]:
+    """Latent sites of the prior and whether each is positive-valued (else real)."""
+    supports = {}
+    for name, site in _prior_trace(units, prior).items():
+        if site["type"] == "sample":
+            support = site["fn"].support
+            support = getattr(support, "base_constraint", support)  # unwrap to_event
+            if support not in (constraints.real, constraints.positive):
+                raise ValueError(f"prior site {name!r} has support {support}; plans handle real and positive")
+            supports[name] = support is constraints.positive
+    return supports
+
+
+def prior_shapes(units: Units, prior: str) -> dict[str, tuple]:
+    """Latent sites of the prior and their shapes, in the model's trace order."""
+    return {n: tuple(np.shape(s["value"])) for n, s in _prior_trace(units, prior).items() if s["type"] == "sample"}
+
+
+def _lowrank_marginals(units: Units, prior: str, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-site `<site>_auto_loc` / `_auto_scale` of a low-rank guide's marginals.
+
+    The guide's latent vector (D,) concatenates the sites in the model's trace
+    order; its covariance is diag(s) (W W^T + I) diag(s) with W (D, rank) the
+    cov_factor and s the scale, so a coordinate's marginal sd is s_i sqrt(1 + |W_i|^2).
+    """
+    loc = np.asarray(params["auto_loc"], np.float64)
+    w, s = np.asarray(params["auto_cov_factor"], np.float64), np.asarray(params["auto_scale"], np.float64)
+    sd = s * np.sqrt(1.0 + (w ** 2).sum(-1))
+    out, start = {}, 0
+    for name, shape in prior_shapes(units, prior).items():
+        n = int(np.prod(shape))
+        out[f"{name}_auto_loc"] = loc[start:start + n].reshape(shape)
+        out[f"{name}_auto_scale"] = sd[start:start + n].reshape(shape)
+        start += n
+    if start != loc.size:
+        raise ValueError(f"low-rank guide has {loc.size} latent values; the {prior!r} prior has {start}")
+    return out

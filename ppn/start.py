@@ -1,0 +1,141 @@
+"""Where a fit starts: the guide's starting locations and the frozen teacher.
+
+By default (`FitConfig.init="taylor"`) each unit's hierarchical latents start at
+its first-order importance: |dNLL/dz| at all gates open, per parameter the unit
+costs, on a few training batches. Pruning then begins from a ranking the
+network's own gradients give, not from all units equal (`init="prior"`: the
+prior medians).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from numpyro.infer.initialization import init_to_median
+
+from ppn import bayes, data, gates, sharding
+from ppn.models.llama import Llama
+from ppn.units import KINDS, Units
+
+if TYPE_CHECKING:
+    from ppn.fit import FitConfig
+
+
+def guide_start(model: Llama, units: Units, tokens: np.ndarray, cfg: FitConfig,
+                mesh: Mesh | None = None) -> dict[str, np.ndarray]:
+    """The guide's starting locations by latent site name: `taylor_init`'s with
+    `init="taylor"` and a hierarchical prior, else {} (every site at its prior
+    median, see `init_to_values`). Non-finite importances give {} too: such a
+    network fails the fit's finiteness check at its first step."""
+    if cfg.init != "taylor" or cfg.prior == "independent":
+        return {}
+    start = taylor_init(model, units, tokens, cfg, mesh=mesh)
+    return start if all(np.isfinite(v).all() for v in start.values()) else {}
+
+
+def init_to_values(site=None, values=None):
+    """numpyro init strategy: `values[name]` where given, the prior median
+    elsewhere (not numpyro's default uniform draw in (-2, 2))."""
+    if site is None:
+        return functools.partial(init_to_values, values=values)
+    if site["name"] in values:
+        return jnp.asarray(values[site["name"]], jnp.float32)
+    return init_to_median(site, num_samples=15)
+
+
+def gate_gradients(model: Llama, units: Units, batches, mesh: Mesh | None = None) -> dict[str, np.ndarray]:
+    """Mean |d NLL / d z_g| over `batches` (each int (B, T+1)) at all gates open, by
+    gate kind ("head" (L, H), "mlp_group" (L, G), ...): the first-order change of
+    the loss when a unit is removed (Taylor importance). With a `mesh`, batches are
+    split over it and weights FSDP-sharded as in `ppn.fit`."""
+    graphdef, state = nnx.split(model)
+    ones = {k: jnp.ones(units.shapes()[k]) for k in KINDS}
+    if mesh is not None:
+        state = sharding.on_mesh(state, mesh)
+
+    @jax.jit
+    def grad(state, z, batch):
+        state = sharding.gather(state, mesh)
+
+        def loss(z):
+            net = nnx.merge(graphdef, state)
+            logits = net(batch[:, :-1], gates=gates.block_gates(units, z))
+            return bayes.token_nll(logits, batch[:, 1:]) / batch[:, 1:].size
+        return jax.grad(loss)(z)
+
+    total = {k: np.zeros(v.shape) for k, v in ones.items()}
+    count = 0
+    for batch in batches:
+        g = grad(state, ones, jnp.asarray(batch) if mesh is None else sharding.global_batch(batch, mesh))
+        total = {k: total[k] + np.abs(sharding.to_host(g[k])) for k in total}
+        count += 1
+    return {k: v / count for k, v in total.items()}
+
+
+def taylor_init(model: Llama, units: Units, tokens: np.ndarray, cfg: FitConfig, num_batches: int = 4,
+                mesh: Mesh | None = None) -> dict[str, np.ndarray]:
+    """Initial guide locations from Taylor importances, in the hierarchy's coordinates.
+
+    A unit's score is log(|dNLL/dz| / cost), on `num_batches` batches of the fit's
+    shape drawn with their own seed. A (layer, kind) cell's score is the mean of
+    its units'; `delta` (L, 2) starts at the standardised cell scores, `eps_head`
+    (L, H) and `eps_mlp_group` (L, G) at the standardised deviations of units from
+    their cell (all clipped to +-3).
+    """
+    batches = itertools.islice(data.train_batches(tokens, cfg.batch_size, cfg.seqlen + 1, cfg.seed + 7919),
+                               num_batches)
+    imp = gate_gradients(model, units, batches, mesh)
+    costs = {"head": np.full((units.num_layers, units.num_heads), units.head_cost),
+             "mlp_group": np.broadcast_to(units.group_costs, (units.num_layers, units.num_groups))}
+    score = {k: np.log(imp[k] / costs[k] + 1e-20) for k in costs}
+    cells = np.stack([score["head"].mean(1), score["mlp_group"].mean(1)], axis=1)  # (L, 2)
+
+    def standard(x):
+        return np.clip((x - x.mean()) / (x.std() + 1e-12), -3, 3)
+
+    deviations = {k: score[k] - cells[:, i, None] for i, k in enumerate(("head", "mlp_group"))}
+    spread = np.concatenate([d.reshape(-1) for d in deviations.values()]).std() + 1e-12
+    return {"delta": standard(cells),
+            **{f"eps_{k}": np.clip(d / spread, -3, 3) for k, d in deviations.items()}}
+
+
+def load_teacher(model: Llama, cfg: FitConfig) -> Llama | None:
+    """The frozen teacher of a fit: None, a copy of `model`'s starting weights
+    ("start"), or the model at `cfg.teacher`, in `cfg.teacher_dtype`.
+
+    Raises:
+        ValueError: the teacher's vocabulary size differs from the student's.
+        MemoryError: the teacher's weights do not fit in the memory available
+            (the message says how much they need).
+    """
+    if cfg.teacher is None:
+        return None
+    dtype = jnp.dtype(cfg.teacher_dtype) if cfg.teacher_dtype else model.dtype
+    if cfg.teacher == "start":
+        graphdef, state = nnx.split(model)
+        # A copy: the fit donates its state, whose weights may share buffers with `model`.
+        return nnx.merge(graphdef, jax.tree.map(lambda x: jnp.array(x, dtype=dtype if jnp.issubdtype(
+            x.dtype, jnp.floating) else x.dtype, copy=True), state))
+    from ppn.checkpoint import load_model, safetensors_dir
+    from ppn.hf_format import read_config
+
+    source = safetensors_dir(cfg.teacher)
+    config = read_config(source)
+    if config.vocab_size != model.config.vocab_size:
+        raise ValueError(f"teacher {cfg.teacher!r} has a vocabulary of {config.vocab_size:,} tokens, the model "
+                         f"{model.config.vocab_size:,}: a teacher must share the student's tokenizer")
+    need = config.num_params() * jnp.dtype(dtype).itemsize
+    import psutil
+
+    available = psutil.virtual_memory().available
+    if need > available:
+        raise MemoryError(f"teacher {cfg.teacher!r} needs {need / 2**30:.1f} GiB for its weights in {dtype.name}, "
+                          f"and {available / 2**30:.1f} GiB are available; try teacher_dtype='bfloat16'")
+    return load_model(source, dtype=dtype.name)

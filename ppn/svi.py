@@ -1,0 +1,282 @@
+"""The SVI of a fit, step by step: `init_fit` builds it, `fit_step` advances it by one step.
+
+    setup, state = init_fit(model, tokens, config, run_dir)      # resumed if run_dir has a checkpoint
+    state, row = fit_step(setup, state, batch)                   # batch: int (batch_size, seqlen + 1)
+
+Like numpyro's `SVI.init` / `SVI.update`, with the push puppet model's specifics:
+the gated NumPyro model (`ppn.bayes.push_puppet_model`), its guide and optimiser,
+the starting values (`ppn.start`), the frozen teacher, and a jitted update that
+skips a step whose loss or new parameters are not finite. `ppn.fit.fit` is the
+run loop around them (batches, progress bar, metrics log, checkpoints).
+
+The update is one jitted function of fixed shapes: it compiles once. With a
+`mesh` (see `ppn.sharding`) the same step runs data-parallel and fully sharded:
+each batch is split over the mesh's data x fsdp devices, the network weights,
+their gradients and Adam moments are split over fsdp, and the gate and guide
+parameters are replicated. The jitted step pins those layouts on its inputs and
+outputs (so it still compiles once) and the partitioner propagates them through
+the NumPyro model; checkpoints are saved and restored sharded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+from numpyro.infer import SVI, Trace_ELBO
+from numpyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoNormal
+
+from ppn import bayes, data, sharding
+from ppn.models.llama import Llama
+from ppn.runs import RunFolder, metrics_row
+from ppn.start import guide_start, init_to_values, load_teacher
+from ppn.units import Units
+
+if TYPE_CHECKING:
+    from ppn.fit import FitConfig
+
+WEIGHTS_SITE = "llama$params"
+"""The NumPyro param site of the network weights (a dict of arrays) when they are trained."""
+
+GUIDES = {"normal": AutoNormal, "lowrank": AutoLowRankMultivariateNormal}
+
+
+@dataclasses.dataclass(frozen=True)
+class FitSetup:
+    """What stays fixed through a fit (built by `init_fit`).
+
+    Attributes:
+        config: the fit's configuration.
+        units: the gate registry the guide's sites index.
+        svi: numpyro's SVI of the gated model and its guide.
+        update: the jitted step (svi_state, batch, rho, temperature, weights,
+            teacher) -> (svi_state, loss, ok, metrics); donates svi_state.
+        weights: the frozen network weights (an `nnx.Param` state) when the
+            weights are not trained, else None.
+        teacher: the frozen teacher's `nnx` state, or None.
+        mesh: the mesh the fit runs on, or None (the default device).
+        run: the run folder (a `RunFolder` without a folder when run_dir is None).
+    """
+
+    config: FitConfig
+    units: Units
+    svi: SVI
+    update: Callable
+    weights: Any
+    teacher: Any
+    mesh: Mesh | None
+    run: RunFolder
+
+
+@dataclasses.dataclass(frozen=True)
+class FitState:
+    """Where a fit stands (what a checkpoint holds, and the current streak of skipped steps).
+
+    Attributes:
+        step: steps done; the next step's index.
+        svi: numpyro's SVIState: the optimiser state of the guide's parameters
+            and, when trained, the network weights (FSDP-sharded on a mesh).
+        nonfinite: steps skipped so far because the loss or an update was not finite.
+        consecutive: steps skipped in a row up to now (0 after a resume).
+    """
+
+    step: int
+    svi: Any
+    nonfinite: int
+    consecutive: int = 0
+
+
+def init_fit(model: Llama, tokens, config: FitConfig, run_dir: str | os.PathLike | None = None,
+             mesh: Mesh | None = None) -> tuple[FitSetup, FitState]:
+    """Builds a fit of `model` on `tokens` (int (N,)) and its state at step 0, or
+    at the latest checkpoint of an unfinished run in `run_dir`.
+
+    The arguments and the errors are `ppn.fit.fit`'s; the network's starting
+    weights are read, never changed.
+    """
+    cfg = config
+    if model.config.layers is not None:
+        raise ValueError("fit needs the dense model; this one is already pruned")
+    if mesh is not None:
+        sharding.check_mesh(mesh)
+        if cfg.batch_size % sharding.batch_shards(mesh):
+            raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the mesh's data x fsdp = "
+                             f"{sharding.batch_shards(mesh)} devices, which split every batch")
+    tokens = np.asarray(tokens)
+    units = Units(model.config, cfg.group_width)
+    run = RunFolder(Path(run_dir) if run_dir is not None else None, cfg, model)
+    svi = _svi(model, units, tokens, cfg, mesh)
+    weights = None if cfg.train_weights else nnx.state(model, nnx.Param)
+    teacher = load_teacher(model, cfg)
+    teacher_graphdef, teacher_state = nnx.split(teacher) if teacher is not None else (None, None)
+    teacher_logits = functools.partial(_teacher_logits, teacher_graphdef, mesh)
+
+    # The state is built on one device, then laid out on the mesh: numpyro's
+    # initialisation runs op by op, and on sharded arrays each op would compile
+    # for the mesh.
+    first = jnp.asarray(next(data.train_batches(tokens, cfg.batch_size, cfg.seqlen + 1, cfg.seed)))
+    try:
+        state = svi.init(jax.random.PRNGKey(cfg.seed), first, jnp.asarray(cfg.sizes(0)),
+                         jnp.float32(cfg.temperature(0)), jax.jit(teacher_logits)(teacher_state, first),
+                         weights=weights)
+    except RuntimeError as e:  # numpyro: "Cannot find valid initial parameters"
+        raise FloatingPointError(
+            f"the log density is not finite at the initial parameters ({e}); "
+            "check the model's weights for NaN/inf") from e
+    state, weights, teacher_state, layouts = _lay_out(mesh, state, weights, teacher_state)
+    # The state is donated, so old and new states never coexist in memory.
+    update = jax.jit(functools.partial(_update, svi, teacher_logits, mesh), donate_argnums=0, **layouts)
+    step, state, nonfinite = run.restore(state)
+    return FitSetup(cfg, units, svi, update, weights, teacher_state, mesh, run), FitState(step, state, nonfinite)
+
+
+def fit_step(setup: FitSetup, state: FitState, batch: np.ndarray) -> tuple[FitState, dict]:
+    """Runs step `state.step` on `batch` (int (batch_size, seqlen + 1)) at that
+    step's sizes and temperature (`FitConfig.sizes`, `FitConfig.temperature`).
+
+    A step whose loss or new parameters are not finite leaves the parameters as
+    they were and is counted. Returns the next state (`state.svi` is donated to
+    it) and the step's metrics.jsonl row (`ppn.runs.metrics_row`, with its
+    "seconds").
+    """
+    cfg, step, mesh = setup.config, state.step, setup.mesh
+    rho, temperature = cfg.sizes(step), cfg.temperature(step)
+    tick = time.perf_counter()
+    svi_state, loss, ok, metrics = setup.update(
+        state.svi, jnp.asarray(batch) if mesh is None else sharding.global_batch(batch, mesh), jnp.asarray(rho),
+        jnp.float32(temperature), setup.weights, setup.teacher)
+    ok = bool(ok)
+    row = metrics_row(step, float(loss), ok, rho, temperature, metrics) | {"seconds": time.perf_counter() - tick}
+    return FitState(step + 1, svi_state, state.nonfinite + (not ok), 0 if ok else state.consecutive + 1), row
+
+
+def fitted_model(model: Llama, setup: FitSetup, state: FitState) -> tuple[Llama, dict[str, np.ndarray]]:
+    """`model` with the fitted weights (in its dtype; itself when the weights were
+    frozen), and the guide's parameters by site name as host numpy arrays."""
+    params = setup.svi.get_params(state.svi)
+    fitted = model
+    if setup.config.train_weights:
+        graphdef, weights, rest = nnx.split(model, nnx.Param, ...)
+        nnx.replace_by_pure_dict(weights, jax.tree.map(lambda x: x.astype(model.dtype), params[WEIGHTS_SITE]))
+        fitted = nnx.merge(graphdef, weights, rest)
+    return fitted, {k: sharding.to_host(v) for k, v in params.items() if k != WEIGHTS_SITE}
+
+
+def _svi(model: Llama, units: Units, tokens: np.ndarray, cfg: FitConfig, mesh: Mesh | None) -> SVI:
+    """numpyro's SVI: the gated model with everything but the step's inputs bound,
+    the guide `cfg.guide` starting at `ppn.start.guide_start`, and `_optimizer`."""
+    data_tokens = cfg.data_tokens or len(tokens)
+    # Trained low-precision weights get float32 master copies: the optimiser
+    # updates those, the forward pass runs in the model's dtype.
+    master = cfg.train_weights and model.dtype != jnp.float32
+    model_fn = (_network_model(_cast(model, jnp.float32), units, cfg, data_tokens, compute_dtype=model.dtype)
+                if master else _network_model(model, units, cfg, data_tokens))
+    if mesh is not None:
+        model_fn = _GatherWeights(model_fn, mesh)
+    start = guide_start(model, units, tokens, cfg, mesh)
+    guide = GUIDES[cfg.guide](model_fn, init_loc_fn=init_to_values(values=start), init_scale=cfg.guide_init_scale)
+    return SVI(model_fn, guide, _optimizer(cfg), Trace_ELBO())
+
+
+def _network_model(network: Llama, units: Units, cfg: FitConfig, data_tokens: int, compute_dtype=None):
+    """The NumPyro model with everything but (batch, rho, temperature, teacher logits, weights) bound."""
+    return functools.partial(
+        bayes.push_puppet_model, network=network, units=units, prior=cfg.prior, data_tokens=data_tokens,
+        likelihood_temperature=cfg.likelihood_temperature, train_weights=cfg.train_weights,
+        distill_weight=cfg.distill_weight, teacher_weight=cfg.teacher_weight,
+        teacher_temperature=cfg.teacher_temperature, rescale=cfg.rescale, constraint=cfg.constraint,
+        compute_dtype=compute_dtype)
+
+
+def _cast(model: Llama, dtype) -> Llama:
+    """A copy of `model` with its weights (`nnx.Param`s) in `dtype`."""
+    graphdef, weights, rest = nnx.split(model, nnx.Param, ...)
+    return nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(dtype), weights), rest)
+
+
+class _GatherWeights(numpyro.primitives.Messenger):
+    """Gathers the FSDP-sharded network weights whole where the model reads them
+    (`ppn.sharding.gather`): every device runs its own batch rows through the whole
+    weights. Outside a trace (numpyro's eager initialisation on one device) there
+    is nothing to partition, and it does nothing."""
+
+    def __init__(self, fn, mesh: Mesh):
+        self.mesh = mesh
+        super().__init__(fn)
+
+    def postprocess_message(self, msg):
+        if msg["type"] != "param" or msg["name"] != WEIGHTS_SITE:
+            return
+        leaves = jax.tree.leaves(msg["value"])  # none when nnx_module first asks for the site
+        if leaves and isinstance(leaves[0], jax.core.Tracer):
+            msg["value"] = sharding.gather(msg["value"], self.mesh)
+
+
+def _optimizer(cfg: FitConfig):
+    """Adam with separate learning rates: network weights, gate variational
+    parameters, and the rescaling exponents (`rescale_<kind>`)."""
+    weights = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(cfg.lr_weights))
+
+    def label(name):
+        return "weights" if name == WEIGHTS_SITE else "rescale" if name.startswith("rescale_") else "gates"
+
+    tx = optax.multi_transform(
+        {"weights": weights, "gates": optax.adam(cfg.lr_gates), "rescale": optax.adam(cfg.lr_rescale)},
+        lambda params: {k: label(k) for k in params})
+    return numpyro.optim.optax_to_numpyro(tx)
+
+
+def _teacher_logits(graphdef, mesh: Mesh | None, teacher, batch: jax.Array):
+    """The frozen teacher's logits (B, T, V) on `batch` (B, T+1), computed once for
+    all the batch's sizes; None without a teacher."""
+    if teacher is None:
+        return None
+    return jax.lax.stop_gradient(nnx.merge(graphdef, sharding.gather(teacher, mesh))(batch[:, :-1]))
+
+
+def _update(svi: SVI, teacher_logits, mesh: Mesh | None, state, batch, rho, temperature, weights, teacher):
+    """One SVI step, or none when the loss or the new parameters are not finite:
+    (state, loss, ok, the model's "ppn$metrics")."""
+    if weights is not None:
+        weights = sharding.gather(weights, mesh)
+    new, loss = svi.update(state, batch, rho, temperature, teacher_logits(teacher, batch), weights=weights)
+    ok = jnp.isfinite(loss) & _all_finite(svi.get_params(new))
+    kept = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
+    return kept, loss, ok, new.mutable_state["ppn$metrics"]
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack(leaves))
+
+
+def _lay_out(mesh: Mesh | None, state, weights, teacher):
+    """(state, weights, teacher, jit shardings) for `mesh`: the network weights and
+    the Adam moments that mirror them FSDP-sharded, the rest replicated, and the
+    in/out shardings that pin those layouts on every boundary of the step, so the
+    state keeps its layout from step to step (one compilation). Without a mesh:
+    all unchanged, no shardings."""
+    if mesh is None:
+        return state, weights, teacher, {}
+    rep = sharding.replicated(mesh)
+    state_layout = sharding.state_shardings(state, mesh, WEIGHTS_SITE)
+    weights_layout = None if weights is None else sharding.weight_shardings(weights, mesh)
+    teacher_layout = None if teacher is None else sharding.weight_shardings(teacher, mesh)
+    state = sharding.place(state, state_layout)
+    weights = None if weights is None else sharding.place(weights, weights_layout)
+    teacher = None if teacher is None else sharding.place(teacher, teacher_layout)
+    return state, weights, teacher, dict(
+        out_shardings=(state_layout, rep, rep, rep),
+        in_shardings=(state_layout, sharding.batch_sharding(mesh), rep, rep, weights_layout, teacher_layout))

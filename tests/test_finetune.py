@@ -1,0 +1,48 @@
+"""The harness's plain fine-tuner (`ppn.harness.finetune`): it learns, leaves its input alone, keeps a
+sparse model's zeros when asked, and resumes a killed run to the unbroken result."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from ppn.fit import FitConfig
+from ppn.harness.finetune import finetune
+from ppn.runs import read_metrics
+from ppn.testing import assert_same_weights, run_killed_at, tiny_model, tiny_tokens
+
+TOKENS = tiny_tokens()
+
+
+def test_finetune_learns_a_repeating_text_and_leaves_the_input_model_alone():
+    model = tiny_model()
+    before = [np.asarray(x).copy() for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
+    tokens = np.tile(np.arange(10), 400)
+    result = finetune(model, tokens, FitConfig(steps=40, batch_size=4, seqlen=16, lr_weights=3e-3), progress=False)
+    assert np.mean(result.nll[-5:]) < 0.5 * np.mean(result.nll[:5])
+    for a, b in zip(before, jax.tree.leaves(nnx.state(model, nnx.Param))):
+        np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_masked_finetune_keeps_the_zeros_of_a_sparse_model():
+    model = tiny_model()
+    model.blocks[0].mlp.down[...] = model.blocks[0].mlp.down[...].at[:, ::2].set(0.0)
+    tokens = np.tile(np.arange(10), 400)
+    cfg = FitConfig(steps=5, batch_size=2, seqlen=16, lr_weights=3e-3)
+    tuned = finetune(model, tokens, cfg, progress=False, keep_zeros=True).model
+    down, before = np.asarray(tuned.blocks[0].mlp.down[...]), np.asarray(model.blocks[0].mlp.down[...])
+    assert (down[:, ::2] == 0).all() and (np.abs(down[:, 1::2] - before[:, 1::2]) > 0).mean() > 0.9
+    free = np.asarray(finetune(model, tokens, cfg, progress=False).model.blocks[0].mlp.down[...])
+    assert (free[:, ::2] != 0).mean() > 0.9  # without the mask the zeros move
+
+
+def test_finetune_killed_and_resumed_equals_an_unbroken_run(tmp_path):
+    cfg = FitConfig(steps=7, batch_size=2, seqlen=16, lr_weights=3e-3, checkpoint_every=3)
+    unbroken = finetune(tiny_model(), TOKENS, cfg, progress=False)
+    run_killed_at(5, lambda: finetune(tiny_model(), TOKENS, cfg, progress=False, run_dir=tmp_path))
+    assert read_metrics(tmp_path)[-1]["step"] == 2
+    resumed = finetune(tiny_model(), TOKENS, cfg, progress=False, run_dir=tmp_path)
+    np.testing.assert_allclose(resumed.nll, unbroken.nll, rtol=1e-6)
+    assert_same_weights(unbroken.model, resumed.model)
+    with pytest.raises(ValueError, match="another configuration"):
+        finetune(tiny_model(), TOKENS, FitConfig(**{**cfg.__dict__, "steps": 8}), progress=False, run_dir=tmp_path)

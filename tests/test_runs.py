@@ -1,0 +1,71 @@
+"""Run folders: a killed fit resumes to the unbroken result, a finished or different run is not
+overwritten, a killed write leaves nothing behind, and metrics.jsonl reads back."""
+
+import numpy as np
+import pytest
+
+from ppn.fit import FitConfig, fit
+from ppn.runs import RunFolder, mark_done, read_metrics
+from ppn.testing import assert_same_weights, run_killed_at, smoke_fit_config, tiny_model, tiny_tokens
+
+TOKENS = tiny_tokens()
+SMALL = smoke_fit_config()
+
+
+def test_resume_after_a_kill_equals_an_unbroken_run(tmp_path):
+    cfg = smoke_fit_config(steps=7, checkpoint_every=3)
+    unbroken = fit(tiny_model(), TOKENS, cfg, run_dir=tmp_path / "a", progress=False)
+    # killed after the checkpoint at step 3, mid-way to the next
+    run_killed_at(5, lambda: fit(tiny_model(), TOKENS, cfg, run_dir=tmp_path / "b", progress=False))
+    assert [r["step"] for r in read_metrics(tmp_path / "b")] == [0, 1, 2]
+    resumed = fit(tiny_model(), TOKENS, cfg, run_dir=tmp_path / "b", progress=False)
+    assert [r["step"] for r in resumed.metrics] == list(range(7))
+    for k, v in unbroken.guide_params.items():
+        np.testing.assert_allclose(resumed.guide_params[k], v, rtol=1e-6, atol=1e-7, err_msg=k)
+    assert_same_weights(unbroken.model, resumed.model)
+
+
+def test_a_finished_run_is_not_overwritten(tmp_path):
+    fit(tiny_model(), TOKENS, smoke_fit_config(steps=2), run_dir=tmp_path / "r", progress=False)
+    mark_done(tmp_path / "r")
+    before = (tmp_path / "r" / "metrics.jsonl").read_text()
+    with pytest.raises(FileExistsError, match="holds a finished run"):
+        fit(tiny_model(), TOKENS, SMALL, run_dir=tmp_path / "r", progress=False)
+    assert (tmp_path / "r" / "metrics.jsonl").read_text() == before
+
+
+def test_resuming_with_another_config_is_refused(tmp_path):
+    fit(tiny_model(), TOKENS, smoke_fit_config(steps=2), run_dir=tmp_path / "r", progress=False)
+    with pytest.raises(ValueError, match="another configuration"):
+        fit(tiny_model(), TOKENS, smoke_fit_config(steps=2, lr_gates=0.5), run_dir=tmp_path / "r", progress=False)
+
+
+def test_resuming_with_another_teacher_or_loss_is_refused_naming_it(tmp_path):
+    base = smoke_fit_config(teacher="start", teacher_weight=0.5)
+    RunFolder(tmp_path, base, tiny_model())
+    for change, name in ((dict(teacher_weight=1.0), "teacher_weight"), (dict(teacher=str(tmp_path)), "teacher")):
+        with pytest.raises(ValueError, match=f"another configuration \\({name} "):
+            RunFolder(tmp_path, FitConfig(**{**base.__dict__, **change}), tiny_model())
+
+
+def test_a_killed_write_leaves_nothing_a_resume_would_read(tmp_path):
+    """Temporary files of an atomic write and orbax's unfinished checkpoints are removed."""
+    RunFolder(tmp_path, SMALL, tiny_model())
+    (tmp_path / ".metrics.jsonl.k1ll3d").write_text('{"step": 0')
+    unfinished = tmp_path / "checkpoints" / "3.orbax-checkpoint-tmp-1700000000"
+    unfinished.mkdir(parents=True)
+    run = RunFolder(tmp_path, SMALL, tiny_model())
+    assert not (tmp_path / ".metrics.jsonl.k1ll3d").exists() and not unfinished.exists()
+    state = {"x": np.zeros(3, np.float32)}
+    step, restored, nonfinite = run.restore(state)
+    assert (step, nonfinite) == (0, 0) and restored is state
+
+
+def test_metrics_are_written_whole_and_read_back_up_to_a_step(tmp_path):
+    assert read_metrics(tmp_path) == [] and read_metrics(tmp_path / "nowhere") == []
+    run = RunFolder(tmp_path, SMALL, tiny_model())
+    rows = [{"step": s, "loss": float(s)} for s in range(5)]
+    run.write_metrics(rows)
+    assert read_metrics(tmp_path) == rows
+    assert run.metrics(3) == rows[:3]
+    assert RunFolder(None, SMALL, tiny_model()).metrics(3) == []
