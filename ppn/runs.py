@@ -52,13 +52,35 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The objects of a JSON-lines file, [] when there is none. A last line cut by a
+    kill in the middle of `append_jsonl` is dropped: its record is computed again."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}: line {i + 1} is not JSON") from None
+    return rows
+
+
+def append_jsonl(path: str | os.PathLike, row: dict) -> None:
+    """Appends `row` as one JSON line and syncs it to disk before returning."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row, default=float) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     """The rows of a run folder's metrics.jsonl, one dict per logged step; [] when
     it has none yet (a fresh folder, or a run killed before its first checkpoint)."""
-    path = Path(run_dir) / METRICS
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+    return read_jsonl(Path(run_dir) / METRICS)
 
 
 def metrics_row(step: int, loss: float, ok: bool, rho: np.ndarray, temperature: float, metrics: dict) -> dict:

@@ -50,8 +50,8 @@ from ppn.units import Units
 from ppn.models.llama import Llama
 from ppn.plan import Plan
 from ppn.prune import prune
-from ppn.harness.report import markdown_table, write_results
-from ppn.runs import atomic_write_text, read_metrics
+from ppn.harness.report import TOTAL_COLUMNS, markdown_table, wall_time_per_method, write_results
+from ppn.runs import append_jsonl, atomic_write_text, read_jsonl, read_metrics
 from ppn.sharding import make_mesh
 
 SIZES = (0.9, 0.7, 0.5, 0.4, 0.3)
@@ -63,7 +63,6 @@ SCORED_METHODS = tuple(m for m in STRUCTURED_METHODS if m != "random")
 DENSE_FINETUNED = "dense fine-tuned (fit budget)"
 COLUMNS = ["method", "pattern", "size", "kept_prunable", "kept_fraction", "kept_total", "perplexity", "eval",
            "tokens_used", "prune_seconds", "prefill_ratio", "decode_ratio"]
-TOTAL_COLUMNS = ["method", "sizes", "total_seconds", "one_time_seconds", "per_size_seconds"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,21 +168,11 @@ class _State:
                              "or delete it")
         atomic_write_text(cfg_path, settings)
         self.path = self.dir / "rows.jsonl"
-        self.rows: dict[str, dict] = {}
-        if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by a kill mid-write: that row is recomputed
-                self.rows[row["key"]] = row
+        self.rows = {row["key"]: row for row in read_jsonl(self.path)}
 
     def add(self, row: dict) -> None:
         self.rows[row["key"]] = row
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row, default=float) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_jsonl(self.path, row)
 
 
 class _Bench:
@@ -330,12 +319,7 @@ def _tasks(cfg: BenchConfig, b: _Bench) -> list[tuple[str, Callable[[], dict]]]:
         return run
 
     def dense_finetuned_row():
-        fit = b.fit_config()
-        tuned = finetune(b.dense, b.inputs()[2], fit, progress=b.progress,
-                         run_dir=Path(cfg.state_dir) / "finetune-dense")
-        return _row(DENSE_FINETUNED, 1.0, tuned.model, b.dense, pattern="dense",
-                    perplexity=b.perplexity(tuned.model), eval=mode, tokens_used=fit.train_tokens,
-                    prune_seconds=0.0, finetune_seconds=tuned.seconds)
+        return _finetuned_row(b, DENSE_FINETUNED, b.dense, 1.0, "dense", mode, tokens_used=0, prune_seconds=0.0)
 
     if "dense" in cfg.methods:
         tasks.append(("dense", dense_row))
@@ -364,35 +348,36 @@ def _structured(b: _Bench, method: str, size: float) -> Llama:
     return prune_compensated(b.dense, keep, stats) if method == "flap" else prune(b.dense, keep)
 
 
+def _finetuned_row(b: _Bench, method: str, model: Llama, size: float, folder: str, mode: str, *,
+                   tokens_used: int, pattern: str = "dense", keep_zeros: bool = False, **fields) -> dict:
+    """`model` fine-tuned with the fit's budget (resumable in `<state_dir>/finetune-<folder>`), as a row;
+    `tokens_used` counts what the model used before (calibration), `keep_zeros` holds its zeros fixed."""
+    fit = b.fit_config()
+    tuned = finetune(model, b.inputs()[2], fit, progress=b.progress, keep_zeros=keep_zeros,
+                     run_dir=Path(b.cfg.state_dir) / f"finetune-{folder}")
+    if keep_zeros:
+        fields["kept_prunable"] = b.dense.config.num_prunable_params() - _zeros(tuned.model)
+    return _row(method, size, tuned.model, b.dense, pattern=pattern, perplexity=b.perplexity(tuned.model),
+                eval=mode, tokens_used=fit.train_tokens + tokens_used, finetune_seconds=tuned.seconds, **fields)
+
+
 def _best_structured_finetuned(b: _Bench, mode: str, calib_tokens: int) -> dict:
     """The structured baseline with the lowest perplexity at 0.5 (random excluded), fine-tuned."""
-    best, best_ppl = None, np.inf
-    for m in SCORED_METHODS:
-        row = b.rows.get(f"{m}@0.5")
-        if row and row["perplexity"] < best_ppl:
-            best, best_ppl = m, row["perplexity"]
-    if best is None:
+    scored = {m: b.rows[f"{m}@0.5"]["perplexity"] for m in SCORED_METHODS if f"{m}@0.5" in b.rows}
+    if not scored:
         raise ValueError("the fine-tuned structured row needs a structured baseline at size 0.5 in the same run")
-    fit = b.fit_config()
-    tuned = finetune(_structured(b, best, 0.5), b.inputs()[2], fit, progress=b.progress,
-                     run_dir=Path(b.cfg.state_dir) / f"finetune-{best}-0.5")
-    return _row(f"{best} fine-tuned (fit budget)", 0.5, tuned.model, b.dense, pattern="structured",
-                perplexity=b.perplexity(tuned.model), eval=mode, tokens_used=fit.train_tokens + calib_tokens,
-                prune_seconds=0.0, finetune_seconds=tuned.seconds)
+    best = min(scored, key=scored.get)
+    return _finetuned_row(b, f"{best} fine-tuned (fit budget)", _structured(b, best, 0.5), 0.5, f"{best}-0.5", mode,
+                          tokens_used=calib_tokens, pattern="structured", prune_seconds=0.0)
 
 
 def _sparsegpt_finetuned(b: _Bench, mode: str, calib_tokens: int) -> dict:
     """SparseGPT at sparsity 0.5, then its kept weights fine-tuned with the mask held fixed."""
     sparse = prune_unstructured(b.dense, "sparsegpt", 0.5, windows=b.windows(), progress=b.progress)
-    fit = b.fit_config()
-    tuned = finetune(sparse.model, b.inputs()[2], fit, progress=b.progress, keep_zeros=True,
-                     run_dir=Path(b.cfg.state_dir) / "finetune-sparsegpt-0.5")
-    zeros = _zeros(tuned.model)
-    return _row("sparsegpt masked fine-tuned (fit budget)", 0.5, tuned.model, b.dense,
-                kept_prunable=b.dense.config.num_prunable_params() - zeros, pattern="unstructured",
-                perplexity=b.perplexity(tuned.model), eval=mode, tokens_used=fit.train_tokens + calib_tokens,
-                prune_seconds=sparse.seconds, finetune_seconds=tuned.seconds, prefill_ratio=None, decode_ratio=None,
-                speed_note="dense kernels: runs at dense speed")
+    return _finetuned_row(b, "sparsegpt masked fine-tuned (fit budget)", sparse.model, 0.5, "sparsegpt-0.5", mode,
+                          tokens_used=calib_tokens, pattern="unstructured", keep_zeros=True,
+                          prune_seconds=sparse.seconds, prefill_ratio=None, decode_ratio=None,
+                          speed_note="dense kernels: runs at dense speed")
 
 
 def _zeros(model: Llama) -> int:
@@ -428,19 +413,3 @@ def run(cfg: BenchConfig, progress: bool = True) -> list[dict]:
                       + "\nUnstructured and N:M rows keep dense shapes and run at dense speed here.\n")
     plt.close(benchmark_figure(rows, out.parent / f"{name}.png"))
     return rows
-
-
-def wall_time_per_method(rows: list[dict]) -> list[dict]:
-    """Total seconds each method spends to produce all its sizes: ppn fits once and
-    resizes per size; structured baselines score once (one calibration pass) and
-    cut per size; unstructured baselines run a whole calibrated pruning per size;
-    fine-tuned rows count their fine-tuning."""
-    totals = []
-    for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"):
-        mine = [r for r in rows if r["method"] == method]
-        per_size = float(sum(r.get("prune_seconds") or 0.0 for r in mine))
-        once = max(r.get("fit_seconds", 0.0) + r.get("calibration_seconds", 0.0) for r in mine) + float(
-            sum(r.get("finetune_seconds", 0.0) for r in mine))
-        totals.append({"method": method, "sizes": len(mine), "total_seconds": once + per_size,
-                       "one_time_seconds": once, "per_size_seconds": per_size})
-    return totals

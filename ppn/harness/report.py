@@ -14,6 +14,8 @@ from typing import Any
 
 from ppn.runs import atomic_write_text
 
+TOTAL_COLUMNS = ["method", "sizes", "total_seconds", "one_time_seconds", "per_size_seconds"]
+
 
 def machine() -> dict[str, Any]:
     """A description of the machine a measurement ran on."""
@@ -77,3 +79,19 @@ def write_results(name: str, records: Sequence[dict[str, Any]], columns: Sequenc
              f"{stamp['machine']['devices']} ({stamp['machine']['jax_backend']}); commit {stamp['git_commit']}.\n\n"
     atomic_write_text(out / f"{name}.md", header + markdown_table(records, columns))
     return out / f"{name}.json"
+
+
+def wall_time_per_method(rows: list[dict]) -> list[dict]:
+    """Total seconds each method spends to produce all its sizes: ppn fits once and
+    resizes per size; structured baselines score once (one calibration pass) and
+    cut per size; unstructured baselines run a whole calibrated pruning per size;
+    fine-tuned rows count their fine-tuning."""
+    totals = []
+    for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"):
+        mine = [r for r in rows if r["method"] == method]
+        per_size = float(sum(r.get("prune_seconds") or 0.0 for r in mine))
+        once = max(r.get("fit_seconds", 0.0) + r.get("calibration_seconds", 0.0) for r in mine) + float(
+            sum(r.get("finetune_seconds", 0.0) for r in mine))
+        totals.append({"method": method, "sizes": len(mine), "total_seconds": once + per_size,
+                       "one_time_seconds": once, "per_size_seconds": per_size})
+    return totals
