@@ -12,11 +12,10 @@ whatever the scale of the token likelihood (which is scaled to the whole data
 set and would otherwise simply open every gate).
 
 Gates are hard-concrete samples at eta_g (`ppn.gates`), so the network trains
-on exact zeros and ones. The hierarchical prior (non-centred) ties units to their layer and
-layers to the model; its negative log density is the "hierarchical penalty".
-Beyond the original formulation (ppn/METHOD.md), layer gates sit a learned margin above their
-units (`_layer_margin`), so that units close before whole sub-layers do.
-`push_puppet_model` is public so that `numpyro.infer.Predictive` can run it.
+on exact zeros and ones. alpha and beta come from a prior of `ppn.priors` (by
+default hierarchical: units tied to their layer). `push_puppet_model` is public,
+with an observed "tokens" site and deterministic sites, so that
+`numpyro.infer.Predictive` and `numpyro.infer.log_likelihood` can run it.
 
 Shapes: L blocks, N query heads, M MLP groups per block. Gate arrays are dicts
 keyed by kind: "attn_layer" (L,), "mlp_layer" (L,), "head" (L, N), "mlp_group" (L, M).
@@ -25,7 +24,6 @@ keyed by kind: "attn_layer" (L,), "mlp_layer" (L,), "head" (L, N), "mlp_group" (
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -35,101 +33,15 @@ import optax
 from numpyro.contrib.module import nnx_module
 from numpyro.primitives import mutable as numpyro_mutable
 
-from ppn.gates import block_gates, open_probability, sample_hard_concrete
+from ppn.gates import block_gates, flatten, median_hard_concrete, open_probability, sample_hard_concrete
 from ppn.models.llama import Llama
+from ppn.priors import get_prior
 from ppn.units import KINDS, RESCALE_KINDS, Units
 
 # The offset is bracketed by [min logit - margin, max logit + margin]: there every
 # gate is almost surely open (resp. closed), whatever the temperature up to ~5.
 OFFSET_MARGIN = 60.0
 BISECTION_STEPS = 48
-
-
-def _shapes(units: Units) -> dict[str, tuple[int, ...]]:
-    """Gate shapes by kind."""
-    return {k: units.shapes()[k] for k in KINDS}
-
-
-def _slopes(units: Units) -> dict[str, jax.Array]:
-    """beta_g = softplus(b_kind + s * zeta_g), shared by every prior."""
-    shapes = _shapes(units)
-    b = numpyro.sample("beta_loc", dist.Normal(1.0, 1.0).expand([len(KINDS)]).to_event(1))
-    s = numpyro.sample("beta_scale", dist.HalfNormal(0.5))
-    beta = {}
-    for i, kind in enumerate(KINDS):
-        zeta = numpyro.sample(f"zeta_{kind}", dist.Normal(0.0, 1.0).expand(shapes[kind]).to_event(len(shapes[kind])))
-        beta[kind] = jax.nn.softplus(b[i] + s * zeta)
-    return beta
-
-
-def _hierarchical(units: Units, unit_noise: dist.Distribution, margin: bool = True) -> tuple[dict, dict]:
-    shapes = _shapes(units)
-    L = units.num_layers
-    alpha0 = numpyro.sample("alpha0", dist.Normal(0.0, 3.0))
-    tau_layer = numpyro.sample("tau_layer", dist.HalfNormal(1.0))
-    tau_unit = numpyro.sample("tau_unit", dist.HalfNormal(1.0))
-    delta = numpyro.sample("delta", dist.Normal(0.0, 1.0).expand([L, 2]).to_event(2))
-    margin = _layer_margin() if margin else jnp.zeros(2)
-    layer_level = alpha0 + tau_layer * delta  # (L, 2): attention, MLP
-    alpha = {"attn_layer": layer_level[:, 0] + margin[0], "mlp_layer": layer_level[:, 1] + margin[1]}
-    for i, kind in enumerate(("head", "mlp_group")):
-        eps = numpyro.sample(f"eps_{kind}", unit_noise.expand(shapes[kind]).to_event(2))
-        alpha[kind] = layer_level[:, i, None] + tau_unit * eps
-    return alpha, _slopes(units)
-
-
-def _layer_margin() -> jax.Array:
-    """How much more open a layer gate is than its units, per kind (attention, MLP).
-
-    Without it a layer gate and its units would share one intercept, so at size
-    rho each would open with probability about sqrt(rho): whole sub-layers would
-    be dropped at random from the first step and the network would collapse.
-    A positive margin (prior mean 3 logits) makes units close before their layer;
-    the data can still pull a layer's intercept down.
-    """
-    return numpyro.sample("layer_margin", dist.Normal(3.0, 1.0).expand([2]).to_event(1))
-
-
-def hierarchical_prior(units: Units) -> tuple[dict, dict]:
-    """The formulation's prior (model -> layer -> unit intercepts, Normal unit
-    deviations) with layer gates a learned margin above their units: the default."""
-    return _hierarchical(units, dist.Normal(0.0, 1.0))
-
-
-def design_prior(units: Units) -> tuple[dict, dict]:
-    """The original formulation's prior exactly as written: layer gates share their units'
-    layer intercept, with no margin (the ablation of `_layer_margin`)."""
-    return _hierarchical(units, dist.Normal(0.0, 1.0), margin=False)
-
-
-def laplace_prior(units: Units) -> tuple[dict, dict]:
-    """Like `hierarchical_prior` with Laplace unit deviations: most units sit at
-    their layer's intercept, a few stand out."""
-    return _hierarchical(units, dist.Laplace(0.0, 1.0))
-
-
-def independent_prior(units: Units) -> tuple[dict, dict]:
-    """No pooling: every intercept alpha_g ~ Normal(0, 3) on its own (an ablation)."""
-    alpha = {kind: numpyro.sample(f"alpha_{kind}", dist.Normal(0.0, 3.0).expand(shape).to_event(len(shape)))
-             for kind, shape in _shapes(units).items()}
-    margin = _layer_margin()
-    alpha["attn_layer"] = alpha["attn_layer"] + margin[0]
-    alpha["mlp_layer"] = alpha["mlp_layer"] + margin[1]
-    return alpha, _slopes(units)
-
-
-PRIORS: dict[str, Callable[[Units], tuple[dict, dict]]] = {
-    "hierarchical": hierarchical_prior,
-    "design": design_prior,
-    "laplace": laplace_prior,
-    "independent": independent_prior,
-}
-
-
-def get_prior(name: str) -> Callable[[Units], tuple[dict, dict]]:
-    if name not in PRIORS:
-        raise ValueError(f"unknown prior {name!r}; choose one of {', '.join(PRIORS)}")
-    return PRIORS[name]
 
 
 # ---------------------------------------------------------- push function
@@ -256,7 +168,7 @@ def push_puppet_model(batch: jax.Array, rho: jax.Array, temperature: jax.Array, 
                       likelihood_temperature: float = 1.0, train_weights: bool = True,
                       weights=None, distill_weight: float = 0.0, teacher_weight: float = 0.0,
                       teacher_temperature: float = 1.0, rescale: bool = False, constraint: str = "offset",
-                      compute_dtype=None):
+                      compute_dtype=None, predict: bool = False):
     """One step's joint density: prior on gates, hard-concrete gates at size rho,
     and the tokens of `batch` under the gated network.
 
@@ -265,6 +177,14 @@ def push_puppet_model(batch: jax.Array, rho: jax.Array, temperature: jax.Array, 
     the batch's tokens and scaled by data_tokens / (B*T) / likelihood_temperature,
     so that, like the plain likelihood, it counts as the whole data set. With
     w = 0 it is the token likelihood itself.
+
+    Sites, for `numpyro.infer.Predictive` and `numpyro.infer.log_likelihood`:
+    "tokens", the observed next tokens (B, T) under Categorical(logits of the gated
+    network) at scale data_tokens / (B*T) / likelihood_temperature * (1 - w)
+    (absent when w = 1), sampled instead with `predict=True`; "teacher", the
+    KL factor; deterministic "alpha" (G,), "beta" (G,), "eta" (G,) or (B, G),
+    "p_open" and "gates" like eta, and "offset" () or (B,), gates flattened in
+    `ppn.units.KINDS` order (`ppn.gates.flatten`).
 
     Args:
         batch: int32 (B, T+1) token windows; each predicts its tokens 1..T.
@@ -298,59 +218,47 @@ def push_puppet_model(batch: jax.Array, rho: jax.Array, temperature: jax.Array, 
             trained weights, the `llama$params` site, stay in `network`'s dtype
             (float32 master weights: an Adam step of 1e-4 is below bfloat16's
             resolution for most weights, which would never move). None: as stored.
+        predict: draw the "tokens" site from the gated network instead of
+            observing the batch's next tokens (posterior predictive).
 
     Returns:
         The gate samples, a dict by kind (with a leading B axis when rho is (B,)).
     """
-    from flax import nnx
-
     if teacher_weight > 0 and teacher_logits is None:
         raise ValueError("teacher_weight > 0 needs teacher_logits")
     rho = jnp.asarray(rho, jnp.float32)
     alpha, beta = get_prior(prior)(units)
-    logits = gate_logits(alpha, beta, rho)
-    if constraint == "offset":
-        solve = functools.partial(push_offset, units, temperature=temperature)
-        offset = jax.vmap(solve)(logits, rho) if rho.ndim else solve(logits, rho)
-    elif constraint == "lagrange":
-        offset = jnp.zeros(rho.shape)
-    else:
-        raise ValueError(f"unknown size constraint {constraint!r}; choose 'offset' or 'lagrange'")
-    shifted = {k: v - _per_size(offset, alpha[k]) for k, v in logits.items()}
-    keys = jax.random.split(numpyro.prng_key(), len(KINDS))
-    z = {k: sample_hard_concrete(key, shifted[k], temperature) for k, key in zip(KINDS, keys)}
+    offset, eta = _locations(units, alpha, beta, rho, temperature, constraint)
+    z = _gates(eta, temperature)
     scales = None
     if rescale:
         gamma = {k: numpyro.param(f"rescale_{k}", jnp.zeros(units.shapes()[k])) for k in RESCALE_KINDS}
         scales = rescale_factors(gamma, rho)
-
-    if train_weights:
-        net = nnx_module("llama", network)
-        if compute_dtype is not None and compute_dtype != network.dtype:
-            graphdef, state, rest = nnx.split(net, nnx.Param, ...)
-            net = nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(compute_dtype), state), rest)
-    else:
-        graphdef, _ = nnx.split(network, nnx.Param)
-        net = nnx.merge(graphdef, jax.lax.stop_gradient(weights))
+    net = _network(network, train_weights, weights, compute_dtype)
     inputs, targets = batch[:, :-1], batch[:, 1:]
-    out = net(inputs, gates=block_gates(units, z, scales))
-    nll, teacher_kl = token_losses(out, targets, None if teacher_weight == 0 else teacher_logits,
-                                   teacher_temperature)
+    out = net(inputs, gates=block_gates(units, z, scales)).astype(jnp.float32)
     n_tokens = targets.size
     scale = data_tokens / n_tokens / likelihood_temperature
-    numpyro.factor("tokens", -((1 - teacher_weight) * nll + teacher_weight * teacher_kl) * scale)
+    nll, teacher_kl = token_losses(out, targets, None if teacher_weight == 0 else teacher_logits, teacher_temperature)
+    if teacher_weight < 1:
+        with numpyro.handlers.scale(scale=scale * (1 - teacher_weight)):
+            numpyro.sample("tokens", dist.Categorical(logits=out), obs=None if predict else targets)
+    if teacher_weight > 0:
+        numpyro.factor("teacher", -teacher_weight * teacher_kl * scale)
     kl = jnp.zeros(())
     if distill_weight > 0:
-        teacher = jax.lax.stop_gradient(net(inputs))
-        logp_t = jax.nn.log_softmax(teacher, -1)
-        kl = (jnp.exp(logp_t) * (logp_t - jax.nn.log_softmax(out.astype(jnp.float32), -1))).sum()
+        logp_t = jax.nn.log_softmax(jax.lax.stop_gradient(net(inputs)).astype(jnp.float32), -1)
+        kl = (jnp.exp(logp_t) * (logp_t - jax.nn.log_softmax(out, -1))).sum()
         numpyro.factor("distill", -distill_weight * kl * scale)
 
-    p_open = {k: open_probability(v, temperature) for k, v in shifted.items()}
+    p_open = {k: open_probability(v, temperature) for k, v in eta.items()}
     expected = (jax.vmap(functools.partial(expected_size, units))(p_open) if rho.ndim
                 else expected_size(units, p_open))
     if constraint == "lagrange":
         numpyro.factor("size", -lagrange_penalty(expected / units.total - rho) * data_tokens / likelihood_temperature)
+    for name, value in (("alpha", alpha), ("beta", beta), ("eta", eta), ("p_open", p_open), ("gates", z)):
+        numpyro.deterministic(name, flatten(value))
+    numpyro.deterministic("offset", offset)
     metrics = numpyro_mutable("ppn$metrics", {"nll": jnp.zeros(()), "expected_size": jnp.zeros(rho.shape),
                                               "offset": jnp.zeros(rho.shape), "distill_kl": jnp.zeros(()),
                                               "teacher_kl": jnp.zeros(())})
@@ -360,3 +268,44 @@ def push_puppet_model(batch: jax.Array, rho: jax.Array, temperature: jax.Array, 
     metrics["distill_kl"] = jax.lax.stop_gradient(kl / n_tokens)
     metrics["teacher_kl"] = jax.lax.stop_gradient(teacher_kl / n_tokens)
     return z
+
+
+def _locations(units: Units, alpha: dict, beta: dict, rho: jax.Array, temperature, constraint: str):
+    """The offset () or (B,) and every gate's location eta_g(rho) = alpha_g + beta_g
+    logit(rho) - offset (by kind, with a leading B axis for B sizes). Under
+    "lagrange" the offset is a learned point estimate, `size_level`: the common
+    level the push offset otherwise solves for."""
+    logits = gate_logits(alpha, beta, rho)
+    if constraint == "offset":
+        solve = functools.partial(push_offset, units, temperature=temperature)
+        offset = jax.vmap(solve)(logits, rho) if rho.ndim else solve(logits, rho)
+    elif constraint == "lagrange":
+        offset = jnp.broadcast_to(numpyro.param("size_level", jnp.zeros(())), rho.shape)
+    else:
+        raise ValueError(f"unknown size constraint {constraint!r}; choose 'offset' or 'lagrange'")
+    return offset, {k: v - _per_size(offset, alpha[k]) for k, v in logits.items()}
+
+
+def _gates(eta: dict, temperature) -> dict:
+    """Hard-concrete gates at locations `eta`, drawn with the model's random key;
+    unseeded (as `numpyro.infer.log_likelihood` runs a model) their medians."""
+    key = numpyro.prng_key()
+    if key is None:
+        return {k: median_hard_concrete(v, temperature) for k, v in eta.items()}
+    keys = jax.random.split(key, len(KINDS))
+    return {k: sample_hard_concrete(subkey, eta[k], temperature) for k, subkey in zip(KINDS, keys)}
+
+
+def _network(network: Llama, train_weights: bool, weights, compute_dtype):
+    """The network the model runs: its weights the `llama$params` site (computed in
+    `compute_dtype` when given), or the fixed `weights` without gradient."""
+    from flax import nnx
+
+    if not train_weights:
+        graphdef, _ = nnx.split(network, nnx.Param)
+        return nnx.merge(graphdef, jax.lax.stop_gradient(weights))
+    net = nnx_module("llama", network)
+    if compute_dtype is not None and compute_dtype != network.dtype:
+        graphdef, state, rest = nnx.split(net, nnx.Param, ...)
+        net = nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(compute_dtype), state), rest)
+    return net

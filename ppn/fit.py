@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from jax.sharding import Mesh
 
-from ppn import bayes, data, sharding
+from ppn import data, priors, sharding
 from ppn.console import progress_bar
 from ppn.models.llama import Llama
 from ppn.svi import GUIDES, fit_step, fitted_model, init_fit
@@ -50,7 +50,7 @@ class FitConfig:
             batches, standardised within the hierarchy); "prior" at the prior
             medians (all units equal).
         group_width: SwiGLU channels per MLP gate.
-        prior: a name in `ppn.bayes.PRIORS`.
+        prior: a name in `ppn.priors.PRIORS`.
         guide: "normal" (AutoNormal) or "lowrank" (AutoLowRankMultivariateNormal).
         guide_init_scale: initial scale of the guide.
         lr_weights, lr_gates: Adam learning rates of the network weights and of the guide.
@@ -127,7 +127,7 @@ class FitConfig:
             raise ValueError("steps and batch_size must be >= 1 and seqlen >= 2")
         if not 0 < self.rho_min < 1:
             raise ValueError(f"rho_min must lie in (0, 1), got {self.rho_min}")
-        bayes.get_prior(self.prior)
+        priors.get_prior(self.prior)
         if self.guide not in GUIDES:
             raise ValueError(f"unknown guide {self.guide!r}; choose one of {', '.join(GUIDES)}")
         if not self.temperature_start > 0 or not self.temperature_end > 0:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ppn.models.llama import BlockGates
 from ppn.units import KINDS, KeepSet, Units
@@ -44,6 +45,29 @@ def sample_hard_concrete(key: jax.Array, logit: jax.Array, temperature) -> jax.A
     """A gate in [0, 1] with point masses at 0 and 1, reparameterised in `logit` (any shape)."""
     u = jax.random.uniform(key, logit.shape, minval=1e-6, maxval=1 - 1e-6)
     return _stretch(jax.nn.sigmoid((jnp.log(u) - jnp.log1p(-u) + logit) / temperature))
+
+
+def median_hard_concrete(logit: jax.Array, temperature) -> jax.Array:
+    """The median of the hard-concrete gate (its value at noise u = 1/2), any shape."""
+    return _stretch(jax.nn.sigmoid(logit / temperature))
+
+
+def flatten(values: dict) -> jax.Array:
+    """Gate values by kind as one array (..., G) in `KINDS` order, G = 2L + L*N + L*M;
+    a leading batch axis (a size per sequence) stays in front."""
+    lead = values["attn_layer"].ndim - 1
+    return jnp.concatenate([values[k].reshape(values[k].shape[:lead] + (-1,)) for k in KINDS], axis=-1)
+
+
+def unflatten(units: Units, flat: jax.Array) -> dict:
+    """The inverse of `flatten`: (..., G) -> gate values by kind, shaped as `Units.gate_shapes`
+    behind the leading axes (for instance the draws of `numpyro.infer.Predictive`)."""
+    out, start = {}, 0
+    for k, shape in units.gate_shapes().items():
+        n = int(np.prod(shape))
+        out[k] = flat[..., start:start + n].reshape(flat.shape[:-1] + shape)
+        start += n
+    return out
 
 
 def block_gates(units: Units, z: dict, scales: dict | None = None) -> list[BlockGates]:
@@ -86,8 +110,8 @@ def soft_gates(units: Units, logits: dict, temperature: float, estimator: str = 
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown soft-gate estimator {estimator!r}; choose 'louizos' or 'median'")
-    scale = temperature if estimator == "median" else 1.0
-    return block_gates(units, {k: _stretch(jax.nn.sigmoid(v / scale)) for k, v in logits.items()}, scales)
+    return block_gates(units, {k: median_hard_concrete(v, temperature if estimator == "median" else 1.0)
+                               for k, v in logits.items()}, scales)
 
 
 def hard_gates(keep: KeepSet, dtype=jnp.float32) -> list[BlockGates]:

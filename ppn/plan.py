@@ -18,8 +18,9 @@ provenance `meta`. From it alone, without weights:
   folds into the kept weights;
 - `soft_gates(size)` gives deterministic gates of the gated network (`ppn.gates`).
 
-`save` / `load` write and read the file (format `PLAN_FORMAT`, which existing
-plan files keep); `load` validates every field against the prior.
+`save` / `load` write and read the file (format `PLAN_FORMAT`); `load` validates
+every field against the prior, and refuses plans of the older, unidentified
+priors (`OLD_FORMATS`) with a message that says to refit.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ from ppn.posterior import Posterior, Site, prior_shapes, prior_supports
 from ppn.runs import atomic_write_text
 from ppn.units import KINDS, RESCALE_KINDS, KeepSet, Units
 
-PLAN_FORMAT = "ppn-plan/1"
+PLAN_FORMAT = "ppn-plan/2"
+# Plans of the priors before they were identified (a global intercept alpha0), which no longer load.
+OLD_FORMATS = ("ppn-plan/1",)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -102,6 +105,9 @@ class Plan(Posterior):
             _expect_dicts(doc.get("sites"), "sites", nested=True)
             if "rescale" in doc:
                 _expect_dicts(doc["rescale"], "rescale")
+            if doc.get("format") in OLD_FORMATS:
+                raise ValueError(f"format {doc['format']!r} comes from an older ppn whose priors had a global "
+                                 "intercept the data cannot identify; refit to get a plan of this version")
             if doc.get("format") != PLAN_FORMAT:
                 raise ValueError(f"format is {doc.get('format')!r}, expected {PLAN_FORMAT!r}")
             units = Units(LlamaConfig.from_hf(doc["config"]), int(doc["group_width"]))

@@ -2,7 +2,7 @@
 
 A fit's guide is a Normal over every latent site of the prior in unconstrained
 space: mean-field (AutoNormal), or low-rank, of which each site's marginal is
-kept. Pushed through the prior (`ppn.bayes.PRIORS`), its draws give every gate's
+kept. Pushed through the prior (`ppn.priors.PRIORS`), its draws give every gate's
 intercept alpha_g and slope beta_g, hence its logit eta_g(rho) = alpha_g +
 beta_g * logit(rho) at any size rho (before the push offset, which shifts all
 gates alike). From a `Posterior`:
@@ -10,7 +10,13 @@ gates alike). From a `Posterior`:
 - `draws(S)`: alpha and beta, dicts by kind of arrays (S, ...);
 - `logit_draws(rho, S)` and `median_logits(rho)`: eta at a size, drawn or the
   posterior median (the ranking `ppn.plan.Plan.keep` fills the budget by);
-- `summary()`: posterior mean, sd and quantiles of every alpha_g and beta_g;
+- `open_probability(size)`: draws of every gate's P(z_g > 0) at a size, the push
+  offset solved per draw;
+- `crossing_sizes()`: draws of the size at which each gate becomes more likely
+  closed than open;
+- `summary()`: posterior mean, sd and quantiles of what the data identify: the
+  intercepts (centred by the prior, `ppn.priors.centred`), the slopes relative
+  to their mean, and the crossing sizes;
 - `to_arviz()`: draws as `arviz.InferenceData` with dims (layer, head|group).
 
 Shapes: L blocks, N query heads, M MLP groups; by kind "attn_layer" (L,),
@@ -25,11 +31,13 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import numpyro
 from numpyro.distributions import biject_to, constraints
 
-from ppn import bayes
+from ppn import bayes, priors
+from ppn.gates import STRETCH_HI, STRETCH_LO
 from ppn.units import KINDS, RESCALE_KINDS, Units
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -57,7 +65,7 @@ class Posterior:
 
     Attributes:
         units: the dense model's unit registry (config and group width).
-        prior: the name of the prior the fit used (`ppn.bayes.PRIORS`).
+        prior: the name of the prior the fit used (`ppn.priors.PRIORS`).
         sites: the guide's per-site Normal (mean-field) posterior, by latent site name.
         rescale: the fitted rescaling exponents gamma by `RESCALE_KINDS` kind
             (point estimates shaped as `Units.shapes`), or None when the fit learned no rescaling.
@@ -101,7 +109,7 @@ class Posterior:
 
         def one(values):
             with numpyro.handlers.seed(rng_seed=0), numpyro.handlers.substitute(data=values):
-                return bayes.get_prior(self.prior)(self.units)
+                return priors.get_prior(self.prior)(self.units)
 
         alpha, beta = jax.vmap(one)(latents)
         return ({k: np.asarray(v) for k, v in alpha.items()}, {k: np.asarray(v) for k, v in beta.items()})
@@ -119,12 +127,32 @@ class Posterior:
         return {k: np.median(v, axis=0) for k, v in _logits(*self._ranking_draws, rho).items()}
 
     # ------------------------------------------------------------- summaries
-    def summary(self, num_samples: int = 1000) -> dict[str, dict[str, list]]:
-        """Posterior mean, sd and quantiles of alpha and beta of every gate, by kind:
+    def open_probability(self, size: float, num_samples: int = 200, temperature: float = 0.2,
+                         seed: int = 0) -> dict[str, np.ndarray]:
+        """Draws of every gate's P(z_g > 0) at `size` in (0, 1), the push offset solved
+        per draw at the hard-concrete `temperature` (the fit's final one by default):
+        dict by kind of (S, ...). Identified: no invariant direction moves it."""
+        alpha, beta = self.draws(num_samples, seed)
+        return {k: v[:, 0] for k, v in _open_probabilities(self.units, alpha, beta, [size], temperature).items()}
+
+    def crossing_sizes(self, num_samples: int = 200, temperature: float = 0.2, seed: int = 0) -> dict[str, np.ndarray]:
+        """Draws of every gate's crossing size: the largest size at which it is more
+        likely closed than open (`crossing_sizes`); dict by kind of (S, ...)."""
+        return crossing_sizes(self.units, *self.draws(num_samples, seed), temperature)
+
+    # ------------------------------------------------------------- summaries
+    def summary(self, num_samples: int = 400, temperature: float = 0.2) -> dict[str, dict[str, list]]:
+        """Posterior mean, sd and quantiles of what the data identify, for every gate by kind:
+        "alpha_<kind>" (intercepts, centred by the prior), "beta_<kind>" (slopes minus
+        their mean over all gates: a common shift of every slope changes no gate) and
+        "crossing_<kind>" (`crossing_sizes` at `temperature`):
         {"alpha_head": {"mean": ..., "sd": ..., "q05": ..., ...}, ...}, nested lists of the gate shape."""
         alpha, beta = self.draws(num_samples, seed=1)
+        mean_beta = np.concatenate([beta[k].reshape(num_samples, -1) for k in KINDS], 1).mean(1)
+        beta_rel = {k: v - mean_beta.reshape((-1,) + (1,) * (v.ndim - 1)) for k, v in beta.items()}
+        crossing = crossing_sizes(self.units, alpha, beta, temperature)
         out = {}
-        for name, values in (("alpha", alpha), ("beta", beta)):
+        for name, values in (("alpha", alpha), ("beta", beta_rel), ("crossing", crossing)):
             for k in KINDS:
                 v = np.asarray(values[k], np.float64)
                 out[f"{name}_{k}"] = {"mean": np.round(v.mean(0), 3).tolist(), "sd": np.round(v.std(0), 3).tolist(),
@@ -155,9 +183,71 @@ def _logits(alpha: dict, beta: dict, rho: float) -> dict[str, np.ndarray]:
     return {k: alpha[k] + beta[k] * lr for k in KINDS}
 
 
+CROSSING_GRID = np.round(np.linspace(0.02, 0.98, 49), 4)
+"""Sizes at which `crossing_sizes` solves the push offset; crossings between them are interpolated."""
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _offsets(units: Units, alpha: dict, beta: dict, sizes: jax.Array, temperature) -> jax.Array:
+    """Push offsets (S, R) of draws (S, ...) at R sizes."""
+    def one(a, b, rho):
+        return bayes.push_offset(units, bayes.gate_logits(a, b, rho), rho, temperature)
+
+    per_size = jax.vmap(one, in_axes=(None, None, 0))
+    return jax.vmap(per_size, in_axes=(0, 0, None))(alpha, beta, sizes)
+
+
+def _margins(units: Units, alpha: dict, beta: dict, sizes, temperature: float) -> dict[str, np.ndarray]:
+    """eta_g(rho) - c(rho) - temperature * log(-lo / hi) of draws (S, ...) at R sizes, by
+    kind (S, R, ...): positive where the gate is more likely open than closed."""
+    sizes = np.asarray(sizes, np.float32)
+    jalpha = {k: jnp.asarray(v, jnp.float32) for k, v in alpha.items()}
+    jbeta = {k: jnp.asarray(v, jnp.float32) for k, v in beta.items()}
+    c = np.asarray(_offsets(units, jalpha, jbeta, jnp.asarray(sizes), jnp.float32(temperature)))
+    lr = np.log(sizes) - np.log1p(-sizes)
+    shift = temperature * np.log(-STRETCH_LO / STRETCH_HI)
+    out = {}
+    for k in KINDS:
+        extra = (1,) * (alpha[k].ndim - 1)
+        out[k] = (alpha[k][:, None] + beta[k][:, None] * lr.reshape((1, -1) + extra)
+                  - c.reshape(c.shape + extra) - shift)
+    return out
+
+
+def _open_probabilities(units: Units, alpha: dict, beta: dict, sizes, temperature: float) -> dict[str, np.ndarray]:
+    """P(z_g > 0) of draws (S, ...) at R sizes with the offset solved at each, by kind (S, R, ...)."""
+    return {k: 1.0 / (1.0 + np.exp(-m)) for k, m in _margins(units, alpha, beta, sizes, temperature).items()}
+
+
+def crossing_sizes(units: Units, alpha: dict, beta: dict, temperature: float = 0.2,
+                   grid=CROSSING_GRID) -> dict[str, np.ndarray]:
+    """Each gate's crossing size for draws of alpha and beta (S, ...) by kind: the
+    largest size on `grid` below which it is more likely closed than open, with
+    the push offset solved at every size and the crossing interpolated linearly
+    between grid sizes; the grid's ends where the gate never (or always) closes.
+
+    Identified whatever the invariant directions of the model (a common shift of
+    every intercept, or of every slope): the offset absorbs both.
+    """
+    grid = np.asarray(grid, np.float64)
+    out = {}
+    for k, m in _margins(units, alpha, beta, grid, temperature).items():
+        m = np.moveaxis(m, 1, -1)  # (S, ..., R)
+        closed = m <= 0
+        # the last closed grid index, -1 when open everywhere
+        last = np.where(closed.any(-1), closed.shape[-1] - 1 - np.argmax(closed[..., ::-1], -1), -1)
+        nxt = np.minimum(last + 1, len(grid) - 1)
+        m0 = np.take_along_axis(m, np.maximum(last, 0)[..., None], -1)[..., 0]
+        m1 = np.take_along_axis(m, nxt[..., None], -1)[..., 0]
+        frac = np.where((last >= 0) & (nxt > last), m0 / np.where(m0 == m1, -1.0, m0 - m1), 0.0)
+        x = grid[np.maximum(last, 0)] + np.clip(frac, 0.0, 1.0) * (grid[nxt] - grid[np.maximum(last, 0)])
+        out[k] = np.where(last < 0, grid[0], np.where(last == len(grid) - 1, grid[-1], x)).astype(np.float32)
+    return out
+
+
 # ------------------------------------------------------- the prior's structure
 def _prior_trace(units: Units, prior: str):
-    return numpyro.handlers.trace(numpyro.handlers.seed(bayes.get_prior(prior), 0)).get_trace(units)
+    return numpyro.handlers.trace(numpyro.handlers.seed(priors.get_prior(prior), 0)).get_trace(units)
 
 
 def prior_supports(units: Units, prior: str) -> dict[str, bool]:

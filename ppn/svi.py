@@ -36,7 +36,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 from numpyro.infer import SVI, Trace_ELBO
-from numpyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoNormal
+from numpyro.infer.autoguide import AutoGuide, AutoLowRankMultivariateNormal, AutoNormal
 
 from ppn import bayes, data, sharding
 from ppn.models.llama import Llama
@@ -45,7 +45,7 @@ from ppn.start import guide_start, init_to_values, load_teacher
 from ppn.units import Units
 
 if TYPE_CHECKING:
-    from ppn.fit import FitConfig
+    from ppn.fit import FitConfig, FitResult
 
 WEIGHTS_SITE = "llama$params"
 """The NumPyro param site of the network weights (a dict of arrays) when they are trained."""
@@ -172,6 +172,29 @@ def fitted_model(model: Llama, setup: FitSetup, state: FitState) -> tuple[Llama,
         nnx.replace_by_pure_dict(weights, jax.tree.map(lambda x: x.astype(model.dtype), params[WEIGHTS_SITE]))
         fitted = nnx.merge(graphdef, weights, rest)
     return fitted, {k: sharding.to_host(v) for k, v in params.items() if k != WEIGHTS_SITE}
+
+
+def model_and_guide(result: FitResult) -> tuple[Callable, AutoGuide, dict]:
+    """A finished fit as numpyro objects, for `numpyro.infer.Predictive` and
+    `numpyro.infer.log_likelihood`: (model, guide, params).
+
+    The model is `ppn.bayes.push_puppet_model` with the fitted network and the
+    fit's settings bound; it takes (batch (B, T+1), rho, temperature,
+    teacher_logits=None) and `predict=True` to draw the "tokens" site. The guide
+    always sees the tokens observed (its latent sites are the gates' parameters),
+    and params holds its fitted values (with the rescaling exponents).
+
+        model, guide, params = model_and_guide(result)
+        draws = Predictive(model, guide=guide, params=params, num_samples=8)(key, batch, 0.5, 0.2, predict=True)
+        draws["tokens"]  # (8, B, T); draws["eta"]: (8, G) gate locations at rho = 0.5
+    """
+    cfg = result.config
+    model = _network_model(result.model, result.units, cfg, cfg.data_tokens or cfg.train_tokens)
+
+    def observed(*args, predict: bool = False, **kwargs):
+        return model(*args, **kwargs)
+
+    return model, GUIDES[cfg.guide](observed), {k: jnp.asarray(v) for k, v in result.guide_params.items()}
 
 
 def _svi(model: Llama, units: Units, tokens: np.ndarray, cfg: FitConfig, mesh: Mesh | None) -> SVI:

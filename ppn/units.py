@@ -81,6 +81,10 @@ class Units:
         return {"attn_layer": (L,), "mlp_layer": (L,), "head": (L, self.num_heads),
                 "mlp_group": (L, self.num_groups), "attn_in": (L, D), "mlp_in": (L, D)}
 
+    def gate_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of the gates by kind (`KINDS`)."""
+        return {k: v for k, v in self.shapes().items() if k in KINDS}
+
     @property
     def num_gates(self) -> int:
         return self.num_layers * (2 + self.num_heads + self.num_groups)

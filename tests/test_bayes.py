@@ -6,9 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import pytest
+from numpyro.infer import Predictive, log_likelihood
 
 import ppn
-from ppn import bayes, gates
+from ppn import bayes, gates, priors, svi
 from ppn.fit import FitConfig
 from ppn.testing import tiny_config, tiny_model, tiny_tokens
 from ppn.units import RESCALE_KINDS, Units
@@ -48,7 +49,10 @@ def test_the_token_factor_is_the_stated_gibbs_likelihood():
     out = model(batch[:, :-1], gates=gates.block_gates(units, z))
     nll, kl = bayes.token_losses(out, batch[:, 1:], teacher, 1.5)
     expected = -(0.75 * nll + 0.25 * kl) * 1000 / batch[:, 1:].size
-    np.testing.assert_allclose(float(tr["tokens"]["fn"].log_factor), float(expected), rtol=1e-5)
+    tokens = tr["tokens"]
+    assert tokens["is_observed"] and np.array_equal(tokens["value"], batch[:, 1:])
+    observed = tokens["scale"] * tokens["fn"].log_prob(tokens["value"]).sum()
+    np.testing.assert_allclose(float(observed + tr["teacher"]["fn"].log_factor), float(expected), rtol=1e-5)
     with pytest.raises(ValueError, match="needs teacher_logits"):
         _trace(0.6, teacher_weight=0.5)
 
@@ -82,12 +86,14 @@ def test_rescaling_starts_as_the_identity_and_is_a_parameter():
     tr, *_ = _trace(0.5, rescale=True)
     plain, *_ = _trace(0.5)
     assert all(f"rescale_{k}" in tr and tr[f"rescale_{k}"]["type"] == "param" for k in RESCALE_KINDS)
-    np.testing.assert_allclose(float(tr["tokens"]["fn"].log_factor), float(plain["tokens"]["fn"].log_factor),
-                               rtol=1e-6)
+    def token_term(trace):
+        return float(trace["tokens"]["fn"].log_prob(trace["tokens"]["value"]).sum())
+
+    np.testing.assert_allclose(token_term(tr), token_term(plain), rtol=1e-6)
 
 
 # ------------------------------------------------------- push offset, size, priors
-@pytest.mark.parametrize("prior", list(bayes.PRIORS))
+@pytest.mark.parametrize("prior", list(priors.PRIORS))
 def test_expected_size_equals_rho_whatever_the_likelihood_scale(prior):
     model = tiny_model()
     units = Units(model.config, 16)
@@ -104,7 +110,7 @@ def test_expected_size_equals_rho_whatever_the_likelihood_scale(prior):
 def test_push_offset_gradient_follows_the_implicit_function():
     units = Units(tiny_config(), 16)
     rng = np.random.default_rng(0)
-    logits = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in bayes._shapes(units).items()}
+    logits = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in units.gate_shapes().items()}
     rho, temp = jnp.float32(0.4), 0.5
 
     def offset(scale):
@@ -119,7 +125,7 @@ def test_push_offset_gradient_follows_the_implicit_function():
 def test_push_offset_meets_the_size_wherever_the_logits_drift(shift):
     units = Units(tiny_config(), 16)
     rng = np.random.default_rng(1)
-    logits = {k: jnp.asarray(rng.normal(size=s) * 3 + shift, jnp.float32) for k, s in bayes._shapes(units).items()}
+    logits = {k: jnp.asarray(rng.normal(size=s) * 3 + shift, jnp.float32) for k, s in units.gate_shapes().items()}
     for rho in (0.2, 0.7):
         c = bayes.push_offset(units, logits, jnp.float32(rho), 0.3)
         p = {k: gates.open_probability(v - c, 0.3) for k, v in logits.items()}
@@ -129,7 +135,7 @@ def test_push_offset_meets_the_size_wherever_the_logits_drift(shift):
 def test_expected_size_matches_monte_carlo_over_bernoulli_gates():
     units = Units(tiny_config(), 16)
     rng = np.random.default_rng(1)
-    p = {k: rng.uniform(0.1, 0.9, s) for k, s in bayes._shapes(units).items()}
+    p = {k: rng.uniform(0.1, 0.9, s) for k, s in units.gate_shapes().items()}
     draws = 4000
     total = 0
     for _ in range(draws):
@@ -143,4 +149,42 @@ def test_expected_size_matches_monte_carlo_over_bernoulli_gates():
 def test_unknown_prior_is_refused():
     with pytest.raises(ValueError, match="unknown prior 'horse'"):
         FitConfig(prior="horse")
+
+
+
+# ------------------------------------------------------- Predictive and log_likelihood
+def test_predictive_draws_tokens_and_the_gates_of_the_fitted_model(tiny_fit):
+    model, guide, params = svi.model_and_guide(tiny_fit)
+    batch = jnp.asarray(tiny_tokens()[:34].reshape(2, 17))
+    units = tiny_fit.units
+    draws = Predictive(model, guide=guide, params=params, num_samples=4)(
+        jax.random.PRNGKey(0), batch, 0.5, 0.2, predict=True)
+    assert draws["tokens"].shape == (4, 2, 16) and 0 <= int(draws["tokens"].min()) <= int(draws["tokens"].max()) < 97
+    assert not np.array_equal(draws["tokens"][0], draws["tokens"][1])  # drawn, not the observed batch
+    for name in ("alpha", "beta", "eta", "p_open", "gates"):
+        assert draws[name].shape == (4, units.num_gates), name
+    assert draws["offset"].shape == (4,) and np.ptp(np.asarray(draws["eta"]), axis=0).max() > 0
+    assert ((draws["gates"] >= 0) & (draws["gates"] <= 1)).all()
+    # every draw meets the size: its open probabilities give an expected size of exactly rho
+    p = gates.unflatten(units, draws["p_open"])
+    assert {k: v.shape[1:] for k, v in p.items()} == units.gate_shapes()
+    sizes = jax.vmap(lambda q: bayes.expected_size(units, q))(p) / units.total
+    np.testing.assert_allclose(np.asarray(sizes), 0.5, atol=1e-4)
+
+
+def test_log_likelihood_gives_each_draw_its_token_log_probabilities(tiny_fit):
+    model, guide, params = svi.model_and_guide(tiny_fit)
+    batch = jnp.asarray(tiny_tokens()[:34].reshape(2, 17))
+    latents = Predictive(guide, params=params, num_samples=3)(jax.random.PRNGKey(1), batch, 0.5, 0.2)
+    loglik = log_likelihood(model, latents, batch, 0.5, 0.2)["tokens"]
+    assert loglik.shape == (3, 2, 16) and bool((loglik < 0).all())
+    # unseeded, the gates are their medians: the first draw's values are its network's log-probabilities
+    one = {k: v[0] for k, v in latents.items()}
+    with numpyro.handlers.substitute(data=one), numpyro.handlers.trace() as tr:
+        model(batch, 0.5, 0.2)
+    eta = gates.unflatten(tiny_fit.units, tr["eta"]["value"])
+    median = {k: gates.median_hard_concrete(v, 0.2) for k, v in eta.items()}
+    out = tiny_fit.model(batch[:, :-1], gates=gates.block_gates(tiny_fit.units, median))
+    expected = jnp.take_along_axis(jax.nn.log_softmax(out, -1), batch[:, 1:, None], -1)[..., 0]
+    np.testing.assert_allclose(np.asarray(loglik[0]), np.asarray(expected), rtol=1e-4, atol=1e-5)
 

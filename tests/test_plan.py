@@ -23,7 +23,7 @@ TEXT = json.dumps(DOC)
 
 # Where a mutation lands: a path of keys and indices into the plan's JSON document.
 PATHS = [("format",), ("config", "hidden_size"), ("config", "num_heads"), ("group_width",), ("prior",),
-         ("sites", "delta", "loc"), ("sites", "delta", "scale"), ("sites", "alpha0", "loc"),
+         ("sites", "delta", "loc"), ("sites", "delta", "scale"), ("sites", "tau_layer", "loc"),
          ("sites", "eps_head", "loc"), ("sites", "zeta_mlp_group", "scale"), ("sites", "delta", "positive"),
          ("sites",), ("rescale", "head"), ("rescale", "mlp_in"), ("rescale",), ("config",)]
 VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 10**6), st.floats(allow_nan=True, allow_infinity=True),
@@ -139,7 +139,8 @@ def test_plan_used_with_another_model_is_refused(tiny_plan):
 @pytest.mark.parametrize("corrupt", [
     lambda d: "{ not json",
     lambda d: json.dumps({**d, "format": "something/9"}),
-    lambda d: json.dumps({**d, "sites": {**d["sites"], "alpha0": {**d["sites"]["alpha0"], "scale": -1.0}}}),
+    lambda d: json.dumps({**d, "sites": {**d["sites"], "tau_unit": {**d["sites"]["tau_unit"], "scale": -1.0}}}),
+    lambda d: json.dumps({**d, "format": "ppn-plan/1"}),
     lambda d: json.dumps({k: v for k, v in d.items() if k != "config"}),
     lambda d: json.dumps({**d, "sites": {k: v for k, v in d["sites"].items() if k != "delta"}}),
 ])

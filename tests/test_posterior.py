@@ -1,17 +1,21 @@
 """The posterior: a plan is its posterior with provenance, ArviZ export, the marginals of
-a low-rank guide, and recovery of planted useless units."""
+a low-rank guide, recovery of planted useless units, and identified summaries."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
+import pytest
 from flax import nnx
 
 import ppn
 from ppn.fit import FitConfig, fit
 from ppn.plan import Plan
-from ppn.posterior import Posterior
-from ppn.testing import smoke_fit_config, tiny_model, tiny_tokens
+from ppn import bayes
+from ppn.posterior import CROSSING_GRID, Posterior, crossing_sizes
+from ppn.testing import random_plan, smoke_fit_config, tiny_config, tiny_model, tiny_tokens
 
 TOKENS = tiny_tokens()
 SMALL = smoke_fit_config()
@@ -81,3 +85,44 @@ def test_synthetic_recovery_useless_units_are_dropped_first():
         assert p["mlp_group"][layer, 0] < p["mlp_group"][layer, 1:].mean(), p["mlp_group"]
     assert not plan.keep(0.5).groups[:, 0].any()
 
+
+
+# ------------------------------------------------------------- identification
+@pytest.mark.parametrize("prior, site", [("hierarchical", "delta"), ("independent", None)])
+def test_shifting_a_direction_the_data_cannot_see_changes_no_summary(prior, site):
+    """A common shift of the layer deviations (or of every intercept of the independent
+    prior) moves no gate: summaries, crossing sizes and keep-sets stay as they were."""
+    plan = random_plan(tiny_config(num_layers=3), seed=4, prior=prior)
+    names = [site] if site else [n for n in plan.sites if n.startswith("alpha_")]
+    shifted = dataclasses.replace(plan, sites={
+        n: dataclasses.replace(s, loc=s.loc + 2.5) if n in names else s for n, s in plan.sites.items()})
+    a, b = plan.summary(60), shifted.summary(60)
+    assert a.keys() == b.keys() and any(k.startswith("crossing_") for k in a)
+    for k in a:
+        np.testing.assert_allclose(np.asarray(b[k]["mean"]), np.asarray(a[k]["mean"]), atol=2e-3, err_msg=k)
+    for size in (0.3, 0.7):
+        assert plan.keep(size) == shifted.keep(size)
+
+
+def test_crossing_sizes_ignore_a_common_shift_of_intercepts_or_slopes():
+    plan = random_plan(tiny_config(num_layers=3), seed=5)
+    alpha, beta = plan.draws(8)
+    base = crossing_sizes(plan.units, alpha, beta)
+    moved = crossing_sizes(plan.units, {k: v + 3.0 for k, v in alpha.items()}, {k: v + 0.8 for k, v in beta.items()})
+    for k in base:
+        np.testing.assert_allclose(moved[k], base[k], atol=1e-4, err_msg=k)
+        assert ((base[k] >= CROSSING_GRID[0]) & (base[k] <= CROSSING_GRID[-1])).all()
+    # a gate that crosses at rho is more likely closed below it and open above it
+    p = plan.open_probability(0.5, num_samples=8)
+    closed_at_half = {k: (base[k] > 0.5 + 0.02) for k in base}
+    for k in base:
+        assert (p[k][closed_at_half[k]] < 0.5 + 1e-3).all() and (p[k][base[k] < 0.5 - 0.02] > 0.5 - 1e-3).all()
+
+
+def test_open_probabilities_give_the_target_size_in_every_draw():
+    plan = random_plan(tiny_config(num_layers=3), seed=6)
+    for size in (0.3, 0.8):
+        p = plan.open_probability(size, num_samples=5)
+        sizes = [float(bayes.expected_size(plan.units, {k: jnp.asarray(v[s], jnp.float32) for k, v in p.items()}))
+                 for s in range(5)]
+        np.testing.assert_allclose(np.asarray(sizes) / plan.units.total, size, atol=1e-4)

@@ -36,7 +36,7 @@ def _mesh(shape):
 def _assert_same_fit(a, b):
     """Two fits agree to float32 round-off (reductions run in another order on a mesh).
 
-    A guide parameter whose gradient is near zero (alpha0 here) takes Adam steps of
+    A guide parameter whose gradient is near zero (the mean of delta, which no gate sees) takes Adam steps of
     about +-lr_gates that nearly cancel, and round-off moves where they cancel; so its
     absolute tolerance is a thousandth of one such step. A sharding bug moves a
     parameter by whole steps.
@@ -223,7 +223,7 @@ def test_llama3_gated_model_and_units_shape_only(name):
     assert units.total == config.num_layers * block == units.full().num_params()
     assert units.num_gates == config.num_layers * (2 + n + f // 128)
 
-    z = {kind: jnp.ones(shape) for kind, shape in bayes._shapes(units).items()}
+    z = {kind: jnp.ones(shape) for kind, shape in units.gate_shapes().items()}
     size = jax.eval_shape(lambda: bayes.expected_size(units, z))
     assert size.shape == () and size.dtype == jnp.float32
     if name == "8B":  # the gated forward pass, traced shape-only (70B would only take longer)
