@@ -242,7 +242,9 @@ def push_puppet_model(batch: jax.Array, rho: jax.Array, temperature: jax.Array, 
     nll, teacher_kl = token_losses(out, targets, None if teacher_weight == 0 else teacher_logits, teacher_temperature)
     if teacher_weight < 1:
         with numpyro.handlers.scale(scale=scale * (1 - teacher_weight)):
-            numpyro.sample("tokens", dist.Categorical(logits=out), obs=None if predict else targets)
+            # unvalidated: non-finite logits are the fit's to report (`ppn.svi`), not a distribution error
+            numpyro.sample("tokens", dist.Categorical(logits=out, validate_args=False),
+                           obs=None if predict else targets)
     if teacher_weight > 0:
         numpyro.factor("teacher", -teacher_weight * teacher_kl * scale)
     kl = jnp.zeros(())
@@ -280,7 +282,8 @@ def _locations(units: Units, alpha: dict, beta: dict, rho: jax.Array, temperatur
         solve = functools.partial(push_offset, units, temperature=temperature)
         offset = jax.vmap(solve)(logits, rho) if rho.ndim else solve(logits, rho)
     elif constraint == "lagrange":
-        offset = jnp.broadcast_to(numpyro.param("size_level", jnp.zeros(())), rho.shape)
+        # (1,), not (): with a 0-d parameter the donated step met one buffer twice (its zero Adam moments)
+        offset = jnp.broadcast_to(numpyro.param("size_level", jnp.zeros(1))[0], rho.shape)
     else:
         raise ValueError(f"unknown size constraint {constraint!r}; choose 'offset' or 'lagrange'")
     return offset, {k: v - _per_size(offset, alpha[k]) for k, v in logits.items()}

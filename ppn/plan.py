@@ -11,8 +11,8 @@ provenance `meta`. From it alone, without weights:
   important first (`fill_budget`), so the kept size is at most the target and
   within one unit's cost of it; `keep(size, uniform=True)` keeps the same counts
   in every block (`fill_uniform`), a standard Hugging Face architecture;
-- `keep_probability(size)` repeats that fill for posterior draws and gives
-  each unit's probability of being kept;
+- `keep_frequency(size)` repeats that fill for posterior draws and gives the
+  share of draws that keep each unit (the keep decision's stability);
 - with a fit that learned size-dependent rescaling, `keep(size)` also carries the
   factors at that size (`scales`, `ppn.bayes.rescale_factors`), which `ppn.prune`
   folds into the kept weights;
@@ -185,8 +185,10 @@ class Plan(Posterior):
         return gates.soft_gates(units, {k: v - c for k, v in logits.items()}, temperature, estimator,
                                 None if scales is None else {k: jnp.asarray(v) for k, v in scales.items()})
 
-    def keep_probability(self, size: float | int, num_samples: int = 200, seed: int = 0) -> dict[str, np.ndarray]:
-        """Each unit's posterior probability of being kept at `size`.
+    def keep_frequency(self, size: float | int, num_samples: int = 200, seed: int = 0) -> dict[str, np.ndarray]:
+        """The share of posterior draws whose fill (`fill_budget` at `size`) keeps each
+        unit: how stable the keep decision is under the posterior. Not P(z > 0), the
+        open probability of the unit's gate in the gated network (`open_probability`).
 
         Returns:
             {"attn_layer": (L,), "mlp_layer": (L,), "head": (L, N), "mlp_group": (L, M)}.

@@ -40,13 +40,13 @@ def _finish(fig, path):
     return fig
 
 
-def keep_probability_heatmap(plan: Plan, sizes: Sequence[float] = DEFAULT_SIZES, num_samples: int = 100,
+def keep_frequency_heatmap(plan: Plan, sizes: Sequence[float] = DEFAULT_SIZES, num_samples: int = 100,
                              path=None):
     """Layers x size: the expected fraction of each block's heads and MLP groups kept,
     averaged over posterior draws (two panels: attention, MLP)."""
     attn, mlp = [], []
     for s in sizes:
-        p = plan.keep_probability(float(s), num_samples)
+        p = plan.keep_frequency(float(s), num_samples)
         attn.append(p["head"].mean(1))
         mlp.append(p["mlp_group"].mean(1))
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), sharey=True)

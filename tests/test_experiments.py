@@ -34,7 +34,7 @@ def test_main_job_smoke(tmp_path):
     """experiments/fit.py: fit, plan, posterior, plots, one row per size, and a finished run is not redone."""
     run_dir, results = tmp_path / "run", tmp_path / "res" / "fit.json"
     _smoke("fit.py", "--run-dir", run_dir, "--results", results)
-    for name in ["plan.json", "posterior.nc", "metrics.jsonl", "keep_probability.png", "structure.png",
+    for name in ["plan.json", "posterior.nc", "metrics.jsonl", "keep_frequency.png", "structure.png",
                  "forest.png", "training.png", "table.md", "DONE", "model/config.json"]:
         assert (run_dir / name).exists(), name
     rows = json.loads(results.read_text())["records"]

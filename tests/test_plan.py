@@ -119,7 +119,7 @@ def test_kept_size_grows_with_the_target(tiny_plan):
 
 def test_keep_is_deterministic_and_probabilities_are_probabilities(tiny_plan, tmp_path):
     assert tiny_plan.keep(0.45) == Plan.load(tiny_plan.save(tmp_path / "p.json")).keep(0.45)
-    p = tiny_plan.keep_probability(0.5, num_samples=40)
+    p = tiny_plan.keep_frequency(0.5, num_samples=40)
     assert p["head"].shape == (2, 4) and p["mlp_group"].shape == (2, 3)
     assert all(((v >= 0) & (v <= 1)).all() for v in p.values())
 

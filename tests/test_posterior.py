@@ -74,7 +74,7 @@ def test_synthetic_recovery_useless_units_are_dropped_first():
     cfg = FitConfig(steps=150, batch_size=8, seqlen=32, group_width=16, train_weights=False, lr_gates=0.05,
                     rho_min=0.3, init="prior")
     plan = Plan.from_fit(fit(teacher, tokens, cfg, progress=False))
-    p = plan.keep_probability(0.5, num_samples=100)
+    p = plan.keep_frequency(0.5, num_samples=100)
     # Within its layer (the hierarchy pools units toward their layer, so a dead unit
     # of a vital layer may still outrank live units of a weak one), a dead unit is
     # less likely to be kept than the live ones.

@@ -225,7 +225,7 @@ def _posterior_outputs(plan: Plan, metrics: list[dict], run_dir: Path) -> None:
     tmp = run_dir / ".posterior.nc.tmp"
     idata.to_netcdf(str(tmp))
     tmp.replace(run_dir / "posterior.nc")
-    for name, fn in (("keep_probability.png", lambda p: plots.keep_probability_heatmap(plan, path=p)),
+    for name, fn in (("keep_frequency.png", lambda p: plots.keep_frequency_heatmap(plan, path=p)),
                      ("structure.png", lambda p: plots.structure_curves(plan, path=p)),
                      ("forest.png", lambda p: plots.forest(plan, path=p)),
                      ("training.png", lambda p: plots.training_curves(metrics, path=p))):
