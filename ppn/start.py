@@ -30,14 +30,28 @@ if TYPE_CHECKING:
 
 def guide_start(model: Llama, units: Units, tokens: np.ndarray, cfg: FitConfig,
                 mesh: Mesh | None = None) -> dict[str, np.ndarray]:
-    """The guide's starting locations by latent site name: `taylor_init`'s with
-    `init="taylor"` and a hierarchical prior, else {} (every site at its prior
-    median, see `init_to_values`). Non-finite importances give {} too: such a
-    network fails the fit's finiteness check at its first step."""
-    if cfg.init != "taylor" or cfg.prior == "independent":
+    """The guide's starting locations by latent site name: with `init="taylor"`,
+    `taylor_init`'s (for the `independent` prior, the intercepts they imply:
+    `independent_start`), else {} (every site at its prior median, see
+    `init_to_values`). Non-finite importances give {} too: such a network fails
+    the fit's finiteness check at its first step."""
+    if cfg.init != "taylor":
         return {}
     start = taylor_init(model, units, tokens, cfg, mesh=mesh)
-    return start if all(np.isfinite(v).all() for v in start.values()) else {}
+    if not all(np.isfinite(v).all() for v in start.values()):
+        return {}
+    return independent_start(start) if cfg.prior == "independent" else start
+
+
+def independent_start(start: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The intercepts that `taylor_init`'s hierarchical start implies with both spreads
+    at their prior median (HalfNormal(1): 0.6745), as the `independent` prior's sites
+    `alpha_<kind>`: both priors then start from the same ranking of units."""
+    tau = 0.6745
+    level = tau * start["delta"]  # (L, 2): attention, MLP
+    return {"alpha_attn_layer": level[:, 0], "alpha_mlp_layer": level[:, 1],
+            "alpha_head": level[:, 0, None] + tau * start["eps_head"],
+            "alpha_mlp_group": level[:, 1, None] + tau * start["eps_mlp_group"]}
 
 
 def init_to_values(site=None, values=None):
