@@ -18,6 +18,7 @@ compiles once, on one device or sharded over a mesh, is `ppn.svi`'s.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from typing import Any
@@ -26,10 +27,13 @@ import numpy as np
 from jax.sharding import Mesh
 
 from ppn import data, priors, sharding
-from ppn.console import progress_bar
+from ppn.console import LOGGER, progress_bar
 from ppn.models.llama import Llama
-from ppn.svi import GUIDES, fit_step, fitted_model, init_fit
+from ppn.runs import elbo_trend
+from ppn.svi import GUIDES, diagnose, diagnostic_batch, fit_step, fitted_model, init_fit
 from ppn.units import Units
+
+log = logging.getLogger(LOGGER)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +89,13 @@ class FitConfig:
             alternative, kept for comparison).
         data_tokens: tokens the likelihood is scaled to; None = len(tokens).
         checkpoint_every: steps between checkpoints of the run folder.
+        diagnostics_every: steps between diagnostics (0 = none): the held-out
+            ELBO per token at sizes `ppn.svi.DIAGNOSTIC_SIZES`, at the final
+            temperature, with `diagnostic_particles` particles, and quantiles of
+            the guide's scales, written into that step's metrics row
+            (`ppn.svi.diagnose`); at the end the fit says whether the held-out
+            ELBO still moves (`ppn.runs.elbo_trend`).
+        diagnostic_particles: ELBO particles per size of a diagnostic.
         max_nonfinite: consecutive non-finite steps tolerated before giving up.
         seed: seeds batches, sizes, gates and the guide.
     """
@@ -119,6 +130,8 @@ class FitConfig:
     constraint: str = "offset"
     data_tokens: int | None = None
     checkpoint_every: int = 25
+    diagnostics_every: int = 25
+    diagnostic_particles: int = 2
     max_nonfinite: int = 20
     seed: int = 0
 
@@ -132,6 +145,8 @@ class FitConfig:
             raise ValueError(f"unknown guide {self.guide!r}; choose one of {', '.join(GUIDES)}")
         if not self.temperature_start > 0 or not self.temperature_end > 0:
             raise ValueError("temperatures must be positive")
+        if self.diagnostics_every < 0 or self.diagnostic_particles < 1:
+            raise ValueError("diagnostics_every must be >= 0 and diagnostic_particles >= 1")
         if self.checkpoint_every < 1:
             raise ValueError("checkpoint_every must be >= 1")
         if not 0 <= self.rho_warmup < 1:
@@ -221,7 +236,7 @@ class FitResult:
 
 
 def fit(model: Llama, tokens, config: FitConfig = FitConfig(), run_dir: str | os.PathLike | None = None,
-        progress: bool = True, mesh: Mesh | None = None) -> FitResult:
+        progress: bool = True, mesh: Mesh | None = None, heldout=None) -> FitResult:
     """Fits the gates (and, by default, the weights) of `model` on `tokens` by SVI.
 
     Args:
@@ -236,6 +251,8 @@ def fit(model: Llama, tokens, config: FitConfig = FitConfig(), run_dir: str | os
         mesh: run on this ("data", "fsdp") mesh (`ppn.sharding.make_mesh`); None runs on
             the default device. `batch_size` must be a multiple of data x fsdp.
             The fitted weights come back FSDP-sharded on the mesh.
+        heldout: int array of held-out tokens for the diagnostics' fixed batch
+            (its first `batch_size` windows); None: a fixed batch of `tokens`.
 
     Raises:
         ValueError: a pruned model, or a mesh with an unknown axis, other than
@@ -252,8 +269,11 @@ def fit(model: Llama, tokens, config: FitConfig = FitConfig(), run_dir: str | os
                                  start_step=state.step)
     bar = progress_bar(range(state.step, cfg.steps), initial=state.step, total=cfg.steps, desc="fit",
                        enabled=progress and sharding.is_main_process())
+    probe = diagnostic_batch(np.asarray(tokens if heldout is None else heldout), cfg)
     for step in bar:
         state, row = fit_step(setup, state, next(batches))
+        if cfg.diagnostics_every and state.step % cfg.diagnostics_every == 0:
+            row |= diagnose(setup, state, probe)
         history.append(row)
         bar.set_postfix(elbo=f"{-row['loss']:.4g}", nll=f"{row['nll_per_token']:.3f}",
                         size_err=f"{row['size_error']:+.1e}")
@@ -267,6 +287,10 @@ def fit(model: Llama, tokens, config: FitConfig = FitConfig(), run_dir: str | os
             run.write_metrics(history)
             run.save(state.step, state.svi, state.nonfinite)
 
+    trend = elbo_trend(history)
+    if trend is not None:
+        log.info("held-out ELBO per token %.4f; its slope over the last third of the fit %+.2e +- %.1e per step: %s",
+                 trend["last"], trend["slope"], trend["se"], "flat (converged)" if trend["flat"] else "still moving")
     fitted, guide_params = fitted_model(model, setup, state)
     return FitResult(model=fitted, units=setup.units, config=cfg, guide_params=guide_params, metrics=history,
                      nonfinite_steps=state.nonfinite, seconds=time.perf_counter() - start_time)

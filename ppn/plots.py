@@ -100,12 +100,28 @@ def forest(plan: Plan, num_samples: int = 1000, path=None):
 
 
 def training_curves(metrics: Sequence[dict], path=None):
-    """NLL per token and achieved-minus-target expected size over the fit."""
+    """NLL per token and achieved-minus-target expected size over the fit; with
+    diagnostics (`FitConfig.diagnostics_every`), also the held-out ELBO per token at
+    each diagnostic size and the quantiles of the guide's scales."""
+    from ppn.svi import DIAGNOSTIC_SIZES
+
     steps = [m["step"] for m in metrics]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    diag = [m for m in metrics if "heldout_elbo" in m]
+    fig, axes = plt.subplots(1, 4 if diag else 2, figsize=(20 if diag else 10, 3.5))
     axes[0].plot(steps, [m["nll_per_token"] for m in metrics], lw=0.8)
     axes[0].set(xlabel="step", ylabel="NLL per token (gated, at the step's size)", title="likelihood")
     axes[1].scatter([m["rho"] for m in metrics], [m["expected_size"] for m in metrics], s=6)
     axes[1].plot([0, 1], [0, 1], color="grey", lw=0.8)
     axes[1].set(xlabel="target size rho", ylabel="expected kept size E[S]/S_total", title="size constraint")
+    if diag:
+        at = [m["step"] for m in diag]
+        by_size = np.asarray([m["heldout_elbo_by_size"] for m in diag])
+        for i, size in enumerate(DIAGNOSTIC_SIZES):
+            axes[2].plot(at, by_size[:, i], "o-", ms=3, label=f"size {size}")
+        axes[2].legend(fontsize=8)
+        axes[2].set(xlabel="step", ylabel="held-out ELBO per token", title="convergence (final temperature)")
+        for q, style in (("q05", ":"), ("q50", "-"), ("q95", ":")):
+            axes[3].plot(at, [m[f"guide_scale_{q}"] for m in diag], style, color="C0", label=q)
+        axes[3].set(xlabel="step", ylabel="guide scale (unconstrained)", yscale="log", title="guide scales")
+        axes[3].legend(fontsize=8)
     return _finish(fig, path)

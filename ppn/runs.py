@@ -83,6 +83,28 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     return read_jsonl(Path(run_dir) / METRICS)
 
 
+def elbo_trend(metrics: list[dict]) -> dict | None:
+    """Whether the held-out ELBO of a fit's diagnostics (rows with "heldout_elbo")
+    still moves: the least-squares slope per step over the last third of them (at
+    least 3) and its standard error; "flat" when the slope is within two standard
+    errors of zero. None with fewer than 3 diagnostics in that third's window.
+
+    Returns:
+        {"slope", "se", "flat", "last" (the last held-out ELBO), "points"}.
+    """
+    rows = [m for m in metrics if "heldout_elbo" in m]
+    tail = rows[-max(3, len(rows) // 3):]
+    if len(tail) < 3:
+        return None
+    x = np.asarray([m["step"] for m in tail], np.float64)
+    y = np.asarray([m["heldout_elbo"] for m in tail], np.float64)
+    xc = x - x.mean()
+    slope = float((xc * (y - y.mean())).sum() / (xc ** 2).sum())
+    resid = y - y.mean() - slope * xc
+    se = float(np.sqrt((resid ** 2).sum() / (len(x) - 2) / (xc ** 2).sum()))
+    return {"slope": slope, "se": se, "flat": abs(slope) <= 2 * se, "last": float(y[-1]), "points": len(tail)}
+
+
 def metrics_row(step: int, loss: float, ok: bool, rho: np.ndarray, temperature: float, metrics: dict) -> dict:
     """One line of a fit's metrics.jsonl from the step's loss, finiteness, sizes
     (float () or (B,)), temperature and the NumPyro model's "ppn$metrics". With a

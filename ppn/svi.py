@@ -52,6 +52,9 @@ WEIGHTS_SITE = "llama$params"
 
 GUIDES = {"normal": AutoNormal, "lowrank": AutoLowRankMultivariateNormal}
 
+DIAGNOSTIC_SIZES = (0.3, 0.5, 0.7, 0.9)
+"""The fixed sizes at which `diagnose` estimates the held-out ELBO."""
+
 
 @dataclasses.dataclass(frozen=True)
 class FitSetup:
@@ -63,6 +66,8 @@ class FitSetup:
         svi: numpyro's SVI of the gated model and its guide.
         update: the jitted step (svi_state, batch, rho, temperature, weights,
             teacher) -> (svi_state, loss, ok, metrics); donates svi_state.
+        heldout_elbo: the jitted diagnostic (params, batch, weights, teacher, key)
+            -> ELBO per data token at each of `DIAGNOSTIC_SIZES` (R,).
         weights: the frozen network weights (an `nnx.Param` state) when the
             weights are not trained, else None.
         teacher: the frozen teacher's `nnx` state, or None.
@@ -74,6 +79,7 @@ class FitSetup:
     units: Units
     svi: SVI
     update: Callable
+    heldout_elbo: Callable
     weights: Any
     teacher: Any
     mesh: Mesh | None
@@ -138,8 +144,11 @@ def init_fit(model: Llama, tokens, config: FitConfig, run_dir: str | os.PathLike
     state, weights, teacher_state, layouts = _lay_out(mesh, state, weights, teacher_state)
     # The state is donated, so old and new states never coexist in memory.
     update = jax.jit(functools.partial(_update, svi, teacher_logits, mesh), donate_argnums=0, **layouts)
+    heldout = jax.jit(functools.partial(_heldout_elbo, svi, teacher_logits, mesh, cfg.temperature_end,
+                                        cfg.diagnostic_particles, cfg.data_tokens or len(tokens)))
     step, state, nonfinite = run.restore(state)
-    return FitSetup(cfg, units, svi, update, weights, teacher_state, mesh, run), FitState(step, state, nonfinite)
+    return (FitSetup(cfg, units, svi, update, heldout, weights, teacher_state, mesh, run),
+            FitState(step, state, nonfinite))
 
 
 def fit_step(setup: FitSetup, state: FitState, batch: np.ndarray) -> tuple[FitState, dict]:
@@ -160,6 +169,47 @@ def fit_step(setup: FitSetup, state: FitState, batch: np.ndarray) -> tuple[FitSt
     ok = bool(ok)
     row = metrics_row(step, float(loss), ok, rho, temperature, metrics) | {"seconds": time.perf_counter() - tick}
     return FitState(step + 1, svi_state, state.nonfinite + (not ok), 0 if ok else state.consecutive + 1), row
+
+
+def diagnostic_batch(tokens: np.ndarray, cfg: FitConfig) -> np.ndarray:
+    """The diagnostics' fixed batch: the first `batch_size` windows (seed 0) of `tokens`, int (B, T+1)."""
+    return next(data.train_batches(tokens, cfg.batch_size, cfg.seqlen + 1, seed=0))
+
+
+def diagnose(setup: FitSetup, state: FitState, batch: np.ndarray) -> dict:
+    """The held-out ELBO per data token on `batch` at each of `DIAGNOSTIC_SIZES`
+    (final temperature, `diagnostic_particles` particles; fixed noise, so two
+    diagnostics differ by the parameters alone) and the 5/50/95% quantiles of
+    the guide's scales: {"heldout_elbo": mean over sizes, "heldout_elbo_by_size":
+    [R], "guide_scale_q05": ..., "guide_scale_q50": ..., "guide_scale_q95": ...}."""
+    params = setup.svi.get_params(state.svi)
+    mesh = setup.mesh
+    elbo = np.asarray(setup.heldout_elbo(params, jnp.asarray(batch) if mesh is None else
+                                         sharding.global_batch(batch, mesh), setup.weights, setup.teacher,
+                                         jax.random.PRNGKey(setup.config.seed + 1)), np.float64)
+    # AutoNormal's "<site>_auto_scale"; the low-rank guide's diagonal part "auto_scale"
+    scales = np.concatenate([np.ravel(sharding.to_host(v)) for k, v in params.items() if k.endswith("auto_scale")])
+    q05, q50, q95 = np.quantile(scales, (0.05, 0.5, 0.95))
+    return {"heldout_elbo": float(elbo.mean()), "heldout_elbo_by_size": [round(float(e), 6) for e in elbo],
+            "guide_scale_q05": float(q05), "guide_scale_q50": float(q50), "guide_scale_q95": float(q95)}
+
+
+def _heldout_elbo(svi: SVI, teacher_logits, mesh: Mesh | None, temperature: float, particles: int, data_tokens: int,
+                  params, batch, weights, teacher, key) -> jax.Array:
+    """ELBO / data_tokens at every `DIAGNOSTIC_SIZES` size (R,), averaged over `particles` draws."""
+    if weights is not None:
+        weights = sharding.gather(weights, mesh)
+    t_logits = teacher_logits(teacher, batch)
+    single = Trace_ELBO()
+    sizes = jnp.repeat(jnp.asarray(DIAGNOSTIC_SIZES, jnp.float32), particles)
+
+    def one(args):
+        rho, k = args
+        return -single.loss(k, params, svi.model, svi.guide, batch, rho, jnp.float32(temperature), t_logits,
+                            weights=weights)
+
+    values = jax.lax.map(one, (sizes, jax.random.split(key, sizes.shape[0])))
+    return values.reshape(len(DIAGNOSTIC_SIZES), particles).mean(1) / data_tokens
 
 
 def fitted_model(model: Llama, setup: FitSetup, state: FitState) -> tuple[Llama, dict[str, np.ndarray]]:

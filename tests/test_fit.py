@@ -8,12 +8,13 @@ import pytest
 from flax import nnx
 
 import ppn
-from ppn import bayes
+from ppn import bayes, plots
 from ppn.fit import FitConfig, fit
 from ppn.units import Units
 from ppn.plan import Plan
 from ppn.prune import prune
-from ppn.runs import read_metrics
+from ppn.runs import elbo_trend, read_metrics
+from ppn.svi import DIAGNOSTIC_SIZES
 from ppn.testing import smoke_fit_config, tiny_config, tiny_model, tiny_tokens
 
 TOKENS = tiny_tokens()
@@ -188,3 +189,30 @@ def test_lagrange_multipliers_are_ascended():
 def test_unknown_constraint_is_refused():
     with pytest.raises(ValueError, match="unknown size constraint 'soft'"):
         FitConfig(constraint="soft")
+
+
+def test_diagnostics_log_a_heldout_elbo_and_guide_scales_every_n_steps():
+    heldout = tiny_tokens(seed=9)
+    result = fit(tiny_model(), TOKENS, smoke_fit_config(diagnostics_every=2, diagnostic_particles=2),
+                 progress=False, heldout=heldout)
+    rows = [m for m in result.metrics if "heldout_elbo" in m]
+    assert [m["step"] for m in rows] == [1, 3, 5]  # rows are numbered from 0; a diagnostic follows every 2nd step
+    for m in rows:
+        assert len(m["heldout_elbo_by_size"]) == len(DIAGNOSTIC_SIZES)
+        assert np.isfinite(m["heldout_elbo_by_size"]).all() and max(m["heldout_elbo_by_size"]) < 0
+        assert np.isclose(m["heldout_elbo"], np.mean(m["heldout_elbo_by_size"]))
+        assert 0 < m["guide_scale_q05"] <= m["guide_scale_q50"] <= m["guide_scale_q95"]
+    trend = elbo_trend(result.metrics)
+    assert trend["points"] == 3 and trend["last"] == rows[-1]["heldout_elbo"]
+    fig = plots.training_curves(result.metrics)
+    assert len(fig.axes) == 4
+
+
+def test_elbo_trend_tells_a_flat_curve_from_a_rising_one():
+    rng = np.random.default_rng(0)
+    flat = [{"step": s, "heldout_elbo": -3.0 + 0.01 * rng.normal()} for s in range(0, 300, 10)]
+    rising = [{"step": s, "heldout_elbo": -3.0 + 0.001 * s + 0.01 * rng.normal()} for s in range(0, 300, 10)]
+    assert elbo_trend(flat)["flat"] and not elbo_trend(rising)["flat"]
+    assert elbo_trend(rising)["slope"] == pytest.approx(0.001, rel=0.2) and elbo_trend(flat[:2]) is None
+    with pytest.raises(ValueError, match="diagnostics_every"):
+        FitConfig(diagnostics_every=-1)

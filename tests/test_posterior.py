@@ -72,7 +72,7 @@ def test_synthetic_recovery_useless_units_are_dropped_first():
     tokens = ppn.generate(teacher, np.zeros((64, 1), np.int32), 63, temperature=1.0, seed=0).reshape(-1)
     # init="prior": every unit starts equal, so the ranking must come from SVI itself.
     cfg = FitConfig(steps=150, batch_size=8, seqlen=32, group_width=16, train_weights=False, lr_gates=0.05,
-                    rho_min=0.3, init="prior")
+                    rho_min=0.3, init="prior", diagnostics_every=0)
     plan = Plan.from_fit(fit(teacher, tokens, cfg, progress=False))
     p = plan.keep_frequency(0.5, num_samples=100)
     # Within its layer (the hierarchy pools units toward their layer, so a dead unit

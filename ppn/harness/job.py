@@ -138,7 +138,7 @@ def run(cfg: JobConfig, progress: bool = True) -> list[dict]:
     dense_ppl = ppl(model).perplexity
 
     fit_start = time.perf_counter()
-    result = fit(model, train, cfg.fit, run_dir=run_dir, progress=progress, mesh=mesh)
+    result = fit(model, train, cfg.fit, run_dir=run_dir, progress=progress, mesh=mesh, heldout=valid)
     fit_seconds = time.perf_counter() - fit_start
     plan = Plan.from_fit(result, meta={"model": cfg.model, "checkpoint": str(run_dir / "model")})
     graphdef, state = nnx.split(result.model)
