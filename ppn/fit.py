@@ -55,7 +55,9 @@ class FitConfig:
             medians (all units equal).
         group_width: SwiGLU channels per MLP gate.
         prior: a name in `ppn.priors.PRIORS`.
-        guide: "normal" (AutoNormal) or "lowrank" (AutoLowRankMultivariateNormal).
+        guide: "normal" (AutoNormal), "lowrank" (AutoLowRankMultivariateNormal)
+            or "delta" (AutoDelta: the MAP point, a posterior of zero spread, to
+            tell which decisions the posterior's spread changes).
         guide_init_scale: initial scale of the guide.
         lr_weights, lr_gates: Adam learning rates of the network weights and of the guide.
         train_weights: fit the weights with the gates (False: gates only, weights frozen).

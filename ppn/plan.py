@@ -131,8 +131,8 @@ class Plan(Posterior):
             for k, s in sites.items():
                 if s.loc.shape != shapes[k] or s.scale.shape != shapes[k]:
                     raise ValueError(f"site {k!r} has shape {s.loc.shape}, expected {shapes[k]}")
-                if not (np.all(np.isfinite(s.loc)) and np.all(s.scale > 0)):
-                    raise ValueError(f"site {k!r} has non-finite locations or non-positive scales")
+                if not (np.all(np.isfinite(s.loc)) and np.all(s.scale >= 0)):  # 0: a MAP plan's point mass
+                    raise ValueError(f"site {k!r} has non-finite locations or negative scales")
         # A hand-edited config can fail deep in LlamaConfig (an attribute of a wrong
         # type, a zero head count); all of it is the file's fault, named as such.
         except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as e:

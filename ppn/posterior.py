@@ -79,21 +79,25 @@ class Posterior:
     @classmethod
     def from_guide_params(cls, units: Units, prior: str, guide_params: dict[str, np.ndarray]):
         """Builds the posterior from AutoNormal parameters (`<site>_auto_loc`, `<site>_auto_scale`),
-        or from AutoLowRankMultivariateNormal ones (`auto_loc`, `auto_cov_factor`,
-        `auto_scale`), of which it keeps each site's marginal Normal: the
-        ranking uses medians, which marginals keep exactly; draws lose the
-        correlations between sites. Rescaling exponents come from `rescale_<kind>`."""
+        from AutoLowRankMultivariateNormal ones (`auto_loc`, `auto_cov_factor`,
+        `auto_scale`), of which it keeps each site's marginal Normal (the ranking
+        uses medians, which marginals keep exactly; draws lose the correlations
+        between sites), or from AutoDelta ones (`<site>_auto_loc` alone: the MAP
+        point, a Normal of zero scale). Rescaling exponents come from `rescale_<kind>`."""
         supports = prior_supports(units, prior)
         if "auto_loc" in guide_params:
             guide_params = _lowrank_marginals(units, prior, guide_params)
         sites = {}
         for name, positive in supports.items():
-            try:
-                loc, scale = guide_params[f"{name}_auto_loc"], guide_params[f"{name}_auto_scale"]
-            except KeyError as e:
+            if f"{name}_auto_loc" not in guide_params:
                 raise ValueError(f"guide parameters lack site {name!r} of the {prior!r} prior; "
-                                 "plans are built from an AutoNormal or low-rank guide") from e
-            sites[name] = Site(np.asarray(loc, np.float32), np.asarray(scale, np.float32), positive)
+                                 "plans are built from an AutoNormal, low-rank or AutoDelta guide")
+            loc = np.asarray(guide_params[f"{name}_auto_loc"], np.float32)
+            if f"{name}_auto_scale" in guide_params:
+                scale = np.asarray(guide_params[f"{name}_auto_scale"], np.float32)
+            else:  # AutoDelta: the MAP point, kept in constrained space, as a Normal of zero scale
+                loc, scale = (np.log(loc) if positive else loc), np.zeros_like(loc)
+            sites[name] = Site(loc, scale, positive)
         rescale = ({k: np.asarray(guide_params[f"rescale_{k}"], np.float32) for k in RESCALE_KINDS}
                    if "rescale_head" in guide_params else None)
         return cls(units, prior, sites, rescale)

@@ -15,7 +15,12 @@ import jax.numpy as jnp
 import numpyro
 import numpyro.distributions as dist
 
+from ppn.models.config import LlamaConfig
 from ppn.units import KINDS, Units
+
+# A small architecture on which `register_prior` checks a prior's output shapes.
+_PROBE_CONFIG = LlamaConfig(vocab_size=8, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                            num_kv_heads=2, head_dim=8)
 
 
 def _slopes(units: Units) -> dict[str, jax.Array]:
@@ -115,6 +120,33 @@ PRIORS: dict[str, Callable[[Units], tuple[dict, dict]]] = {
 
 
 def get_prior(name: str) -> Callable[[Units], tuple[dict, dict]]:
+    """The prior registered as `name`."""
     if name not in PRIORS:
-        raise ValueError(f"unknown prior {name!r}; choose one of {', '.join(PRIORS)}")
+        raise ValueError(f"unknown prior {name!r}; choose one of {', '.join(PRIORS)}, or register your own "
+                         "with ppn.priors.register_prior before fitting or loading a plan of it")
     return PRIORS[name]
+
+
+def register_prior(name: str, prior: Callable[[Units], tuple[dict, dict]]) -> None:
+    """Makes `prior` available as `FitConfig(prior=name)` and to plans that name it.
+
+    A prior samples its latent sites with `numpyro.sample` (real or positive
+    supports, which plans can store) and returns (alpha, beta), dicts by kind of
+    the gate shapes (`Units.gate_shapes`), beta > 0. A plan file records the name
+    only: register the same prior before `Plan.load`. Keep a common shift of every
+    intercept out of it (see `centred`): the data cannot identify one.
+
+    Raises:
+        ValueError: `name` is already taken, or `prior` does not return every gate's
+            alpha and beta in its shape.
+    """
+    if name in PRIORS:
+        raise ValueError(f"a prior named {name!r} is registered already")
+    units = Units(_PROBE_CONFIG, 16)
+    with numpyro.handlers.seed(rng_seed=0):
+        alpha, beta = prior(units)
+    shapes = units.gate_shapes()
+    for what, values in (("alpha", alpha), ("beta", beta)):
+        if set(values) != set(KINDS) or any(jnp.shape(values[k]) != shapes[k] for k in KINDS):
+            raise ValueError(f"prior {name!r} must return {what} by kind {KINDS} of shapes {shapes}")
+    PRIORS[name] = prior

@@ -36,7 +36,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 from numpyro.infer import SVI, Trace_ELBO
-from numpyro.infer.autoguide import AutoGuide, AutoLowRankMultivariateNormal, AutoNormal
+from numpyro.infer.autoguide import AutoDelta, AutoGuide, AutoLowRankMultivariateNormal, AutoNormal
 
 from ppn import bayes, data, sharding
 from ppn.models.llama import Llama
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 WEIGHTS_SITE = "llama$params"
 """The NumPyro param site of the network weights (a dict of arrays) when they are trained."""
 
-GUIDES = {"normal": AutoNormal, "lowrank": AutoLowRankMultivariateNormal}
+GUIDES = {"normal": AutoNormal, "lowrank": AutoLowRankMultivariateNormal, "delta": AutoDelta}
 
 DIAGNOSTIC_SIZES = (0.3, 0.5, 0.7, 0.9)
 """The fixed sizes at which `diagnose` estimates the held-out ELBO."""
@@ -188,8 +188,8 @@ def diagnose(setup: FitSetup, state: FitState, batch: np.ndarray) -> dict:
                                          sharding.global_batch(batch, mesh), setup.weights, setup.teacher,
                                          jax.random.PRNGKey(setup.config.seed + 1)), np.float64)
     # AutoNormal's "<site>_auto_scale"; the low-rank guide's diagonal part "auto_scale"
-    scales = np.concatenate([np.ravel(sharding.to_host(v)) for k, v in params.items() if k.endswith("auto_scale")])
-    q05, q50, q95 = np.quantile(scales, (0.05, 0.5, 0.95))
+    scales = [np.ravel(sharding.to_host(v)) for k, v in params.items() if k.endswith("auto_scale")]
+    q05, q50, q95 = np.quantile(np.concatenate(scales), (0.05, 0.5, 0.95)) if scales else (0.0, 0.0, 0.0)
     return {"heldout_elbo": float(elbo.mean()), "heldout_elbo_by_size": [round(float(e), 6) for e in elbo],
             "guide_scale_q05": float(q05), "guide_scale_q50": float(q50), "guide_scale_q95": float(q95)}
 
@@ -259,7 +259,8 @@ def _svi(model: Llama, units: Units, tokens: np.ndarray, cfg: FitConfig, mesh: M
     if mesh is not None:
         model_fn = _GatherWeights(model_fn, mesh)
     start = guide_start(model, units, tokens, cfg, mesh)
-    guide = GUIDES[cfg.guide](model_fn, init_loc_fn=init_to_values(values=start), init_scale=cfg.guide_init_scale)
+    scale = {} if cfg.guide == "delta" else {"init_scale": cfg.guide_init_scale}  # a point mass has no scale
+    guide = GUIDES[cfg.guide](model_fn, init_loc_fn=init_to_values(values=start), **scale)
     return SVI(model_fn, guide, _optimizer(cfg), Trace_ELBO())
 
 

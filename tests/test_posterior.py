@@ -126,3 +126,16 @@ def test_open_probabilities_give_the_target_size_in_every_draw():
         sizes = [float(bayes.expected_size(plan.units, {k: jnp.asarray(v[s], jnp.float32) for k, v in p.items()}))
                  for s in range(5)]
         np.testing.assert_allclose(np.asarray(sizes) / plan.units.total, size, atol=1e-4)
+
+
+def test_a_map_fit_gives_a_plan_of_zero_spread(tmp_path):
+    result = fit(tiny_model(), TOKENS, smoke_fit_config(guide="delta"), progress=False)
+    plan = Plan.from_fit(result)
+    assert all(not s.scale.any() for s in plan.sites.values())
+    freq = plan.keep_frequency(0.5, num_samples=20)
+    assert all(set(np.unique(v)) <= {0.0, 1.0} for v in freq.values())  # every draw is the MAP point
+    loaded = Plan.load(plan.save(tmp_path / "map.json"))
+    assert loaded.keep(0.5) == plan.keep(0.5) and loaded.sites.keys() == plan.sites.keys()
+    # AutoDelta keeps positive sites in constrained space; the plan stores them unconstrained
+    assert result.guide_params["tau_unit_auto_loc"] > 0
+    np.testing.assert_allclose(plan.sites["tau_unit"].loc, np.log(result.guide_params["tau_unit_auto_loc"]), rtol=1e-6)
