@@ -164,20 +164,36 @@ class Posterior:
                                          for q in QUANTILES}}
         return out
 
-    def to_arviz(self, num_samples: int = 500, seed: int = 0):
-        """Posterior draws of alpha and beta as `arviz.InferenceData` (one chain),
-        with named dims: layer, head, group."""
+    def to_arviz(self, num_samples: int = 500, seed: int = 0, temperature: float = 0.2):
+        """Posterior and prior draws as `arviz.InferenceData`, with named dims (layer,
+        head, group): alpha, beta and (posterior only) the crossing sizes.
+
+        The posterior draws are independent draws from the variational guide, stored
+        as one chain; they are not MCMC samples, so R-hat and ESS do not apply (the
+        attrs say so). The prior group lets `az.plot_dist_comparison` show how far
+        the data moved each quantity.
+        """
         import arviz as az
 
         alpha, beta = self.draws(num_samples, seed)
+        crossing = crossing_sizes(self.units, alpha, beta, temperature)
+        with numpyro.handlers.seed(rng_seed=seed):
+            prior_alpha, prior_beta = jax.vmap(lambda _: priors.get_prior(self.prior)(self.units))(
+                jnp.arange(num_samples))
         dims = {"attn_layer": ["layer"], "mlp_layer": ["layer"], "head": ["layer", "head"],
                 "mlp_group": ["layer", "group"]}
-        posterior = {f"{n}_{k}": v[k][None] for n, v in (("alpha", alpha), ("beta", beta)) for k in KINDS}
+
+        def group(**named):
+            return {f"{n}_{k}": np.asarray(v[k])[None] for n, v in named.items() for k in KINDS}
+
         return az.from_dict(
-            posterior=posterior,
-            dims={f"{n}_{k}": dims[k] for n in ("alpha", "beta") for k in KINDS},
+            posterior=group(alpha=alpha, beta=beta, crossing=crossing),
+            prior=group(alpha=prior_alpha, beta=prior_beta),
+            dims={f"{n}_{k}": dims[k] for n in ("alpha", "beta", "crossing") for k in KINDS},
             coords={"layer": np.arange(self.units.num_layers), "head": np.arange(self.units.num_heads),
-                    "group": np.arange(self.units.num_groups)})
+                    "group": np.arange(self.units.num_groups)},
+            attrs={"inference": f"variational ({self.prior} prior): independent draws from the guide, one "
+                                "chain; not MCMC, so R-hat and ESS do not apply"})
 
 
 def _logits(alpha: dict, beta: dict, rho: float) -> dict[str, np.ndarray]:

@@ -34,6 +34,10 @@ def test_arviz_export_has_named_dims(tiny_plan):
     idata = tiny_plan.to_arviz(num_samples=30)
     assert idata.posterior["alpha_head"].dims == ("chain", "draw", "layer", "head")
     assert idata.posterior["beta_mlp_group"].shape == (1, 30, 2, 3)
+    assert idata.posterior["crossing_head"].shape == (1, 30, 2, 4) and idata.prior["alpha_head"].shape == (1, 30, 2, 4)
+    assert "not MCMC" in idata.attrs["inference"]
+    # the prior's draws are not the posterior's
+    assert not np.allclose(idata.prior["alpha_head"].values, idata.posterior["alpha_head"].values)
 
 
 def test_lowrank_guide_gives_a_plan_of_its_marginals():
