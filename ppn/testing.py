@@ -6,6 +6,7 @@ They run the same code paths as the real model in milliseconds.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import jax
@@ -83,9 +84,12 @@ def run_killed_at(step: int, train: Callable[[], object], seed: int | None = Non
 
     original = data.train_batches
 
-    def dying(tokens, batch_size, seqlen, stream_seed, start_step=0):
-        for i, batch in enumerate(original(tokens, batch_size, seqlen, stream_seed, start_step=start_step)):
-            if start_step + i == step and seed in (None, stream_seed):
+    def dying(*args, **kwargs):
+        call = inspect.signature(original).bind(*args, **kwargs)
+        call.apply_defaults()
+        start_step = call.arguments["start_step"]
+        for i, batch in enumerate(original(*call.args, **call.kwargs)):
+            if start_step + i == step and seed in (None, call.arguments["seed"]):
                 raise KeyboardInterrupt
             yield batch
 

@@ -78,15 +78,16 @@ def test_synthetic_recovery_useless_units_are_dropped_first():
     cfg = FitConfig(steps=150, batch_size=8, seqlen=32, group_width=16, train_weights=False, lr_gates=0.05,
                     rho_min=0.3, init="prior", diagnostics_every=0)
     plan = Plan.from_fit(fit(teacher, tokens, cfg, progress=False))
-    p = plan.keep_frequency(0.5, num_samples=100)
-    # Within its layer (the hierarchy pools units toward their layer, so a dead unit
-    # of a vital layer may still outrank live units of a weak one), a dead unit is
-    # less likely to be kept than the live ones.
+    # Each unit's median crossing size (the size below which it is more likely closed
+    # than open): within its layer (the hierarchy pools units toward their layer, so a
+    # dead unit of a vital layer may still outrank live units of a weak one), a dead
+    # unit closes at a larger size than the live ones.
+    cross = {k: np.median(v, 0) for k, v in plan.crossing_sizes(200).items()}
     for layer, head in dead_heads:
-        live = np.delete(p["head"][layer], head)
-        assert p["head"][layer, head] < live.mean(), (layer, p["head"])
+        live = np.delete(cross["head"][layer], head)
+        assert cross["head"][layer, head] > live.mean(), (layer, cross["head"])
     for layer in (0, 1):
-        assert p["mlp_group"][layer, 0] < p["mlp_group"][layer, 1:].mean(), p["mlp_group"]
+        assert cross["mlp_group"][layer, 0] > cross["mlp_group"][layer, 1:].mean(), cross["mlp_group"]
     assert not plan.keep(0.5).groups[:, 0].any()
 
 
