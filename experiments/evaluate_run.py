@@ -1,5 +1,7 @@
 """The main job's table again for a finished run, at another evaluation size:
-full validation perplexity by default (the main job measures quick perplexity).
+full validation perplexity by default (the main job measures quick perplexity),
+beside the perplexity on general English (`ppn.data.general_english`) at the same
+number of windows, also for runs made before the main job measured it.
 
     python experiments/evaluate_run.py --run-dir runs/smollm2-135m            # full validation split
     python experiments/evaluate_run.py --run-dir runs/smollm2-135m --windows 64
@@ -14,21 +16,22 @@ import argparse
 from pathlib import Path
 
 from ppn.checkpoint import load_model
-from ppn.evaluate import perplexity
-from ppn.harness.job import COLUMNS, eval_mode, load_inputs, load_job, size_rows
+from ppn.harness.job import COLUMNS, eval_mode, general_tokens, load_inputs, load_job, measurer, size_rows
 from ppn.plan import Plan
 from ppn.harness.report import write_results
 
 
 def main(run_dir: str, windows: int | None = None, out_dir: str = "results/ablations") -> list[dict]:
     job = load_job(run_dir)
-    dense, _, _, valid = load_inputs(job.model, job.dtype, job.smoke, job.random_weights, valid_text=job.valid_text)
+    dense, tokenizer, _, valid = load_inputs(job.model, job.dtype, job.smoke, job.random_weights,
+                                             valid_text=job.valid_text)
     fitted = load_model(Path(run_dir) / "model", dtype=job.dtype)
     plan = Plan.load(Path(run_dir) / "plan.json")
     seqlen = 64 if job.smoke else 512
     mode = eval_mode(windows)
-    rows = size_rows(dense, fitted, plan, lambda m: perplexity(m, valid, seqlen=seqlen, max_windows=windows),
-                     job.sizes, mode, job.fit.train_tokens, random_floor=False)
+    general = general_tokens(tokenizer, dense.config.vocab_size)
+    rows = size_rows(dense, fitted, plan, measurer(valid, general, seqlen, windows), job.sizes, mode,
+                     job.fit.train_tokens, random_floor=False)
     write_results(f"{Path(run_dir).name}_{mode.replace(' ', '')}", rows, COLUMNS[:-1], out_dir=out_dir,
                   title=f"Push puppet fit of {run_dir} on {job.model}: validation perplexity by size ({mode})")
     return rows

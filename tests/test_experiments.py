@@ -42,6 +42,7 @@ def test_main_job_smoke(tmp_path):
     assert [r["size"] for r in ppn_rows] == [0.9, 0.7, 0.5, 0.4, 0.3]
     assert all(r["kept_fraction"] <= r["size"] + 1e-9 for r in ppn_rows)
     assert len([r for r in rows if r["method"].startswith("random")]) == 5
+    assert all(r["general_perplexity"] > 1 for r in rows)  # out-of-domain beside in-domain, every row
     again = subprocess.run([sys.executable, str(ROOT / "experiments" / "fit.py"), "--smoke", "--run-dir",
                             str(run_dir), "--results", str(results)], capture_output=True, text=True, timeout=600)
     assert again.returncode != 0 and "holds a finished run" in again.stderr
@@ -51,7 +52,7 @@ def test_main_job_smoke(tmp_path):
     again = json.loads((tmp_path / "run_3windows.json").read_text())["records"]
     assert [r["method"] for r in again] == ["dense", "ppn (fitted weights, unpruned)"] + ["ppn"] * 5
     assert [r["kept_prunable"] for r in again[2:]] == [r["kept_prunable"] for r in ppn_rows]
-    assert all(r["eval"] == "3 windows" and r["perplexity"] > 1 for r in again)
+    assert all(r["eval"] == "3 windows" and r["perplexity"] > 1 and r["general_perplexity"] > 1 for r in again)
 
 
 def test_gate_gap_smoke(tmp_path):

@@ -71,7 +71,8 @@ def job_config(args):
                      results=args.results or str(Path(args.run_dir) / "results.json"),
                      eval_windows=None if args.full_eval else (2 if args.smoke else 64),
                      dtype=args.dtype, mesh=args.mesh, random_weights=args.random_weights,
-                     train_text=args.train_text, valid_text=args.valid_text)
+                     train_text=args.train_text, valid_text=args.valid_text,
+                     general_eval=not args.no_general_eval)
 
 
 def add_scale_arguments(p: argparse.ArgumentParser) -> None:
@@ -113,6 +114,8 @@ def add_job_arguments(p: argparse.ArgumentParser) -> None:
                    help="fit on this text file or folder of .txt/.md files instead of the Shakespeare train split")
     p.add_argument("--valid-text", metavar="PATH",
                    help="measure perplexity on this text file or folder instead of the Shakespeare validation split")
+    p.add_argument("--no-general-eval", action="store_true",
+                   help="skip the out-of-domain perplexity on general English (ppn.data.general_english)")
     p.add_argument("--target-sizes", type=_target_sizes, metavar="0.5,0.3",
                    help="sizes that matter most: the fit draws them more often (FitConfig.target_sizes)")
     p.add_argument("--teacher", metavar="SOURCE",
@@ -148,6 +151,8 @@ def bench_config(args):
         fields["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     if args.no_speed:
         fields["speed"] = False
+    if args.no_general_eval:
+        fields["general_eval"] = False
     for name in ("sizes", "unstructured_sizes", "nm"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
@@ -182,6 +187,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                                   "fitted first when missing)")
     p.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
     p.add_argument("--no-speed", action="store_true", help="skip the throughput measurements")
+    p.add_argument("--no-general-eval", action="store_true",
+                   help="skip the out-of-domain perplexity on general English (ppn.data.general_english)")
     p.add_argument("--sizes", type=_fractions,
                    help="sizes of the ppn and structured rows, e.g. 0.9,0.7,0.5,0.4,0.3 (default: the preset's)")
     p.add_argument("--unstructured-sizes", type=_fractions,

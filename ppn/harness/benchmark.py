@@ -42,7 +42,6 @@ from ppn.harness.baselines.calibration import calibration_windows, layerwise
 from ppn.harness.baselines.structured import STRUCTURED_METHODS, prune_compensated, structured_keep
 from ppn.harness.baselines.unstructured import METHODS as UNSTRUCTURED_METHODS
 from ppn.harness.baselines.unstructured import prune_unstructured
-from ppn.evaluate import perplexity
 from ppn.harness.figures import benchmark_figure
 from ppn.harness.finetune import finetune
 from ppn.fit import FitConfig
@@ -61,7 +60,8 @@ METHODS = ("dense", "ppn", *UNSTRUCTURED_METHODS, *STRUCTURED_METHODS, "finetune
 SCORED_METHODS = tuple(m for m in STRUCTURED_METHODS if m != "random")
 # The method name of the dense model fine-tuned with the fit's budget (read by experiments/budget_study.py).
 DENSE_FINETUNED = "dense fine-tuned (fit budget)"
-COLUMNS = ["method", "pattern", "size", "kept_prunable", "kept_fraction", "kept_total", "perplexity", "eval",
+COLUMNS = ["method", "pattern", "size", "kept_prunable", "kept_fraction", "kept_total", "perplexity",
+           "general_perplexity", "eval",
            "tokens_used", "prune_seconds", "prefill_ratio", "decode_ratio"]
 
 
@@ -96,6 +96,8 @@ class BenchConfig:
             this many steps (the budget of `ppn fit --steps N`), so a fine-tuned
             row can be measured without the plan at hand; None: the plan's own
             fit config.
+        general_eval: also measure every row's perplexity on general English
+            (`ppn.data.general_english`), out of the fitting text's domain.
     """
 
     model: str = "smollm2-135m"
@@ -115,6 +117,7 @@ class BenchConfig:
     dtype: str = "float32"
     mesh: str | None = None
     finetune_steps: int | None = None
+    general_eval: bool = True
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in METHODS]
@@ -159,7 +162,8 @@ class _State:
         # The mesh changes where rows are computed, not what they mean; fields at
         # their old defaults are left out so state folders made before they existed still resume.
         skip = ("methods", "out", "mesh") + (("dtype",) if cfg.dtype == "float32" else ()) + (
-            ("finetune_steps",) if cfg.finetune_steps is None else ())
+            ("finetune_steps",) if cfg.finetune_steps is None else ()) + (
+            ("general_eval",) if not cfg.general_eval else ())
         settings = json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip},
                               sort_keys=True, default=list)
         cfg_path = self.dir / "config.json"
@@ -204,10 +208,15 @@ class _Bench:
     def dense(self) -> Llama:
         return self.inputs()[0]
 
-    def perplexity(self, model: Llama) -> float:
-        _, _, _, valid, seqlen = self.inputs()
-        return perplexity(model, valid, seqlen=seqlen, max_windows=self.cfg.eval_windows,
-                          progress=self.progress, mesh=self.mesh).perplexity
+    def measure(self, model: Llama) -> dict:
+        """The row's perplexity columns (`ppn.harness.job.measurer`)."""
+        def make():
+            from ppn.harness.job import general_tokens, measurer
+
+            dense, tokenizer, _, valid, seqlen = self.inputs()
+            general = general_tokens(tokenizer, dense.config.vocab_size) if self.cfg.general_eval else None
+            return measurer(valid, general, seqlen, self.cfg.eval_windows, self.progress, self.mesh)
+        return self._once("measure", make)(model)
 
     def windows(self) -> np.ndarray:
         return self._once("windows", lambda: calibration_windows(
@@ -234,7 +243,8 @@ class _Bench:
                 pipeline.run(pipeline.JobConfig(model=self.cfg.model, run_dir=str(path.parent), fit=fit,
                                                 results=str(path.parent / "fit.json"), smoke=self.cfg.smoke,
                                                 eval_windows=self.cfg.eval_windows, random_floor=False,
-                                                dtype=self.cfg.dtype, mesh=self.cfg.mesh),
+                                                dtype=self.cfg.dtype, mesh=self.cfg.mesh,
+                                                general_eval=self.cfg.general_eval),
                              progress=self.progress)
             plan = Plan.load(path)
             model = load_model(plan.meta.get("checkpoint") or path.parent / "model", dtype=self.cfg.dtype)
@@ -280,7 +290,7 @@ def _tasks(cfg: BenchConfig, b: _Bench) -> list[tuple[str, Callable[[], dict]]]:
     tasks = []
 
     def dense_row():
-        return _row("dense", 1.0, b.dense, b.dense, pattern="dense", perplexity=b.perplexity(b.dense), eval=mode,
+        return _row("dense", 1.0, b.dense, b.dense, pattern="dense", **b.measure(b.dense), eval=mode,
                     tokens_used=0, prune_seconds=0.0)
 
     def ppn_row(size):
@@ -289,7 +299,7 @@ def _tasks(cfg: BenchConfig, b: _Bench) -> list[tuple[str, Callable[[], dict]]]:
             start = time.perf_counter()
             pruned = prune(fitted, plan, size)
             seconds = time.perf_counter() - start
-            return _row("ppn", size, pruned, b.dense, pattern="structured", perplexity=b.perplexity(pruned),
+            return _row("ppn", size, pruned, b.dense, pattern="structured", **b.measure(pruned),
                         eval=mode, tokens_used=plan.meta.get("train_tokens", 0), prune_seconds=seconds,
                         fit_seconds=fit_seconds, **b.speed(pruned))
         return run
@@ -301,7 +311,7 @@ def _tasks(cfg: BenchConfig, b: _Bench) -> list[tuple[str, Callable[[], dict]]]:
                                         progress=b.progress)
             zeros = _zeros(result.model)
             return _row(method, size, result.model, b.dense, kept_prunable=b.dense.config.num_prunable_params() - zeros,
-                        pattern=f"{nm[0]}:{nm[1]}" if nm else "unstructured", perplexity=b.perplexity(result.model),
+                        pattern=f"{nm[0]}:{nm[1]}" if nm else "unstructured", **b.measure(result.model),
                         eval=mode, tokens_used=0 if method == "magnitude" else calib_tokens,
                         prune_seconds=result.seconds, prefill_ratio=None, decode_ratio=None,
                         speed_note="dense kernels: runs at dense speed")
@@ -313,7 +323,7 @@ def _tasks(cfg: BenchConfig, b: _Bench) -> list[tuple[str, Callable[[], dict]]]:
             start = time.perf_counter()
             pruned = _structured(b, method, size)
             seconds = time.perf_counter() - start
-            return _row(method, size, pruned, b.dense, pattern="structured", perplexity=b.perplexity(pruned),
+            return _row(method, size, pruned, b.dense, pattern="structured", **b.measure(pruned),
                         eval=mode, tokens_used=0 if method == "random" else calib_tokens, prune_seconds=seconds,
                         calibration_seconds=calib_seconds, **b.speed(pruned))
         return run
@@ -357,7 +367,7 @@ def _finetuned_row(b: _Bench, method: str, model: Llama, size: float, folder: st
                      run_dir=Path(b.cfg.state_dir) / f"finetune-{folder}")
     if keep_zeros:
         fields["kept_prunable"] = b.dense.config.num_prunable_params() - _zeros(tuned.model)
-    return _row(method, size, tuned.model, b.dense, pattern=pattern, perplexity=b.perplexity(tuned.model),
+    return _row(method, size, tuned.model, b.dense, pattern=pattern, **b.measure(tuned.model),
                 eval=mode, tokens_used=fit.train_tokens + tokens_used, finetune_seconds=tuned.seconds, **fields)
 
 

@@ -38,8 +38,8 @@ from ppn.runs import atomic_write_text, mark_done
 from ppn.sharding import addressable, is_main_process, make_mesh
 
 SIZES = (0.9, 0.7, 0.5, 0.4, 0.3)
-COLUMNS = ["method", "size", "kept_prunable", "kept_fraction", "kept_total", "perplexity", "eval", "train_tokens",
-           "resize_seconds"]
+COLUMNS = ["method", "size", "kept_prunable", "kept_fraction", "kept_total", "perplexity", "general_perplexity",
+           "eval", "train_tokens", "resize_seconds"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +67,9 @@ class JobConfig:
         train_text, valid_text: a text file or a folder of .txt/.md files
             (`ppn.data.load_text`) to fit on and to measure perplexity on, instead of
             the Shakespeare train and validation splits.
+        general_eval: also measure every row's perplexity on general English
+            (`ppn.data.general_english`, validation split): what the fit did to
+            text unlike the fitting text.
     """
 
     model: str = "smollm2-135m"
@@ -82,6 +85,7 @@ class JobConfig:
     random_weights: bool = False
     train_text: str | None = None
     valid_text: str | None = None
+    general_eval: bool = True
 
 
 def load_job(run_dir: str | os.PathLike) -> JobConfig:
@@ -120,6 +124,27 @@ def load_inputs(source: str, dtype: str = "float32", smoke: bool = False, random
     return model, tokenizer, data.tokenize(train, tokenizer), data.tokenize(valid, tokenizer)
 
 
+def general_tokens(tokenizer, vocab_size: int) -> np.ndarray:
+    """The general-English validation text (`ppn.data.general_english`) as tokens; with
+    no tokenizer (a smoke job, which must not need the network), 2048 random tokens."""
+    if tokenizer is None:
+        return np.random.default_rng(1).integers(0, vocab_size, 4 * 512)
+    return data.tokenize(data.general_english("validation"), tokenizer)
+
+
+def measurer(valid, general, seqlen: int, eval_windows: int | None, progress: bool = True, mesh=None):
+    """model -> {"perplexity": on `valid`, "general_perplexity": on `general`, if given}."""
+    def measure(model: Llama) -> dict:
+        out = {"perplexity": perplexity(model, valid, seqlen=seqlen, max_windows=eval_windows, progress=progress,
+                                        mesh=mesh).perplexity}
+        if general is not None:
+            out["general_perplexity"] = perplexity(model, general, seqlen=seqlen, max_windows=eval_windows,
+                                                   progress=progress, mesh=mesh).perplexity
+        return out
+
+    return measure
+
+
 def run(cfg: JobConfig, progress: bool = True) -> list[dict]:
     """Runs the whole pipeline and returns the result rows (also written to disk)."""
     run_dir = Path(cfg.run_dir)
@@ -130,12 +155,10 @@ def run(cfg: JobConfig, progress: bool = True) -> list[dict]:
     if cfg.fit.teacher not in (None, "start") and tokenizer is not None:
         check_same_tokenizer(tokenizer, load_tokenizer(cfg.fit.teacher), cfg.fit.teacher)
     seqlen = 512 if not cfg.smoke else 64
-
-    def ppl(m):
-        return perplexity(m, valid, seqlen=seqlen, max_windows=cfg.eval_windows, progress=progress, mesh=mesh)
-
+    general = general_tokens(tokenizer, model.config.vocab_size) if cfg.general_eval else None
+    measure = measurer(valid, general, seqlen, cfg.eval_windows, progress, mesh)
     mode = eval_mode(cfg.eval_windows)
-    dense_ppl = ppl(model).perplexity
+    dense_measured = measure(model)
 
     fit_start = time.perf_counter()
     result = fit(model, train, cfg.fit, run_dir=run_dir, progress=progress, mesh=mesh, heldout=valid)
@@ -148,8 +171,8 @@ def run(cfg: JobConfig, progress: bool = True) -> list[dict]:
         save_model(fitted, run_dir / "model", tokenizer=tokenizer, overwrite=True)
         _posterior_outputs(plan, result.metrics, run_dir)
 
-    rows = size_rows(model, result.model, plan, ppl, cfg.sizes, mode, cfg.fit.train_tokens,
-                     random_floor=cfg.random_floor, dense_perplexity=dense_ppl)
+    rows = size_rows(model, result.model, plan, measure, cfg.sizes, mode, cfg.fit.train_tokens,
+                     random_floor=cfg.random_floor, dense_measured=dense_measured)
     for r in rows:
         r["fit_seconds"] = fit_seconds if r["train_tokens"] else 0.0
     results = Path(cfg.results) if cfg.results else run_dir / "results.json"
@@ -180,40 +203,39 @@ def eval_mode(eval_windows: int | None) -> str:
     return "quick" if eval_windows == 64 else ("full" if eval_windows is None else f"{eval_windows} windows")
 
 
-def size_rows(dense: Llama, fitted: Llama, plan: Plan, ppl: Callable[[Llama], object], sizes: tuple[float, ...],
+def size_rows(dense: Llama, fitted: Llama, plan: Plan, measure: Callable[[Llama], dict], sizes: tuple[float, ...],
               mode: str, train_tokens: int, random_floor: bool = True,
-              dense_perplexity: float | None = None) -> list[dict]:
+              dense_measured: dict | None = None) -> list[dict]:
     """The main job's table: the dense model, the fitted one unpruned, and at each
     size the fitted model cut by `plan` (with its resize time) and, with
     `random_floor`, cut to a random structure of that size.
 
     Args:
         dense, fitted: the model before and after the fit.
-        ppl: model -> `ppn.evaluate.Perplexity` on the validation tokens.
+        measure: model -> the row's perplexity columns (`measurer`).
         mode: the evaluation's name in the rows ("quick", "full").
         train_tokens: tokens the fit saw.
-        dense_perplexity: the dense model's, if already measured.
+        dense_measured: `measure(dense)`, if already measured.
     """
     total, prunable = dense.config.num_params(), dense.config.num_prunable_params()
     rows = [{"method": "dense", "size": 1.0, "kept_prunable": prunable, "kept_fraction": 1.0, "kept_total": total,
-             "perplexity": dense_perplexity or ppl(dense).perplexity, "eval": mode, "train_tokens": 0},
+             **(dense_measured or measure(dense)), "eval": mode, "train_tokens": 0},
             {"method": "ppn (fitted weights, unpruned)", "size": 1.0, "kept_prunable": prunable,
-             "kept_fraction": 1.0, "kept_total": total, "perplexity": ppl(fitted).perplexity,
-             "eval": mode, "train_tokens": train_tokens}]
+             "kept_fraction": 1.0, "kept_total": total, **measure(fitted), "eval": mode, "train_tokens": train_tokens}]
     for size in sizes:
         start = time.perf_counter()
         pruned = prune(fitted, plan, size)
         resize = time.perf_counter() - start
         kept = pruned.config.num_prunable_params()
         rows.append({"method": "ppn", "size": size, "kept_prunable": kept, "kept_fraction": kept / prunable,
-                     "kept_total": pruned.config.num_params(), "perplexity": ppl(pruned).perplexity, "eval": mode,
+                     "kept_total": pruned.config.num_params(), **measure(pruned), "eval": mode,
                      "train_tokens": train_tokens, "resize_seconds": resize})
         if random_floor:
             rand = prune(fitted, structured_keep(fitted, "random", size, units=plan.units, seed=0))
             kept = rand.config.num_prunable_params()
             rows.append({"method": "random structure (same weights)", "size": size, "kept_prunable": kept,
                          "kept_fraction": kept / prunable, "kept_total": rand.config.num_params(),
-                         "perplexity": ppl(rand).perplexity, "eval": mode, "train_tokens": train_tokens})
+                         **measure(rand), "eval": mode, "train_tokens": train_tokens})
     return rows
 
 
