@@ -86,6 +86,11 @@ class FitConfig:
             and input scales of sub-layers (`ppn.bayes.rescale_factors`), folded
             into the weights when the model is cut.
         lr_rescale: Adam learning rate of the rescaling exponents.
+        anchor_sd: the standard deviation of a Gaussian prior on every trained
+            weight centred at its starting (pretrained) value, to keep what the
+            model knew beyond the fitting text; its gradient, (w - w0) /
+            anchor_sd^2, joins the likelihood's before clipping and Adam
+            (`ppn.svi.pull_to_start`). None = a flat prior (no anchor).
         constraint: "offset" (push offset: expected size = rho exactly at every
             step) or "lagrange" (gradient-ascended multipliers; ppn/METHOD.md's
             alternative, kept for comparison).
@@ -129,6 +134,7 @@ class FitConfig:
     teacher_dtype: str | None = None
     rescale: bool = False
     lr_rescale: float = 2e-3
+    anchor_sd: float | None = None
     constraint: str = "offset"
     data_tokens: int | None = None
     checkpoint_every: int = 25
@@ -175,6 +181,9 @@ class FitConfig:
                              f"(teacher={self.teacher!r}, teacher_weight={self.teacher_weight})")
         if not self.teacher_temperature > 0:
             raise ValueError(f"teacher_temperature must be positive, got {self.teacher_temperature}")
+        if self.anchor_sd is not None and not (self.anchor_sd > 0 and self.train_weights):
+            raise ValueError(f"anchor_sd must be positive and needs train_weights, got {self.anchor_sd} "
+                             f"(train_weights={self.train_weights})")
         if self.teacher_dtype not in (None, "float32", "bfloat16"):
             raise ValueError(f"teacher_dtype must be float32 or bfloat16, got {self.teacher_dtype!r}")
 

@@ -301,7 +301,8 @@ class _GatherWeights(numpyro.primitives.Messenger):
 def _optimizer(cfg: FitConfig):
     """Adam with separate learning rates: network weights, gate variational
     parameters, and the rescaling exponents (`rescale_<kind>`)."""
-    weights = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(cfg.lr_weights))
+    anchor = () if cfg.anchor_sd is None else (pull_to_start(cfg.anchor_sd ** -2),)
+    weights = optax.chain(*anchor, optax.clip_by_global_norm(1.0), optax.adam(cfg.lr_weights))
 
     def label(name):
         return "weights" if name == WEIGHTS_SITE else "rescale" if name.startswith("rescale_") else "gates"
@@ -310,6 +311,23 @@ def _optimizer(cfg: FitConfig):
         {"weights": weights, "gates": optax.adam(cfg.lr_gates), "rescale": optax.adam(cfg.lr_rescale)},
         lambda params: {k: label(k) for k in params})
     return numpyro.optim.optax_to_numpyro(tx)
+
+
+def pull_to_start(precision: float) -> optax.GradientTransformation:
+    """The gradient of a Gaussian prior N(w0, 1 / precision) on every weight, added
+    to the loss gradient: precision * (w - w0), with w0 the weights the optimiser
+    started from. w0 lives in the optimiser state (sharded like the weights), so
+    a resumed fit pulls toward the same values. The logged ELBO leaves this
+    prior's constant-free log density, -precision/2 |w - w0|^2, out."""
+    def init(params):
+        return jax.tree.map(jnp.copy, params)
+
+    def update(updates, start, params=None):
+        if params is None:
+            raise ValueError("pull_to_start needs the parameters in update()")
+        return jax.tree.map(lambda g, w, w0: g + precision * (w - w0), updates, params, start), start
+
+    return optax.GradientTransformation(init, update)
 
 
 def _teacher_logits(graphdef, mesh: Mesh | None, teacher, batch: jax.Array):

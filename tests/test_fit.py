@@ -72,6 +72,29 @@ def test_fit_trains_weights_and_can_freeze_them(fitted):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_pull_to_start_adds_the_gradient_of_a_gaussian_prior_at_the_starting_weights():
+    from ppn.svi import pull_to_start
+
+    tx = pull_to_start(4.0)
+    start = {"w": jnp.array([1.0, -2.0])}
+    state = tx.init(start)
+    grads, moved = {"w": jnp.array([0.5, 0.5])}, {"w": jnp.array([1.5, -3.0])}
+    updates, state = tx.update(grads, state, moved)
+    np.testing.assert_allclose(updates["w"], [0.5 + 4.0 * 0.5, 0.5 - 4.0 * 1.0])
+    np.testing.assert_array_equal(state["w"], start["w"])  # w0 stays the starting weights
+
+
+def test_an_anchored_fit_stays_closer_to_the_starting_weights():
+    def distance(result):
+        start = jax.tree.leaves(nnx.state(tiny_model(), nnx.Param))
+        return sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(start, jax.tree.leaves(nnx.state(result.model,
+                                                                                                   nnx.Param))))
+    cfg = smoke_fit_config(steps=4, lr_weights=1e-2)
+    free = fit(tiny_model(), TOKENS, cfg, progress=False)
+    anchored = fit(tiny_model(), TOKENS, smoke_fit_config(steps=4, lr_weights=1e-2, anchor_sd=1e-3), progress=False)
+    assert distance(anchored) < 0.5 * distance(free)
+
+
 def test_non_finite_weights_are_reported_before_training(tmp_path):
     model = tiny_model()
     model.embed[...] = jnp.full_like(model.embed[...], jnp.nan)
@@ -124,6 +147,7 @@ def test_sizes_per_sequence_sandwich_and_targets():
     (dict(teacher="start"), "teacher_weight > 0"), (dict(teacher_weight=0.5), "needs a teacher"),
     (dict(sandwich=True, batch_size=2), "sandwich needs batch_size"), (dict(size_sampling="token"), "size_sampling"),
     (dict(teacher="start", teacher_weight=0.5, teacher_temperature=0.0), "teacher_temperature"),
+    (dict(anchor_sd=0.0), "anchor_sd must be positive"), (dict(anchor_sd=0.1, train_weights=False), "train_weights"),
 ])
 def test_bad_quality_options_are_refused(overrides, match):
     with pytest.raises(ValueError, match=match):
