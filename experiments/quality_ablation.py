@@ -34,8 +34,8 @@ VARIANTS = {
     "combined_lr3e-4": dict(teacher="start", teacher_weight=0.5, size_sampling="sequence", sandwich=True,
                             rescale=True, lr_weights=3e-4),
     # the same with the weights anchored at their pretrained values (keeps general ability?)
-    "combined_lr3e-4_anchor3e-3": dict(teacher="start", teacher_weight=0.5, size_sampling="sequence", sandwich=True,
-                                       rescale=True, lr_weights=3e-4, anchor_sd=3e-3),
+    "combined_lr3e-4_anchor5e-3": dict(teacher="start", teacher_weight=0.5, size_sampling="sequence", sandwich=True,
+                                       rescale=True, lr_weights=3e-4, anchor_sd=5e-3),
 }
 
 
