@@ -78,7 +78,7 @@ class Plan(Posterior):
             "group_width": self.units.group_width,
             "prior": self.prior,
             "sites": {k: {"loc": _short(s.loc), "scale": _short(s.scale), "positive": s.positive}
-                      for k, s in self.sites.items()},
+                      | ({} if s.factor is None else {"factor": _short(s.factor)}) for k, s in self.sites.items()},
             "gates": self.summary(),
             "meta": self.meta,
         } | ({} if self.rescale is None else {"rescale": {k: _short(v) for k, v in self.rescale.items()}})
@@ -112,7 +112,8 @@ class Plan(Posterior):
                 raise ValueError(f"format is {doc.get('format')!r}, expected {PLAN_FORMAT!r}")
             units = Units(LlamaConfig.from_hf(doc["config"]), int(doc["group_width"]))
             sites = {k: Site(np.asarray(v["loc"], np.float32), np.asarray(v["scale"], np.float32),
-                             bool(v["positive"])) for k, v in doc["sites"].items()}
+                             bool(v["positive"]), None if "factor" not in v else np.asarray(v["factor"], np.float32))
+                     for k, v in doc["sites"].items()}
             rescale = doc.get("rescale")
             if rescale is not None:
                 rescale = {k: np.asarray(v, np.float32) for k, v in rescale.items()}
@@ -133,6 +134,14 @@ class Plan(Posterior):
                     raise ValueError(f"site {k!r} has shape {s.loc.shape}, expected {shapes[k]}")
                 if not (np.all(np.isfinite(s.loc)) and np.all(s.scale >= 0)):  # 0: a MAP plan's point mass
                     raise ValueError(f"site {k!r} has non-finite locations or negative scales")
+            ranks = {s.factor.shape[-1:] for s in sites.values() if s.factor is not None}
+            for k, s in sites.items():
+                if s.factor is not None and (s.factor.shape[:-1] != shapes[k] or len(ranks) > 1
+                                             or not np.all(np.isfinite(s.factor))):
+                    raise ValueError(f"site {k!r} has a low-rank factor of shape {s.factor.shape} (expected "
+                                     f"{shapes[k]} + (rank,), one rank for every site) or non-finite values")
+            if ranks and any(s.factor is None for s in sites.values()):
+                raise ValueError("some sites have a low-rank factor and some do not")
         # A hand-edited config can fail deep in LlamaConfig (an attribute of a wrong
         # type, a zero head count); all of it is the file's fault, named as such.
         except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as e:

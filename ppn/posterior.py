@@ -1,8 +1,8 @@
 """The fitted posterior over the push function, and what it says without weights.
 
 A fit's guide is a Normal over every latent site of the prior in unconstrained
-space: mean-field (AutoNormal), or low-rank, of which each site's marginal is
-kept. Pushed through the prior (`ppn.priors.PRIORS`), its draws give every gate's
+space: mean-field (AutoNormal), low-rank (its factor kept, so draws keep the
+correlations between sites), or a point (AutoDelta, zero scale). Pushed through the prior (`ppn.priors.PRIORS`), its draws give every gate's
 intercept alpha_g and slope beta_g, hence its logit eta_g(rho) = alpha_g +
 beta_g * logit(rho) at any size rho (before the push offset, which shifts all
 gates alike). From a `Posterior`:
@@ -47,16 +47,28 @@ RANKING_DRAWS = 256
 
 @dataclasses.dataclass(frozen=True)
 class Site:
-    """The guide's Normal over one latent site, in unconstrained space.
+    """The guide's Normal over one latent site, in unconstrained space:
+    u = loc + factor @ e + scale * n, with n (the site's shape) and e (K,)
+    standard Normal, e shared by every site of a low-rank guide.
 
     Attributes:
-        loc, scale: arrays of the site's shape.
+        loc, scale: arrays of the site's shape (scale: the diagonal part).
         positive: whether the site's support is positive (mapped through exp).
+        factor: the site's rows of a low-rank guide's covariance factor, shape
+            (*loc.shape, K), or None (mean-field).
     """
 
     loc: np.ndarray
     scale: np.ndarray
     positive: bool
+    factor: np.ndarray | None = None
+
+    @property
+    def sd(self) -> np.ndarray:
+        """The marginal standard deviation, of the site's shape."""
+        if self.factor is None:
+            return self.scale
+        return np.sqrt(self.scale ** 2 + (self.factor ** 2).sum(-1))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -80,13 +92,14 @@ class Posterior:
     def from_guide_params(cls, units: Units, prior: str, guide_params: dict[str, np.ndarray]):
         """Builds the posterior from AutoNormal parameters (`<site>_auto_loc`, `<site>_auto_scale`),
         from AutoLowRankMultivariateNormal ones (`auto_loc`, `auto_cov_factor`,
-        `auto_scale`), of which it keeps each site's marginal Normal (the ranking
-        uses medians, which marginals keep exactly; draws lose the correlations
-        between sites), or from AutoDelta ones (`<site>_auto_loc` alone: the MAP
-        point, a Normal of zero scale). Rescaling exponents come from `rescale_<kind>`."""
+        `auto_scale`: each site keeps its rows of the factor), or from AutoDelta
+        ones (`<site>_auto_loc` alone: the MAP point, a Normal of zero scale).
+        Rescaling exponents come from `rescale_<kind>`."""
         supports = prior_supports(units, prior)
+        rescale = ({k: np.asarray(guide_params[f"rescale_{k}"], np.float32) for k in RESCALE_KINDS}
+                   if "rescale_head" in guide_params else None)
         if "auto_loc" in guide_params:
-            guide_params = _lowrank_marginals(units, prior, guide_params)
+            return cls(units, prior, _lowrank_sites(units, prior, supports, guide_params), rescale)
         sites = {}
         for name, positive in supports.items():
             if f"{name}_auto_loc" not in guide_params:
@@ -98,18 +111,13 @@ class Posterior:
             else:  # AutoDelta: the MAP point, kept in constrained space, as a Normal of zero scale
                 loc, scale = (np.log(loc) if positive else loc), np.zeros_like(loc)
             sites[name] = Site(loc, scale, positive)
-        rescale = ({k: np.asarray(guide_params[f"rescale_{k}"], np.float32) for k in RESCALE_KINDS}
-                   if "rescale_head" in guide_params else None)
         return cls(units, prior, sites, rescale)
 
     # ----------------------------------------------------------------- draws
     def draws(self, num_samples: int, seed: int = 0) -> tuple[dict, dict]:
         """Posterior draws of every gate's alpha and beta: dicts by kind of arrays (S, ...)."""
-        keys = jax.random.split(jax.random.PRNGKey(seed), len(self.sites))
-        latents = {}
-        for key, (name, site) in zip(keys, sorted(self.sites.items())):
-            u = site.loc + site.scale * jax.random.normal(key, (num_samples,) + site.loc.shape)
-            latents[name] = biject_to(constraints.positive)(u) if site.positive else u
+        latents = {name: biject_to(constraints.positive)(u) if self.sites[name].positive else u
+                   for name, u in self.latent_draws(num_samples, seed).items()}
 
         def one(values):
             with numpyro.handlers.seed(rng_seed=0), numpyro.handlers.substitute(data=values):
@@ -117,6 +125,20 @@ class Posterior:
 
         alpha, beta = jax.vmap(one)(latents)
         return ({k: np.asarray(v) for k, v in alpha.items()}, {k: np.asarray(v) for k, v in beta.items()})
+
+    def latent_draws(self, num_samples: int, seed: int = 0) -> dict[str, np.ndarray]:
+        """Draws of the guide in unconstrained space, by site (S, *site shape); a
+        low-rank guide's sites share their factor's draw, so they keep its correlations."""
+        keys = jax.random.split(jax.random.PRNGKey(seed), len(self.sites) + 1)
+        rank = max((s.factor.shape[-1] for s in self.sites.values() if s.factor is not None), default=0)
+        shared = np.asarray(jax.random.normal(keys[-1], (num_samples, rank)))  # e, shared by every site
+        out = {}
+        for key, (name, site) in zip(keys, sorted(self.sites.items())):
+            u = site.loc + site.scale * np.asarray(jax.random.normal(key, (num_samples,) + site.loc.shape))
+            if site.factor is not None:
+                u = u + np.einsum("...k,sk->s...", site.factor, shared)
+            out[name] = u
+        return out
 
     @functools.cached_property
     def _ranking_draws(self) -> tuple[dict, dict]:
@@ -288,21 +310,22 @@ def prior_shapes(units: Units, prior: str) -> dict[str, tuple]:
     return {n: tuple(np.shape(s["value"])) for n, s in _prior_trace(units, prior).items() if s["type"] == "sample"}
 
 
-def _lowrank_marginals(units: Units, prior: str, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Per-site `<site>_auto_loc` / `_auto_scale` of a low-rank guide's marginals.
+def _lowrank_sites(units: Units, prior: str, supports: dict[str, bool], params: dict) -> dict[str, Site]:
+    """The sites of a low-rank guide, each with its rows of the factor.
 
     The guide's latent vector (D,) concatenates the sites in the model's trace
-    order; its covariance is diag(s) (W W^T + I) diag(s) with W (D, rank) the
-    cov_factor and s the scale, so a coordinate's marginal sd is s_i sqrt(1 + |W_i|^2).
+    order; its covariance is diag(s) (W W^T + I) diag(s) with W (D, K) the
+    cov_factor and s the scale, i.e. u = loc + diag(s) W e + s * n: a site's
+    factor is its rows of diag(s) W and its scale its part of s.
     """
-    loc = np.asarray(params["auto_loc"], np.float64)
-    w, s = np.asarray(params["auto_cov_factor"], np.float64), np.asarray(params["auto_scale"], np.float64)
-    sd = s * np.sqrt(1.0 + (w ** 2).sum(-1))
+    loc = np.asarray(params["auto_loc"], np.float32)
+    w, s = np.asarray(params["auto_cov_factor"], np.float32), np.asarray(params["auto_scale"], np.float32)
     out, start = {}, 0
     for name, shape in prior_shapes(units, prior).items():
         n = int(np.prod(shape))
-        out[f"{name}_auto_loc"] = loc[start:start + n].reshape(shape)
-        out[f"{name}_auto_scale"] = sd[start:start + n].reshape(shape)
+        part = slice(start, start + n)
+        out[name] = Site(loc[part].reshape(shape), s[part].reshape(shape), supports[name],
+                         (s[part, None] * w[part]).reshape(shape + (w.shape[-1],)))
         start += n
     if start != loc.size:
         raise ValueError(f"low-rank guide has {loc.size} latent values; the {prior!r} prior has {start}")

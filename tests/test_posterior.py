@@ -16,6 +16,7 @@ from ppn.plan import Plan
 from ppn import bayes
 from ppn.posterior import CROSSING_GRID, Posterior, crossing_sizes
 from ppn.testing import random_plan, smoke_fit_config, tiny_config, tiny_model, tiny_tokens
+from ppn.units import Units
 
 TOKENS = tiny_tokens()
 SMALL = smoke_fit_config()
@@ -57,8 +58,31 @@ def test_lowrank_guide_gives_a_plan_of_its_marginals():
     for name, site in plan.sites.items():
         expected = np.log(medians[name]) if site.positive else medians[name]
         np.testing.assert_allclose(site.loc, expected, rtol=1e-5, atol=1e-5, err_msg=name)
-        assert np.all(site.scale > 0)
+        assert np.all(site.scale > 0) and site.factor.shape == site.loc.shape + (result.guide_params[
+            "auto_cov_factor"].shape[-1],)
     assert plan.keep(0.5).num_params() <= plan.units.budget(0.5)
+
+
+def test_a_lowrank_plan_keeps_the_guide_covariance_through_its_file(tmp_path):
+    """Draws of the plan's latents (unconstrained, in the guide's site order) have the
+    guide's covariance diag(s) (W W^T + I) diag(s), also after a save and load."""
+    from ppn.posterior import prior_shapes
+
+    units = Units(tiny_config(num_layers=2), 16)
+    dim = sum(int(np.prod(v)) for v in prior_shapes(units, "hierarchical").values())
+    rng = np.random.default_rng(0)
+    params = {"auto_loc": rng.normal(0, 1, dim), "auto_scale": rng.uniform(0.1, 0.5, dim),
+              "auto_cov_factor": rng.normal(0, 1, (dim, 2))}
+    plan = Plan.from_guide_params(units, "hierarchical", params)
+    loaded = Plan.load(plan.save(tmp_path / "plan.json"))
+    s, w = params["auto_scale"], params["auto_cov_factor"]
+    expected = s[:, None] * (w @ w.T + np.eye(dim)) * s[None, :]
+    for p in (plan, loaded):
+        draws = p.latent_draws(40_000, seed=3)
+        flat = np.concatenate([draws[n].reshape(40_000, -1) for n in prior_shapes(units, "hierarchical")], 1)
+        np.testing.assert_allclose(np.cov(flat.T), expected, atol=0.05 * np.abs(expected).max())
+        np.testing.assert_allclose(np.concatenate([p.sites[n].sd.ravel() for n in prior_shapes(units, "hierarchical")]),
+                                   np.sqrt(np.diag(expected)), rtol=2e-3)
 
 
 def test_synthetic_recovery_useless_units_are_dropped_first():
