@@ -58,9 +58,10 @@ class Plan(Posterior):
     # -------------------------------------------------------------- creation
     @classmethod
     def from_guide_params(cls, units: Units, prior: str, guide_params: dict[str, np.ndarray],
-                          meta: dict[str, Any] | None = None) -> Plan:
+                          guide: str | None = None, meta: dict[str, Any] | None = None) -> Plan:
         """`Posterior.from_guide_params` with provenance `meta`."""
-        return dataclasses.replace(super().from_guide_params(units, prior, guide_params), meta=dict(meta or {}))
+        return dataclasses.replace(super().from_guide_params(units, prior, guide_params, guide),
+                                   meta=dict(meta or {}))
 
     @classmethod
     def from_fit(cls, result, meta: dict[str, Any] | None = None) -> Plan:
@@ -68,7 +69,7 @@ class Plan(Posterior):
         cfg = result.config
         info = {"fit": dataclasses.asdict(cfg), "train_tokens": cfg.train_tokens,
                 "nonfinite_steps": result.nonfinite_steps} | dict(meta or {})
-        return cls.from_guide_params(result.units, cfg.prior, result.guide_params, info)
+        return cls.from_guide_params(result.units, cfg.prior, result.guide_params, cfg.guide, info)
 
     # --------------------------------------------------------------- file I/O
     def to_json(self) -> dict:

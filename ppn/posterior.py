@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,9 @@ from numpyro.distributions import biject_to, constraints
 from ppn import bayes, priors
 from ppn.gates import STRETCH_HI, STRETCH_LO
 from ppn.units import KINDS, RESCALE_KINDS, Units
+
+SITE_READERS: dict[str, Callable] = {}
+"""Readers of registered guides' parameters into sites (`ppn.svi.register_guide`)."""
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 # Draws behind `median_logits`, fixed (seed 0) so that a posterior always ranks alike.
@@ -89,22 +93,28 @@ class Posterior:
     rescale: dict[str, np.ndarray] | None = None
 
     @classmethod
-    def from_guide_params(cls, units: Units, prior: str, guide_params: dict[str, np.ndarray]):
+    def from_guide_params(cls, units: Units, prior: str, guide_params: dict[str, np.ndarray],
+                          guide: str | None = None):
         """Builds the posterior from AutoNormal parameters (`<site>_auto_loc`, `<site>_auto_scale`),
         from AutoLowRankMultivariateNormal ones (`auto_loc`, `auto_cov_factor`,
         `auto_scale`: each site keeps its rows of the factor), or from AutoDelta
         ones (`<site>_auto_loc` alone: the MAP point, a Normal of zero scale).
-        Rescaling exponents come from `rescale_<kind>`."""
+        Rescaling exponents come from `rescale_<kind>`. A guide registered with
+        its own reader (`ppn.svi.register_guide`) is read by it when `guide` names it."""
         supports = prior_supports(units, prior)
         rescale = ({k: np.asarray(guide_params[f"rescale_{k}"], np.float32) for k in RESCALE_KINDS}
                    if "rescale_head" in guide_params else None)
-        if "auto_loc" in guide_params:
-            return cls(units, prior, _lowrank_sites(units, prior, supports, guide_params), rescale)
+        if guide in SITE_READERS:
+            return cls(units, prior, SITE_READERS[guide](units, prior, guide_params), rescale)
+        if "auto_cov_factor" in guide_params:
+            return cls(units, prior, flat_sites(units, prior, guide_params["auto_loc"], guide_params["auto_scale"],
+                                                guide_params["auto_cov_factor"]), rescale)
         sites = {}
         for name, positive in supports.items():
             if f"{name}_auto_loc" not in guide_params:
                 raise ValueError(f"guide parameters lack site {name!r} of the {prior!r} prior; "
-                                 "plans are built from an AutoNormal, low-rank or AutoDelta guide")
+                                 "plans read AutoNormal, low-rank and AutoDelta guides, and guides registered "
+                                 "with a reader (ppn.svi.register_guide)")
             loc = np.asarray(guide_params[f"{name}_auto_loc"], np.float32)
             if f"{name}_auto_scale" in guide_params:
                 scale = np.asarray(guide_params[f"{name}_auto_scale"], np.float32)
@@ -310,23 +320,21 @@ def prior_shapes(units: Units, prior: str) -> dict[str, tuple]:
     return {n: tuple(np.shape(s["value"])) for n, s in _prior_trace(units, prior).items() if s["type"] == "sample"}
 
 
-def _lowrank_sites(units: Units, prior: str, supports: dict[str, bool], params: dict) -> dict[str, Site]:
-    """The sites of a low-rank guide, each with its rows of the factor.
-
-    The guide's latent vector (D,) concatenates the sites in the model's trace
-    order; its covariance is diag(s) (W W^T + I) diag(s) with W (D, K) the
-    cov_factor and s the scale, i.e. u = loc + diag(s) W e + s * n: a site's
-    factor is its rows of diag(s) W and its scale its part of s.
+def flat_sites(units: Units, prior: str, loc, scale, factor=None) -> dict[str, Site]:
+    """The sites of a guide over one flat latent vector (D,), in the prior's trace
+    order (`prior_shapes`): a diagonal Normal (loc, scale), or a low-rank one whose
+    covariance is diag(s) (W W^T + I) diag(s), W = `factor` (D, K), s = `scale`,
+    i.e. u = loc + diag(s) W e + s * n: a site's factor is its rows of diag(s) W.
     """
-    loc = np.asarray(params["auto_loc"], np.float32)
-    w, s = np.asarray(params["auto_cov_factor"], np.float32), np.asarray(params["auto_scale"], np.float32)
+    loc, scale = np.asarray(loc, np.float32), np.asarray(scale, np.float32)
+    w = None if factor is None else np.asarray(factor, np.float32)
+    supports = prior_supports(units, prior)
     out, start = {}, 0
     for name, shape in prior_shapes(units, prior).items():
-        n = int(np.prod(shape))
-        part = slice(start, start + n)
-        out[name] = Site(loc[part].reshape(shape), s[part].reshape(shape), supports[name],
-                         (s[part, None] * w[part]).reshape(shape + (w.shape[-1],)))
-        start += n
+        part = slice(start, start + int(np.prod(shape)))
+        rows = None if w is None else (scale[part, None] * w[part]).reshape(shape + (w.shape[-1],))
+        out[name] = Site(loc[part].reshape(shape), scale[part].reshape(shape), supports[name], rows)
+        start = part.stop
     if start != loc.size:
-        raise ValueError(f"low-rank guide has {loc.size} latent values; the {prior!r} prior has {start}")
+        raise ValueError(f"the guide has {loc.size} latent values; the {prior!r} prior has {start}")
     return out

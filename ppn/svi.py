@@ -50,7 +50,40 @@ if TYPE_CHECKING:
 WEIGHTS_SITE = "llama$params"
 """The NumPyro param site of the network weights (a dict of arrays) when they are trained."""
 
-GUIDES = {"normal": AutoNormal, "lowrank": AutoLowRankMultivariateNormal, "delta": AutoDelta}
+def _point(model, init_loc_fn=None, init_scale=None) -> AutoDelta:
+    """AutoDelta (a point, MAP), taking the common guide arguments; a point has no scale."""
+    return AutoDelta(model) if init_loc_fn is None else AutoDelta(model, init_loc_fn=init_loc_fn)
+
+
+GUIDES: dict[str, Callable[..., AutoGuide]] = {
+    "normal": AutoNormal, "lowrank": AutoLowRankMultivariateNormal, "delta": _point}
+"""Guide factories by `FitConfig.guide` name: (model, init_loc_fn=, init_scale=) -> an
+autoguide. Add one with `register_guide`."""
+
+
+def register_guide(name: str, make: Callable[..., AutoGuide], read_sites: Callable | None = None) -> None:
+    """Makes a guide available as `FitConfig(guide=name)`, for fits and their plans.
+
+    Args:
+        name: the new guide's name.
+        make: (model, init_loc_fn=, init_scale=) -> a numpyro autoguide (a
+            numpyro.infer.autoguide class fits as it is).
+        read_sites: (units, prior, guide params) -> {latent site: `ppn.posterior.Site`},
+            how a plan reads the fitted guide (`ppn.posterior.flat_sites` helps with
+            guides over one flat vector); None when its parameters are per-site
+            `<site>_auto_loc` / `<site>_auto_scale`, as AutoNormal's. Plan files
+            store the sites themselves, so `Plan.load` needs no registration.
+
+    Raises:
+        ValueError: the name is taken.
+    """
+    from ppn import posterior
+
+    if name in GUIDES:
+        raise ValueError(f"a guide named {name!r} is registered already")
+    GUIDES[name] = make
+    if read_sites is not None:
+        posterior.SITE_READERS[name] = read_sites
 
 DIAGNOSTIC_SIZES = (0.3, 0.5, 0.7, 0.9)
 """The fixed sizes at which `diagnose` estimates the held-out ELBO."""
@@ -259,8 +292,7 @@ def _svi(model: Llama, units: Units, tokens: np.ndarray, cfg: FitConfig, mesh: M
     if mesh is not None:
         model_fn = _GatherWeights(model_fn, mesh)
     start = guide_start(model, units, tokens, cfg, mesh)
-    scale = {} if cfg.guide == "delta" else {"init_scale": cfg.guide_init_scale}  # a point mass has no scale
-    guide = GUIDES[cfg.guide](model_fn, init_loc_fn=init_to_values(values=start), **scale)
+    guide = GUIDES[cfg.guide](model_fn, init_loc_fn=init_to_values(values=start), init_scale=cfg.guide_init_scale)
     return SVI(model_fn, guide, _optimizer(cfg), Trace_ELBO())
 
 

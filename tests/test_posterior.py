@@ -85,6 +85,36 @@ def test_a_lowrank_plan_keeps_the_guide_covariance_through_its_file(tmp_path):
                                    np.sqrt(np.diag(expected)), rtol=2e-3)
 
 
+def test_a_guide_a_user_registers_fits_and_its_plan_loads(tmp_path):
+    """AutoDiagonalNormal (one flat vector) registered with a reader: the fit runs,
+    the plan holds the guide's medians and round-trips through its file."""
+    from numpyro.infer.autoguide import AutoDiagonalNormal
+
+    from ppn import posterior, svi
+
+    def read(units, prior, params):
+        return posterior.flat_sites(units, prior, params["auto_loc"], params["auto_scale"])
+
+    svi.register_guide("diagonal", AutoDiagonalNormal, read)
+    try:
+        with pytest.raises(ValueError, match="'diagonal' is registered already"):
+            svi.register_guide("diagonal", AutoDiagonalNormal)
+        result = fit(tiny_model(), TOKENS, FitConfig(**{**SMALL.__dict__, "steps": 2, "guide": "diagonal"}),
+                     progress=False)
+        plan = Plan.from_fit(result)
+        flat_loc = np.concatenate([plan.sites[n].loc.ravel() for n in posterior.prior_shapes(plan.units, plan.prior)])
+        np.testing.assert_allclose(flat_loc, result.guide_params["auto_loc"], rtol=1e-6)
+        loaded = Plan.load(plan.save(tmp_path / "plan.json"))
+        assert loaded.keep(0.5) == plan.keep(0.5)
+        with pytest.raises(ValueError, match="registered with a reader"):  # read as AutoNormal, it is not one
+            Plan.from_guide_params(plan.units, plan.prior, result.guide_params)
+    finally:
+        svi.GUIDES.pop("diagonal", None)
+        posterior.SITE_READERS.pop("diagonal", None)
+    with pytest.raises(ValueError, match="unknown guide 'diagonal'"):
+        FitConfig(guide="diagonal")
+
+
 def test_synthetic_recovery_useless_units_are_dropped_first():
     """Units whose weights are zero contribute nothing; the fit must rank them last."""
     teacher = tiny_model(seed=7, num_kv_heads=4)
