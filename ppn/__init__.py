@@ -12,7 +12,7 @@ The data flow, one module per step:
     fit          fit, FitConfig                            (SVI with the network weights: the run loop)
                  svi: init_fit, fit_step (one jitted step); start: the guide's starting values, the teacher;
                  runs: RunFolder, read_metrics (config.json, metrics.jsonl, checkpoints)
-    posterior    Posterior                                 (the guide's posterior: draws, summaries, ArviZ)
+    posterior    Posterior, inference_data                 (the guide's posterior: draws, summaries, ArviZ)
     plan         Plan                                      (posterior + provenance in a file: size -> structure)
     prune        prune, load_pruned                        (the smaller dense model, in memory or from disk)
     evaluate     perplexity;  generate: generate;  speed: throughput
@@ -28,7 +28,7 @@ from ppn.generate import generate
 from ppn.models.config import LayerShape, LlamaConfig, RopeScaling
 from ppn.models.llama import KVCache, Llama
 from ppn.plan import Plan
-from ppn.posterior import Posterior
+from ppn.posterior import Posterior, inference_data
 from ppn.prune import load_pruned, prune
 from ppn.speculative import SpeculativeResult, speculative_generate
 from ppn.units import KeepSet, Units
@@ -36,6 +36,6 @@ from ppn.units import KeepSet, Units
 __all__ = [
     "FitConfig", "FitResult", "KVCache", "KeepSet", "LayerShape", "Llama", "LlamaConfig", "Plan", "Posterior",
     "RopeScaling", "SpeculativeResult", "Units", "choose_draft", "count_params", "draft_from_plan", "fit",
-    "from_pretrained", "generate", "load_model", "load_pruned", "load_tokenizer", "perplexity", "prune", "save_model",
+    "from_pretrained", "generate", "inference_data", "load_model", "load_pruned", "load_tokenizer", "perplexity", "prune", "save_model",
     "save_pretrained", "speculative_generate",
 ]

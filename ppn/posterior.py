@@ -205,27 +205,73 @@ class Posterior:
         attrs say so). The prior group lets `az.plot_dist_comparison` show how far
         the data moved each quantity.
         """
-        import arviz as az
-
         alpha, beta = self.draws(num_samples, seed)
-        crossing = crossing_sizes(self.units, alpha, beta, temperature)
-        with numpyro.handlers.seed(rng_seed=seed):
-            prior_alpha, prior_beta = jax.vmap(lambda _: priors.get_prior(self.prior)(self.units))(
-                jnp.arange(num_samples))
-        dims = {"attn_layer": ["layer"], "mlp_layer": ["layer"], "head": ["layer", "head"],
-                "mlp_group": ["layer", "group"]}
+        return _arviz(self.units, self.prior, alpha, beta, seed, temperature)
 
-        def group(**named):
-            return {f"{n}_{k}": np.asarray(v[k])[None] for n, v in named.items() for k in KINDS}
 
-        return az.from_dict(
-            posterior=group(alpha=alpha, beta=beta, crossing=crossing),
-            prior=group(alpha=prior_alpha, beta=prior_beta),
-            dims={f"{n}_{k}": dims[k] for n in ("alpha", "beta", "crossing") for k in KINDS},
-            coords={"layer": np.arange(self.units.num_layers), "head": np.arange(self.units.num_heads),
-                    "group": np.arange(self.units.num_groups)},
-            attrs={"inference": f"variational ({self.prior} prior): independent draws from the guide, one "
-                                "chain; not MCMC, so R-hat and ESS do not apply"})
+def inference_data(result, batch, size: float = 0.5, num_samples: int = 100, seed: int = 0):
+    """A fit at one size as `arviz.InferenceData`, for posterior-predictive checks
+    and `az.loo` / `az.waic` on tokens: every group from the same guide draws.
+
+    Groups: posterior (alpha, beta and crossing sizes by kind, as `to_arviz`),
+    prior, observed_data ("tokens", the batch's next tokens (B, T)),
+    posterior_predictive ("tokens" drawn from the gated network, gates drawn at
+    the fit's final temperature) and log_likelihood ("tokens", each draw's
+    per-token log-likelihood, its gates at their medians). Draws come from the
+    variational guide (one chain), at target size `size`.
+
+    Args:
+        result: a `ppn.fit.FitResult`.
+        batch: int (B, T+1) token windows, ideally held out.
+    """
+    from numpyro.infer import Predictive, log_likelihood
+
+    from ppn import svi
+    from ppn.gates import unflatten
+
+    model, guide, params = svi.model_and_guide(result)
+    temperature = result.config.temperature_end
+    batch = jnp.asarray(batch)
+    key_draw, key_predict = jax.random.split(jax.random.PRNGKey(seed))
+    latents = Predictive(guide, params=params, num_samples=num_samples)(key_draw, batch, size, temperature)
+    drawn = Predictive(model, posterior_samples=latents, return_sites=["tokens", "alpha", "beta"])(
+        key_predict, batch, size, temperature, predict=True)
+    loglik = log_likelihood(model, latents, batch, size, temperature)["tokens"]
+    alpha, beta = ({k: np.asarray(v) for k, v in unflatten(result.units, drawn[n]).items()} for n in ("alpha", "beta"))
+    return _arviz(result.units, result.config.prior, alpha, beta, seed, temperature, guide=result.config.guide,
+                  size=size,
+                  observed_data={"tokens": np.asarray(batch[:, 1:])},
+                  posterior_predictive={"tokens": np.asarray(drawn["tokens"])[None]},
+                  log_likelihood={"tokens": np.asarray(loglik)[None]})
+
+
+def _arviz(units: Units, prior: str, alpha: dict, beta: dict, seed: int, temperature: float,
+           guide: str | None = None, size: float | None = None, **token_groups):
+    """InferenceData of draws of alpha and beta (by kind, (S, ...)), their crossing
+    sizes, the prior's draws, and `token_groups` (arviz group -> {"tokens": array})."""
+    import arviz as az
+
+    num_samples = next(iter(alpha.values())).shape[0]
+    crossing = crossing_sizes(units, alpha, beta, temperature)
+    with numpyro.handlers.seed(rng_seed=seed):
+        prior_alpha, prior_beta = jax.vmap(lambda _: priors.get_prior(prior)(units))(
+            jnp.arange(num_samples))
+    dims = {"attn_layer": ["layer"], "mlp_layer": ["layer"], "head": ["layer", "head"],
+            "mlp_group": ["layer", "group"]}
+
+    def group(**named):
+        return {f"{n}_{k}": np.asarray(v[k])[None] for n, v in named.items() for k in KINDS}
+
+    token_dims = {"tokens": ["sequence", "position"]} if token_groups else {}
+    return az.from_dict(
+        posterior=group(alpha=alpha, beta=beta, crossing=crossing),
+        prior=group(alpha=prior_alpha, beta=prior_beta), **token_groups,
+        dims={f"{n}_{k}": dims[k] for n in ("alpha", "beta", "crossing") for k in KINDS} | token_dims,
+        coords={"layer": np.arange(units.num_layers), "head": np.arange(units.num_heads),
+                "group": np.arange(units.num_groups)},
+        attrs={"inference_library": "numpyro", "inference": "variational: independent draws from the guide, one "
+               "chain; not MCMC, so R-hat and ESS do not apply", "prior": prior,
+               "guide": guide or "unknown", **({} if size is None else {"size": size})})
 
 
 def _logits(alpha: dict, beta: dict, rho: float) -> dict[str, np.ndarray]:

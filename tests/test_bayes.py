@@ -188,3 +188,22 @@ def test_log_likelihood_gives_each_draw_its_token_log_probabilities(tiny_fit):
     expected = jnp.take_along_axis(jax.nn.log_softmax(out, -1), batch[:, 1:, None], -1)[..., 0]
     np.testing.assert_allclose(np.asarray(loglik[0]), np.asarray(expected), rtol=1e-4, atol=1e-5)
 
+
+
+def test_inference_data_has_every_group_from_the_same_draws_and_loo_runs(tiny_fit):
+    import arviz as az
+
+    from ppn.posterior import inference_data
+
+    batch = tiny_tokens()[:51].reshape(3, 17)
+    idata = inference_data(tiny_fit, batch, size=0.5, num_samples=6)
+    assert {"posterior", "prior", "observed_data", "posterior_predictive", "log_likelihood"} <= set(idata.groups())
+    assert idata.posterior_predictive["tokens"].shape == (1, 6, 3, 16)
+    assert idata.log_likelihood["tokens"].shape == (1, 6, 3, 16) and float(idata.log_likelihood["tokens"].max()) < 0
+    np.testing.assert_array_equal(idata.observed_data["tokens"].values, batch[:, 1:])
+    assert idata.posterior["alpha_head"].dims == ("chain", "draw", "layer", "head")
+    assert idata.attrs["inference_library"] == "numpyro" and idata.attrs["guide"] == tiny_fit.config.guide
+    # the posterior group holds distinct guide draws
+    assert np.ptp(idata.posterior["alpha_head"].values[0], axis=0).max() > 0
+    loo = az.loo(idata, pointwise=True)
+    assert np.isfinite(loo.elpd_loo)
