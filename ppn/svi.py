@@ -174,6 +174,10 @@ def init_fit(model: Llama, tokens, config: FitConfig, run_dir: str | os.PathLike
         raise FloatingPointError(
             f"the log density is not finite at the initial parameters ({e}); "
             "check the model's weights for NaN/inf") from e
+    # numpyro starts the weights' site at the model's own arrays; the step donates
+    # the state, which would delete them under the caller's model: copy those.
+    own = {id(x) for x in jax.tree.leaves(nnx.state(model))}
+    state = jax.tree.map(lambda x: jnp.copy(x) if id(x) in own else x, state)
     state, weights, teacher_state, layouts = _lay_out(mesh, state, weights, teacher_state)
     # The state is donated, so old and new states never coexist in memory.
     update = jax.jit(functools.partial(_update, svi, teacher_logits, mesh), donate_argnums=0, **layouts)

@@ -95,6 +95,16 @@ def test_an_anchored_fit_stays_closer_to_the_starting_weights():
     assert distance(anchored) < 0.5 * distance(free)
 
 
+def test_a_model_fits_twice_and_keeps_its_weights():
+    """The step donates its state; the caller's model must survive (a notebook fits one model many times)."""
+    model = tiny_model()
+    first = fit(model, TOKENS, smoke_fit_config(steps=2), progress=False)
+    second = fit(model, TOKENS, smoke_fit_config(steps=2), progress=False)
+    for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(tiny_model(), nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert first.metrics[-1]["loss"] == pytest.approx(second.metrics[-1]["loss"], rel=1e-6)
+
+
 def test_non_finite_weights_are_reported_before_training(tmp_path):
     model = tiny_model()
     model.embed[...] = jnp.full_like(model.embed[...], jnp.nan)
