@@ -15,29 +15,17 @@ Writes <out-dir>/guide_init_scale.json (+ .md).
 import argparse
 import dataclasses
 
-import jax
 import numpy as np
-from flax import nnx
 
-import ppn
 from ppn.fit import FitConfig, fit
 from ppn.harness.report import write_results
-from ppn.testing import tiny_model
+from ppn.testing import peaked_model_and_text
 
 INIT_SCALES = (0.01, 0.2)
 
 
-def teacher_text(seed: int = 7, sequences: int = 64, length: int = 64) -> tuple[ppn.Llama, np.ndarray]:
-    """A tiny model with weights scaled up (peaked predictions) and text sampled from it."""
-    model = tiny_model(seed=seed)
-    graphdef, state = nnx.split(model)
-    model = nnx.merge(graphdef, jax.tree.map(lambda x: x * 12.0 if x.ndim > 1 else x, state))
-    tokens = ppn.generate(model, np.zeros((sequences, 1), np.int32), length - 1, temperature=1.0, seed=0)
-    return model, np.asarray(tokens).reshape(-1)
-
-
 def main(steps: int = 300, out_dir: str = "results/posterior") -> list[dict]:
-    model, tokens = teacher_text()
+    model, tokens = peaked_model_and_text()
     base = FitConfig(steps=steps, batch_size=8, seqlen=32, group_width=16, lr_gates=0.05, init="prior",
                      diagnostics_every=0)
     rows = []
@@ -56,8 +44,7 @@ def main(steps: int = 300, out_dir: str = "results/posterior") -> list[dict]:
             r["within_20_percent"] = abs(high / low - 1) < 0.2
     write_results("guide_init_scale", rows, list(rows[0]), out_dir=out_dir,
                   title="Final guide scales (unconstrained) of the tiny model's fit from two starting scales",
-                  config={"fit": dataclasses.asdict(base), "init_scales": INIT_SCALES, "model": "ppn.testing.tiny_model"
-                          " (seed 7, weights x12)", "text": "64 sequences of 64 tokens sampled from it"})
+                  config={"fit": dataclasses.asdict(base), "init_scales": INIT_SCALES, "model and text": "ppn.testing.peaked_model_and_text()"})
     return rows
 
 

@@ -171,6 +171,13 @@ class Posterior:
         alpha, beta = self.draws(num_samples, seed)
         return {k: v[:, 0] for k, v in _open_probabilities(self.units, alpha, beta, [size], temperature).items()}
 
+    def undecided_share(self, size: float, low: float = 0.05, high: float = 0.95, num_samples: int = 200) -> float:
+        """The share of gates whose posterior-mean open probability at `size` lies in
+        (low, high): units whose keep decision the posterior leaves open. Near 0 the
+        posterior's spread changes no decision at that size."""
+        means = np.concatenate([v.mean(0).ravel() for v in self.open_probability(size, num_samples).values()])
+        return float(((means > low) & (means < high)).mean())
+
     def crossing_sizes(self, num_samples: int = 200, temperature: float = 0.2, seed: int = 0) -> dict[str, np.ndarray]:
         """Draws of every gate's crossing size: the largest size at which it is more
         likely closed than open (`crossing_sizes`); dict by kind of (S, ...)."""

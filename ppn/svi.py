@@ -276,7 +276,7 @@ def model_and_guide(result: FitResult) -> tuple[Callable, AutoGuide, dict]:
         draws["tokens"]  # (8, B, T); draws["eta"]: (8, G) gate locations at rho = 0.5
     """
     cfg = result.config
-    model = _network_model(result.model, result.units, cfg, cfg.data_tokens or cfg.train_tokens)
+    model = gated_model(result.model, result.units, cfg, cfg.data_tokens or cfg.train_tokens)
 
     def observed(*args, predict: bool = False, **kwargs):
         return model(*args, **kwargs)
@@ -291,8 +291,8 @@ def _svi(model: Llama, units: Units, tokens: np.ndarray, cfg: FitConfig, mesh: M
     # Trained low-precision weights get float32 master copies: the optimiser
     # updates those, the forward pass runs in the model's dtype.
     master = cfg.train_weights and model.dtype != jnp.float32
-    model_fn = (_network_model(_cast(model, jnp.float32), units, cfg, data_tokens, compute_dtype=model.dtype)
-                if master else _network_model(model, units, cfg, data_tokens))
+    model_fn = (gated_model(_cast(model, jnp.float32), units, cfg, data_tokens, compute_dtype=model.dtype)
+                if master else gated_model(model, units, cfg, data_tokens))
     if mesh is not None:
         model_fn = _GatherWeights(model_fn, mesh)
     start = guide_start(model, units, tokens, cfg, mesh)
@@ -300,8 +300,11 @@ def _svi(model: Llama, units: Units, tokens: np.ndarray, cfg: FitConfig, mesh: M
     return SVI(model_fn, guide, _optimizer(cfg), Trace_ELBO())
 
 
-def _network_model(network: Llama, units: Units, cfg: FitConfig, data_tokens: int, compute_dtype=None):
-    """The NumPyro model with everything but (batch, rho, temperature, teacher logits, weights) bound."""
+def gated_model(network: Llama, units: Units, cfg: FitConfig, data_tokens: int, compute_dtype=None):
+    """`ppn.bayes.push_puppet_model` of `network` with the fit's settings bound: a
+    NumPyro model of (batch (B, T+1), rho, temperature, teacher_logits=None,
+    weights=None, predict=False), e.g. for `numpyro.infer.Predictive` of the
+    prior before any fit (no guide: every latent site drawn from its prior)."""
     return functools.partial(
         bayes.push_puppet_model, network=network, units=units, prior=cfg.prior, data_tokens=data_tokens,
         likelihood_temperature=cfg.likelihood_temperature, train_weights=cfg.train_weights,

@@ -55,6 +55,18 @@ def tiny_model(seed: int = 0, dtype=jnp.float32, **overrides) -> Llama:
     return model
 
 
+def peaked_model_and_text(seed: int = 7, sequences: int = 64, length: int = 64) -> tuple[Llama, np.ndarray]:
+    """A tiny model whose weights (matrices) are scaled by 12, so its predictions are
+    peaked, and `sequences` x `length` tokens sampled from it, flattened: a tiny
+    corpus with structure a fit can find (random tokens have none)."""
+    from ppn.generate import generate
+
+    graphdef, state = nnx.split(tiny_model(seed=seed))
+    model = nnx.merge(graphdef, jax.tree.map(lambda x: x * 12.0 if x.ndim > 1 else x, state))
+    tokens = generate(model, np.zeros((sequences, 1), np.int32), length - 1, temperature=1.0, seed=0)
+    return model, np.asarray(tokens).reshape(-1)
+
+
 def random_plan(config: LlamaConfig, seed: int = 0, group_width: int = 16, prior: str = "hierarchical",
                 rescale: bool = False):
     """A `Plan` for `config` with random guide locations (scale 0.1), without fitting:

@@ -44,13 +44,13 @@ def test_arviz_export_has_named_dims(tiny_plan):
 def test_lowrank_guide_gives_a_plan_of_its_marginals():
     from numpyro.infer.autoguide import AutoLowRankMultivariateNormal
 
-    from ppn.svi import _network_model
+    from ppn.svi import gated_model
 
     cfg = FitConfig(**{**SMALL.__dict__, "steps": 3, "guide": "lowrank", "init": "prior"})
     result = fit(tiny_model(), TOKENS, cfg, progress=False)
     plan = Plan.from_fit(result)
     # the guide's own per-site medians (constrained) equal the plan's site locations
-    guide = AutoLowRankMultivariateNormal(_network_model(result.model, result.units, cfg, len(TOKENS)))
+    guide = AutoLowRankMultivariateNormal(gated_model(result.model, result.units, cfg, len(TOKENS)))
     batch = jnp.zeros((cfg.batch_size, cfg.seqlen + 1), jnp.int32)
     with numpyro.handlers.seed(rng_seed=0):
         guide(batch, jnp.float32(0.5), jnp.float32(0.5))
@@ -198,3 +198,12 @@ def test_a_map_fit_gives_a_plan_of_zero_spread(tmp_path):
     # AutoDelta keeps positive sites in constrained space; the plan stores them unconstrained
     assert result.guide_params["tau_unit_auto_loc"] > 0
     np.testing.assert_allclose(plan.sites["tau_unit"].loc, np.log(result.guide_params["tau_unit_auto_loc"]), rtol=1e-6)
+
+
+def test_undecided_share_counts_gates_the_posterior_leaves_open():
+    plan = random_plan(tiny_config(num_layers=3), seed=4)
+    sure = dataclasses.replace(plan, sites={n: dataclasses.replace(s, loc=s.loc * 50.0, scale=s.scale * 0.0)
+                                            for n, s in plan.sites.items()})
+    assert 0.0 <= sure.undecided_share(0.5) <= plan.undecided_share(0.5) <= 1.0
+    p = np.concatenate([v.mean(0).ravel() for v in plan.open_probability(0.5, 200).values()])
+    assert plan.undecided_share(0.5) == pytest.approx(((p > 0.05) & (p < 0.95)).mean())
