@@ -33,6 +33,9 @@ VARIANTS = {
                                  lr_weights=3e-4),
     "combined_lr3e-4": dict(teacher="start", teacher_weight=0.5, size_sampling="sequence", sandwich=True,
                             rescale=True, lr_weights=3e-4),
+    # the same fit with the gates' MAP point instead of their posterior (AutoDelta): does the spread change a decision?
+    "combined_lr3e-4_map": dict(teacher="start", teacher_weight=0.5, size_sampling="sequence", sandwich=True,
+                                rescale=True, lr_weights=3e-4, guide="delta"),
     # the same with the weights anchored at their pretrained values (keeps general ability?)
     "combined_lr3e-4_anchor5e-3": dict(teacher="start", teacher_weight=0.5, size_sampling="sequence", sandwich=True,
                                        rescale=True, lr_weights=3e-4, anchor_sd=5e-3),
