@@ -158,6 +158,43 @@ def _general_source() -> bytes:
     return raw
 
 
+def text_source(spec: str) -> tuple[str, float]:
+    """(source, weight) of a training-text spec "SOURCE" or "SOURCE=WEIGHT" (weight 1
+    when absent); SOURCE is a text file, a folder, or "shakespeare" (the train split).
+
+    Raises:
+        ValueError: a weight that is not a positive number.
+    """
+    source, sep, weight = spec.rpartition("=") if "=" in spec else (spec, "", "1")
+    try:
+        value = float(weight)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or not np.isfinite(value):
+        raise ValueError(f"training text {spec!r}: the weight after '=' must be a positive number, got {weight!r}")
+    return source, value
+
+
+def mix_tokens(streams: list[np.ndarray], weights: list[float]) -> np.ndarray:
+    """One token stream in which each of `streams` holds a share of the tokens equal
+    to its normalised weight, so uniformly drawn windows (`train_batches`) come from
+    each source in that proportion. Every stream is used whole; the ones short of
+    their share are repeated (tiled), so no source's tokens are dropped.
+
+    Raises:
+        ValueError: empty streams, or weights that are not positive.
+    """
+    if len(streams) != len(weights) or not streams:
+        raise ValueError("give one weight per token stream, and at least one stream")
+    if any(len(t) == 0 for t in streams) or not all(w > 0 for w in weights):
+        raise ValueError(f"every stream needs tokens and a positive weight (lengths {[len(t) for t in streams]}, "
+                         f"weights {weights})")
+    share = np.asarray(weights, np.float64) / np.sum(weights)
+    total = max(len(t) / p for t, p in zip(streams, share))
+    return np.concatenate([np.resize(np.asarray(t), max(len(t), int(round(p * total))))
+                           for t, p in zip(streams, share)])
+
+
 def load_text(path: str | os.PathLike) -> str:
     """Reads a text file, or every text file in a folder, as one string.
 

@@ -186,6 +186,11 @@ def test_own_text_replaces_the_shakespeare_splits(tmp_path, tiny_checkpoint):
     np.testing.assert_array_equal(train_ids, data.tokenize(data.load_text(folder), tokenizer))
     np.testing.assert_array_equal(valid_ids, data.tokenize(valid.read_text(), tokenizer))
     assert data.load_text(folder) == "to be or not to be " * 50 + "\n\n" + "# that is the question\n" * 20
+    # several weighted sources: mixed by weight, "shakespeare" naming the train split
+    _, _, mixed, _ = load_inputs(str(path), train_text=(f"{folder}=1", f"{valid}=3"))
+    np.testing.assert_array_equal(mixed, data.mix_tokens([train_ids, valid_ids], [1, 3]))
+    args = cli.build_parser().parse_args(["fit", "--train-text", "shakespeare=0.8", "--train-text", f"{folder}=0.2"])
+    assert arguments.job_config(args).train_text == ("shakespeare=0.8", f"{folder}=0.2")
 
 
 def test_quiet_smoke_fit_on_own_text_writes_into_the_run_folder(tmp_path, capsys):

@@ -143,6 +143,31 @@ def test_an_unreachable_general_english_source_says_where_to_put_the_file(tmp_pa
     assert not list((tmp_path / "text").iterdir())  # nothing half-written
 
 
+# ----------------------------------------------------------------------------- mixing sources
+def test_mixed_sources_fill_their_weights_share_and_keep_every_token():
+    a, b = np.arange(1000), np.arange(5000, 5030)
+    mixed = data.mix_tokens([a, b], [3.0, 1.0])
+    assert (mixed < 5000).sum() / len(mixed) == pytest.approx(0.75, abs=1e-3)
+    np.testing.assert_array_equal(mixed[:1000], a)  # the larger source whole, the smaller tiled
+    np.testing.assert_array_equal(mixed[1000:1333], np.resize(b, 333))
+    np.testing.assert_array_equal(data.mix_tokens([a], [2.0]), a)
+
+
+@pytest.mark.parametrize("streams, weights", [([], []), ([np.arange(3)], [0.0]), ([np.arange(0)], [1.0]),
+                                              ([np.arange(3)], [1.0, 2.0])])
+def test_mixing_refuses_empty_sources_and_bad_weights(streams, weights):
+    with pytest.raises(ValueError, match="weight"):
+        data.mix_tokens(streams, weights)
+
+
+def test_text_source_specs():
+    assert data.text_source("notes/") == ("notes/", 1.0)
+    assert data.text_source("shakespeare=0.8") == ("shakespeare", 0.8)
+    for bad in ("notes=-1", "notes=half", "notes=0", "notes=nan"):
+        with pytest.raises(ValueError, match="must be a positive number"):
+            data.text_source(bad)
+
+
 # ----------------------------------------------------------------------------- tokenize
 
 

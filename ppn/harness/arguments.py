@@ -71,7 +71,8 @@ def job_config(args):
                      results=args.results or str(Path(args.run_dir) / "results.json"),
                      eval_windows=None if args.full_eval else (2 if args.smoke else 64),
                      dtype=args.dtype, mesh=args.mesh, random_weights=args.random_weights,
-                     train_text=args.train_text, valid_text=args.valid_text,
+                     train_text=(tuple(args.train_text) if args.train_text and len(args.train_text) > 1
+                                 else (args.train_text or [None])[0]), valid_text=args.valid_text,
                      general_eval=not args.no_general_eval)
 
 
@@ -110,8 +111,10 @@ def add_job_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", default="runs/smollm2-135m", help="run folder (an unfinished run resumes)")
     p.add_argument("--steps", type=int, help="SVI steps (default: the CPU budget of FitConfig)")
     p.add_argument("--full", action="store_true", help=f"the full budget ({FULL_STEPS} steps)")
-    p.add_argument("--train-text", metavar="PATH",
-                   help="fit on this text file or folder of .txt/.md files instead of the Shakespeare train split")
+    p.add_argument("--train-text", metavar="PATH[=WEIGHT]", action="append",
+                   help="fit on this text file or folder of .txt/.md files instead of the Shakespeare train split; "
+                        "repeat to mix sources by weight (\"shakespeare\" names the train split), "
+                        "e.g. --train-text shakespeare=0.8 --train-text notes/=0.2")
     p.add_argument("--valid-text", metavar="PATH",
                    help="measure perplexity on this text file or folder instead of the Shakespeare validation split")
     p.add_argument("--no-general-eval", action="store_true",

@@ -66,7 +66,9 @@ class JobConfig:
             Perplexities are then meaningless.
         train_text, valid_text: a text file or a folder of .txt/.md files
             (`ppn.data.load_text`) to fit on and to measure perplexity on, instead of
-            the Shakespeare train and validation splits.
+            the Shakespeare train and validation splits. `train_text` may also be
+            several sources "SOURCE=WEIGHT" ("shakespeare" names the train split),
+            mixed so each fills its weight's share of the windows (`ppn.data.mix_tokens`).
         general_eval: also measure every row's perplexity on general English
             (`ppn.data.general_english`, validation split): what the fit did to
             text unlike the fitting text.
@@ -83,7 +85,7 @@ class JobConfig:
     dtype: str = "float32"
     mesh: str | None = None
     random_weights: bool = False
-    train_text: str | None = None
+    train_text: str | tuple[str, ...] | None = None
     valid_text: str | None = None
     general_eval: bool = True
 
@@ -94,34 +96,45 @@ def load_job(run_dir: str | os.PathLike) -> JobConfig:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: {run_dir} is not the folder of a finished `ppn fit`")
     d = json.loads(path.read_text())
-    return JobConfig(**(d | {"fit": FitConfig(**d["fit"]), "sizes": tuple(d["sizes"])}))
+    train_text = tuple(d["train_text"]) if isinstance(d.get("train_text"), list) else d.get("train_text")
+    return JobConfig(**(d | {"fit": FitConfig(**d["fit"]), "sizes": tuple(d["sizes"]), "train_text": train_text}))
 
 
 def load_inputs(source: str, dtype: str = "float32", smoke: bool = False, random_weights: bool = False,
-                train_text: str | None = None, valid_text: str | None = None):
+                train_text: str | tuple[str, ...] | None = None, valid_text: str | None = None):
     """(model, tokenizer or None, train tokens, validation tokens) of a job: the model
     at `source` (with `random_weights`, its architecture randomly initialised) and
     the Shakespeare splits, or with `smoke` a tiny random model and random tokens.
-    `train_text` and `valid_text` (a file or a folder, `ppn.data.load_text`) replace
-    the splits; with `smoke`, which has no tokenizer, a text's UTF-8 bytes modulo the
-    vocabulary stand in for its tokens."""
+    `train_text` (one source or several weighted ones, see `JobConfig`) and
+    `valid_text` (a file or a folder, `ppn.data.load_text`) replace the splits; with
+    `smoke`, which has no tokenizer, a text's UTF-8 bytes modulo the vocabulary stand
+    in for its tokens."""
+    specs = (train_text,) if isinstance(train_text, str) else tuple(train_text or ())
     if smoke:
         from ppn.testing import tiny_model
 
         model = tiny_model(dtype=jnp.dtype(dtype))
         rng = np.random.default_rng(0)
 
-        def tokens(text, count):
-            if text is None:
-                return rng.integers(0, model.config.vocab_size, count)
-            return np.frombuffer(data.load_text(text).encode(), np.uint8).astype(np.int32) % model.config.vocab_size
+        def tokenize(text):
+            return np.frombuffer(text.encode(), np.uint8).astype(np.int32) % model.config.vocab_size
 
-        return model, None, tokens(train_text, 20_000), tokens(valid_text, 4 * 512)
+        train = (_train_tokens(specs, tokenize) if specs else rng.integers(0, model.config.vocab_size, 20_000))
+        valid = tokenize(data.load_text(valid_text)) if valid_text else rng.integers(0, model.config.vocab_size, 2048)
+        return model, None, train, valid
     model = random_model(source, dtype=dtype) if random_weights else load_model(source, dtype=dtype)
     tokenizer = load_tokenizer(source)
-    train = data.load_text(train_text) if train_text else data.shakespeare("train")
+    train = _train_tokens(specs or ("shakespeare",), lambda text: data.tokenize(text, tokenizer))
     valid = data.load_text(valid_text) if valid_text else data.shakespeare("validation")
-    return model, tokenizer, data.tokenize(train, tokenizer), data.tokenize(valid, tokenizer)
+    return model, tokenizer, train, data.tokenize(valid, tokenizer)
+
+
+def _train_tokens(specs: tuple[str, ...], tokenize) -> np.ndarray:
+    """The training tokens of one or several "SOURCE[=WEIGHT]" specs, mixed by weight."""
+    sources = [data.text_source(spec) for spec in specs]
+    streams = [tokenize(data.shakespeare("train") if source == "shakespeare" else data.load_text(source))
+               for source, _ in sources]
+    return streams[0] if len(streams) == 1 else data.mix_tokens(streams, [w for _, w in sources])
 
 
 def general_tokens(tokenizer, vocab_size: int) -> np.ndarray:
