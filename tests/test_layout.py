@@ -30,3 +30,13 @@ def test_the_library_never_imports_the_harness():
 def test_no_module_is_longer_than_a_reader_can_hold():
     lengths = {p.relative_to(ROOT.parent).as_posix(): len(p.read_text().splitlines()) for p in ROOT.rglob("*.py")}
     assert {p: n for p, n in lengths.items() if n > MAX_LINES} == {}
+
+
+def test_the_readme_is_a_guide_not_a_notebook():
+    """At most 12,000 characters, and every local link in it resolves."""
+    import re
+
+    readme = (ROOT.parent / "README.md").read_text()
+    assert len(readme) <= 12_000
+    links = [t for t in re.findall(r"\]\(([^)#]+)\)", readme) if "://" not in t]
+    assert links and [t for t in links if not (ROOT.parent / t).exists()] == []
