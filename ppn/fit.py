@@ -30,7 +30,8 @@ from ppn import data, priors, sharding
 from ppn.console import LOGGER, progress_bar
 from ppn.models.llama import Llama
 from ppn.runs import elbo_trend
-from ppn.svi import GUIDES, diagnose, diagnostic_batch, fit_step, fitted_model, init_fit
+from ppn.diagnostics import diagnose, diagnostic_batch
+from ppn.svi import GUIDES, fit_step, fitted_model, init_fit
 from ppn.units import Units
 
 log = logging.getLogger(LOGGER)
@@ -97,10 +98,10 @@ class FitConfig:
         data_tokens: tokens the likelihood is scaled to; None = len(tokens).
         checkpoint_every: steps between checkpoints of the run folder.
         diagnostics_every: steps between diagnostics (0 = none): the held-out
-            ELBO per token at sizes `ppn.svi.DIAGNOSTIC_SIZES`, at the final
+            ELBO per token at sizes `ppn.diagnostics.DIAGNOSTIC_SIZES`, at the final
             temperature, with `diagnostic_particles` particles, and quantiles of
             the guide's scales, written into that step's metrics row
-            (`ppn.svi.diagnose`); at the end the fit says whether the held-out
+            (`ppn.diagnostics.diagnose`); at the end the fit says whether the held-out
             ELBO still moves (`ppn.runs.elbo_trend`).
         diagnostic_particles: ELBO particles per size of a diagnostic.
         max_nonfinite: consecutive non-finite steps tolerated before giving up.

@@ -103,7 +103,7 @@ def training_curves(metrics: Sequence[dict], path=None):
     """NLL per token and achieved-minus-target expected size over the fit; with
     diagnostics (`FitConfig.diagnostics_every`), also the held-out ELBO per token at
     each diagnostic size and the quantiles of the guide's scales."""
-    from ppn.svi import DIAGNOSTIC_SIZES
+    from ppn.diagnostics import DIAGNOSTIC_SIZES
 
     steps = [m["step"] for m in metrics]
     diag = [m for m in metrics if "heldout_elbo" in m]

@@ -35,10 +35,12 @@ import numpyro
 import optax
 from flax import nnx
 from jax.sharding import Mesh
+from numpyro.handlers import replay, seed
 from numpyro.infer import SVI, Trace_ELBO
+from numpyro.infer.elbo import compute_log_probs
 from numpyro.infer.autoguide import AutoDelta, AutoGuide, AutoLowRankMultivariateNormal, AutoNormal
 
-from ppn import bayes, data, sharding
+from ppn import bayes, data, diagnostics, sharding
 from ppn.models.llama import Llama
 from ppn.runs import RunFolder, metrics_row
 from ppn.start import guide_start, init_to_values, load_teacher
@@ -85,10 +87,6 @@ def register_guide(name: str, make: Callable[..., AutoGuide], read_sites: Callab
     if read_sites is not None:
         posterior.SITE_READERS[name] = read_sites
 
-DIAGNOSTIC_SIZES = (0.3, 0.5, 0.7, 0.9)
-"""The fixed sizes at which `diagnose` estimates the held-out ELBO."""
-
-
 @dataclasses.dataclass(frozen=True)
 class FitSetup:
     """What stays fixed through a fit (built by `init_fit`).
@@ -100,7 +98,7 @@ class FitSetup:
         update: the jitted step (svi_state, batch, rho, temperature, weights,
             teacher) -> (svi_state, loss, ok, metrics); donates svi_state.
         heldout_elbo: the jitted diagnostic (params, batch, weights, teacher, key)
-            -> ELBO per data token at each of `DIAGNOSTIC_SIZES` (R,).
+            -> ELBO per data token at each of `ppn.diagnostics.DIAGNOSTIC_SIZES` (R,).
         weights: the frozen network weights (an `nnx.Param` state) when the
             weights are not trained, else None.
         teacher: the frozen teacher's `nnx` state, or None.
@@ -162,26 +160,21 @@ def init_fit(model: Llama, tokens, config: FitConfig, run_dir: str | os.PathLike
     teacher_graphdef, teacher_state = nnx.split(teacher) if teacher is not None else (None, None)
     teacher_logits = functools.partial(_teacher_logits, teacher_graphdef, mesh)
 
-    # The state is built on one device, then laid out on the mesh: numpyro's
-    # initialisation runs op by op, and on sharded arrays each op would compile
-    # for the mesh.
+    # numpyro's initialisation as one compiled program (run op by op it compiled
+    # hundreds of tiny ones, most of a start-up), on one device; then the state is
+    # laid out on the mesh. Its outputs are new arrays: the donated step never
+    # frees the caller's model.
     first = jnp.asarray(next(data.train_batches(tokens, cfg.batch_size, cfg.seqlen + 1, cfg.seed)))
-    try:
-        state = svi.init(jax.random.PRNGKey(cfg.seed), first, jnp.asarray(cfg.sizes(0)),
-                         jnp.float32(cfg.temperature(0)), jax.jit(teacher_logits)(teacher_state, first),
-                         weights=weights)
-    except RuntimeError as e:  # numpyro: "Cannot find valid initial parameters"
-        raise FloatingPointError(
-            f"the log density is not finite at the initial parameters ({e}); "
-            "check the model's weights for NaN/inf") from e
-    # numpyro starts the weights' site at the model's own arrays; the step donates
-    # the state, which would delete them under the caller's model: copy those.
-    own = {id(x) for x in jax.tree.leaves(nnx.state(model))}
-    state = jax.tree.map(lambda x: jnp.copy(x) if id(x) in own else x, state)
+    state = jax.jit(svi.init)(jax.random.PRNGKey(cfg.seed), first, jnp.asarray(cfg.sizes(0)),
+                              jnp.float32(cfg.temperature(0)), jax.jit(teacher_logits)(teacher_state, first),
+                              weights=weights)
+    if not bool(_all_finite(svi.get_params(state))):
+        raise FloatingPointError("the log density is not finite at the initial parameters (some are NaN or "
+                                 "infinite); check the model's weights for NaN/inf")
     state, weights, teacher_state, layouts = _lay_out(mesh, state, weights, teacher_state)
     # The state is donated, so old and new states never coexist in memory.
     update = jax.jit(functools.partial(_update, svi, teacher_logits, mesh), donate_argnums=0, **layouts)
-    heldout = jax.jit(functools.partial(_heldout_elbo, svi, teacher_logits, mesh, cfg.temperature_end,
+    heldout = jax.jit(functools.partial(diagnostics.heldout_elbo, svi, teacher_logits, mesh, cfg.temperature_end,
                                         cfg.diagnostic_particles, cfg.data_tokens or len(tokens)))
     step, state, nonfinite = run.restore(state)
     return (FitSetup(cfg, units, svi, update, heldout, weights, teacher_state, mesh, run),
@@ -206,47 +199,6 @@ def fit_step(setup: FitSetup, state: FitState, batch: np.ndarray) -> tuple[FitSt
     ok = bool(ok)
     row = metrics_row(step, float(loss), ok, rho, temperature, metrics) | {"seconds": time.perf_counter() - tick}
     return FitState(step + 1, svi_state, state.nonfinite + (not ok), 0 if ok else state.consecutive + 1), row
-
-
-def diagnostic_batch(tokens: np.ndarray, cfg: FitConfig) -> np.ndarray:
-    """The diagnostics' fixed batch: the first `batch_size` windows (seed 0) of `tokens`, int (B, T+1)."""
-    return next(data.train_batches(tokens, cfg.batch_size, cfg.seqlen + 1, seed=0))
-
-
-def diagnose(setup: FitSetup, state: FitState, batch: np.ndarray) -> dict:
-    """The held-out ELBO per data token on `batch` at each of `DIAGNOSTIC_SIZES`
-    (final temperature, `diagnostic_particles` particles; fixed noise, so two
-    diagnostics differ by the parameters alone) and the 5/50/95% quantiles of
-    the guide's scales: {"heldout_elbo": mean over sizes, "heldout_elbo_by_size":
-    [R], "guide_scale_q05": ..., "guide_scale_q50": ..., "guide_scale_q95": ...}."""
-    params = setup.svi.get_params(state.svi)
-    mesh = setup.mesh
-    elbo = np.asarray(setup.heldout_elbo(params, jnp.asarray(batch) if mesh is None else
-                                         sharding.global_batch(batch, mesh), setup.weights, setup.teacher,
-                                         jax.random.PRNGKey(setup.config.seed + 1)), np.float64)
-    # AutoNormal's "<site>_auto_scale"; the low-rank guide's diagonal part "auto_scale"
-    scales = [np.ravel(sharding.to_host(v)) for k, v in params.items() if k.endswith("auto_scale")]
-    q05, q50, q95 = np.quantile(np.concatenate(scales), (0.05, 0.5, 0.95)) if scales else (0.0, 0.0, 0.0)
-    return {"heldout_elbo": float(elbo.mean()), "heldout_elbo_by_size": [round(float(e), 6) for e in elbo],
-            "guide_scale_q05": float(q05), "guide_scale_q50": float(q50), "guide_scale_q95": float(q95)}
-
-
-def _heldout_elbo(svi: SVI, teacher_logits, mesh: Mesh | None, temperature: float, particles: int, data_tokens: int,
-                  params, batch, weights, teacher, key) -> jax.Array:
-    """ELBO / data_tokens at every `DIAGNOSTIC_SIZES` size (R,), averaged over `particles` draws."""
-    if weights is not None:
-        weights = sharding.gather(weights, mesh)
-    t_logits = teacher_logits(teacher, batch)
-    single = Trace_ELBO()
-    sizes = jnp.repeat(jnp.asarray(DIAGNOSTIC_SIZES, jnp.float32), particles)
-
-    def one(args):
-        rho, k = args
-        return -single.loss(k, params, svi.model, svi.guide, batch, rho, jnp.float32(temperature), t_logits,
-                            weights=weights)
-
-    values = jax.lax.map(one, (sizes, jax.random.split(key, sizes.shape[0])))
-    return values.reshape(len(DIAGNOSTIC_SIZES), particles).mean(1) / data_tokens
 
 
 def fitted_model(model: Llama, setup: FitSetup, state: FitState) -> tuple[Llama, dict[str, np.ndarray]]:
@@ -284,6 +236,31 @@ def model_and_guide(result: FitResult) -> tuple[Callable, AutoGuide, dict]:
     return model, GUIDES[cfg.guide](observed), {k: jnp.asarray(v) for k, v in result.guide_params.items()}
 
 
+class OrderedTraceELBO(Trace_ELBO):
+    """numpyro's `Trace_ELBO` (one particle, or `num_particles` averaged) with the
+    per-site terms summed in trace order. numpyro sums them over a set of site
+    names, whose order follows Python's per-process hash seed: each new process
+    then compiled a different program, which never hit JAX's persistent cache."""
+
+    def loss_with_mutable_state(self, rng_key, param_map, model, guide, *args, **kwargs):
+        def particle(key):
+            model_key, guide_key = jax.random.split(key)
+            guide_lp, guide_trace = compute_log_probs(seed(guide, guide_key), args, kwargs, param_map)
+            mutable = {n: site["value"] for n, site in guide_trace.items() if site["type"] == "mutable"}
+            model_lp, model_trace = compute_log_probs(replay(seed(model, model_key), guide_trace), args, kwargs,
+                                                      param_map | mutable)
+            mutable |= {n: site["value"] for n, site in model_trace.items() if site["type"] == "mutable"}
+            names = list(model_lp) + [n for n in guide_lp if n not in model_lp]
+            elbo = sum((model_lp.get(n, 0.0) - guide_lp.get(n, 0.0) for n in names), start=jnp.zeros(()))
+            return elbo, mutable or None
+
+        if self.num_particles == 1:
+            elbo, mutable = particle(rng_key)
+            return {"loss": -elbo, "mutable_state": mutable}
+        elbos, mutable = self.vectorize_particles_fn(particle, jax.random.split(rng_key, self.num_particles))
+        return {"loss": -jnp.mean(elbos), "mutable_state": mutable}
+
+
 def _svi(model: Llama, units: Units, tokens: np.ndarray, cfg: FitConfig, mesh: Mesh | None) -> SVI:
     """numpyro's SVI: the gated model with everything but the step's inputs bound,
     the guide `cfg.guide` starting at `ppn.start.guide_start`, and `_optimizer`."""
@@ -297,7 +274,7 @@ def _svi(model: Llama, units: Units, tokens: np.ndarray, cfg: FitConfig, mesh: M
         model_fn = _GatherWeights(model_fn, mesh)
     start = guide_start(model, units, tokens, cfg, mesh)
     guide = GUIDES[cfg.guide](model_fn, init_loc_fn=init_to_values(values=start), init_scale=cfg.guide_init_scale)
-    return SVI(model_fn, guide, _optimizer(cfg), Trace_ELBO())
+    return SVI(model_fn, guide, _optimizer(cfg), OrderedTraceELBO())
 
 
 def gated_model(network: Llama, units: Units, cfg: FitConfig, data_tokens: int, compute_dtype=None):

@@ -14,7 +14,7 @@ from ppn.units import Units
 from ppn.plan import Plan
 from ppn.prune import prune
 from ppn.runs import elbo_trend, read_metrics
-from ppn.svi import DIAGNOSTIC_SIZES
+from ppn.diagnostics import DIAGNOSTIC_SIZES
 from ppn.testing import smoke_fit_config, tiny_config, tiny_model, tiny_tokens
 
 TOKENS = tiny_tokens()

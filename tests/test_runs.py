@@ -1,6 +1,11 @@
 """Run folders: a killed fit resumes to the unbroken result, a finished or different run is not
 overwritten, a killed write leaves nothing behind, and metrics.jsonl reads back."""
 
+import random
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 
@@ -23,6 +28,50 @@ def test_resume_after_a_kill_equals_an_unbroken_run(tmp_path):
     for k, v in unbroken.guide_params.items():
         np.testing.assert_allclose(resumed.guide_params[k], v, rtol=1e-6, atol=1e-7, err_msg=k)
     assert_same_weights(unbroken.model, resumed.model)
+
+
+KILLED_FIT = """
+import sys
+from ppn.fit import fit
+from ppn.testing import smoke_fit_config, tiny_model, tiny_tokens
+fit(tiny_model(), tiny_tokens(), smoke_fit_config(steps={steps}, checkpoint_every=2, init="prior"),
+    run_dir=sys.argv[1], progress=False)
+"""
+
+
+def test_five_sigkills_at_random_moments_resume_bit_identical_and_leave_no_partial_files(tmp_path):
+    """A fit in a subprocess is SIGKILLed five times: at random moments once it
+    trains (its metrics are on disk), and once at the first sight of a checkpoint
+    being written. Each time
+    it resumes; the finished run equals an unbroken one bit for bit."""
+    steps, run = 40, tmp_path / "run"
+    script = KILLED_FIT.format(steps=steps)
+    rng, kills = random.Random(0), 0
+    while kills < 5:
+        proc = subprocess.Popen([sys.executable, "-c", script, str(run)], stderr=subprocess.PIPE)
+        while proc.poll() is None and not (run / "metrics.jsonl").exists():
+            time.sleep(0.02)
+        if kills == 2:  # while orbax writes a checkpoint: its temporary folder is there
+            deadline = time.monotonic() + 20
+            while proc.poll() is None and time.monotonic() < deadline and not any(
+                    "tmp" in p.name for p in (run / "checkpoints").glob("*")):
+                time.sleep(0.005)
+        else:
+            time.sleep(rng.uniform(0.0, 1.0))
+        assert proc.poll() is None, f"the fit finished before kill {kills + 1}: {proc.stderr.read()[-2000:]!r}"
+        proc.kill()
+        proc.wait()
+        kills += 1
+    done = subprocess.run([sys.executable, "-c", script, str(run)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    cfg = smoke_fit_config(steps=steps, checkpoint_every=2, init="prior")
+    unbroken = fit(tiny_model(), TOKENS, cfg, progress=False)
+    resumed = fit(tiny_model(), TOKENS, cfg, run_dir=run, progress=False)  # reads the finished run back
+    assert [r["step"] for r in read_metrics(run)] == list(range(steps))
+    for k, v in unbroken.guide_params.items():
+        np.testing.assert_array_equal(resumed.guide_params[k], v, err_msg=k)
+    assert_same_weights(unbroken.model, resumed.model, rtol=0, atol=0)
+    assert [p for p in run.rglob("*") if "tmp" in p.name.lower()] == []
 
 
 def test_a_finished_run_is_not_overwritten(tmp_path):
