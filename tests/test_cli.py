@@ -162,6 +162,9 @@ def test_fit_flags_reach_the_configs(tmp_path, capsys):
     assert (job.fit.target_sizes, job.fit.teacher, job.fit.teacher_weight) == ((0.5, 0.3), "start", 0.5)
     assert (job.train_text, job.valid_text) == ("mine.txt", "notes")
     assert job.results == str(tmp_path / "run" / "results.json")  # the run folder, not ./results
+    # the main job fits with the recommended quality options unless told otherwise
+    assert arguments.job_config(cli.build_parser().parse_args(["fit"])).fit == ppn.FitConfig.recommended()
+    assert arguments.job_config(cli.build_parser().parse_args(["fit", "--set", "rescale=false"])).fit.rescale is False
     args = cli.build_parser().parse_args(["fit", "--set", "target_sizes=0.4,0.2", "--results", "r/x.json"])
     assert arguments.job_config(args).fit.target_sizes == (0.4, 0.2) and arguments.job_config(args).results == "r/x.json"
     for bad in ("0.5,1.5", "0", "half"):

@@ -57,7 +57,7 @@ def job_config(args):
 
     fit_fields = {}
     if args.smoke:
-        fit_fields = dict(steps=8, batch_size=2, seqlen=32, group_width=16, checkpoint_every=4)
+        fit_fields = dict(steps=8, batch_size=3, seqlen=32, group_width=16, checkpoint_every=4)
     if args.full:
         fit_fields["steps"] = FULL_STEPS
     if args.steps is not None:
@@ -67,7 +67,7 @@ def job_config(args):
     if args.teacher is not None:
         fit_fields["teacher"] = args.teacher
     fit_fields.update(parse_overrides(FitConfig, args.set))
-    return JobConfig(model=args.model, run_dir=args.run_dir, fit=FitConfig(**fit_fields), smoke=args.smoke,
+    return JobConfig(model=args.model, run_dir=args.run_dir, fit=FitConfig.recommended(**fit_fields), smoke=args.smoke,
                      results=args.results or str(Path(args.run_dir) / "results.json"),
                      eval_windows=None if args.full_eval else (2 if args.smoke else 64),
                      dtype=args.dtype, mesh=args.mesh, random_weights=args.random_weights,

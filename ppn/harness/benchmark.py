@@ -239,7 +239,8 @@ class _Bench:
             if not path.exists():
                 from ppn.harness import job as pipeline
 
-                fit = FitConfig(steps=8, batch_size=2, seqlen=32, group_width=16) if self.cfg.smoke else FitConfig()
+                fit = FitConfig.recommended(**(dict(steps=8, batch_size=3, seqlen=32, group_width=16)
+                                               if self.cfg.smoke else {}))
                 pipeline.run(pipeline.JobConfig(model=self.cfg.model, run_dir=str(path.parent), fit=fit,
                                                 results=str(path.parent / "fit.json"), smoke=self.cfg.smoke,
                                                 eval_windows=self.cfg.eval_windows, random_floor=False,

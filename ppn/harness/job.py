@@ -49,7 +49,7 @@ class JobConfig:
     Attributes:
         model: zoo name, checkpoint directory or .gguf file.
         run_dir: the run folder (resumed if unfinished, refused if finished).
-        fit: the fit's knobs.
+        fit: the fit's knobs (default `FitConfig.recommended()`).
         sizes: target fractions of prunable parameters to cut to.
         eval_windows: validation windows per perplexity (64 = "quick", None = full).
         results: the results JSON to write (a markdown table goes beside it);
@@ -76,7 +76,7 @@ class JobConfig:
 
     model: str = "smollm2-135m"
     run_dir: str = "runs/smollm2-135m"
-    fit: FitConfig = FitConfig()
+    fit: FitConfig = dataclasses.field(default_factory=FitConfig.recommended)
     sizes: tuple[float, ...] = SIZES
     eval_windows: int | None = 64
     results: str | None = None
