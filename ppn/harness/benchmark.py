@@ -10,18 +10,15 @@ rho = 0.5); structured Block Influence layer removal, FLAP and Wanda-sp scores,
 and random structure; and the fairness rows: the dense model and the best
 structured baseline at rho = 0.5 fine-tuned with the fit's exact budget.
 
-Each row is computed once and appended to `<state_dir>/rows.jsonl` as soon as it
-is done, so an interrupted benchmark resumes where it stopped (a state folder
-made with other settings is refused); a fine-tuning row killed midway resumes
-from its last checkpoint in `<state_dir>/finetune-*`. The results are `results/benchmark/benchmark.json`
-(one record per row), `.md` (the table and the wall time per method for all
-sizes) and `.png` (perplexity against kept parameters; speed ratios).
+Each row is appended to `<state_dir>/rows.jsonl` when done, so an interrupted
+benchmark resumes where it stopped (a state folder of other settings is refused); a
+fine-tuning row resumes from its checkpoint in `<state_dir>/finetune-*`. Results:
+`results/benchmark/benchmark.json` (a record per row), `.md` (the table, the wall time
+per method) and `.png` (perplexity against kept parameters; speed ratios).
 
-Speed: prefill and decode throughput of every structured model against the
-dense model, measured in the same process, the two timed back to back in each
-round (`ppn.speed.relative_speed`). Unstructured and N:M sparse models
-keep dense shapes: on this hardware they run at dense speed (ratio 1 by
-construction, not measured), and the table says so.
+Speed: prefill and decode throughput of every structured model against the dense
+model, timed back to back in each round (`ppn.speed.relative_speed`). Unstructured and
+N:M models keep dense shapes and run at dense speed here (not measured; the table says so).
 """
 
 from __future__ import annotations
@@ -44,6 +41,8 @@ from ppn.harness.baselines.unstructured import METHODS as UNSTRUCTURED_METHODS
 from ppn.harness.baselines.unstructured import prune_unstructured
 from ppn.harness.figures import benchmark_figure
 from ppn.harness.finetune import finetune
+from ppn.harness import job as pipeline
+from ppn.harness.job import eval_mode, general_tokens, load_inputs, measurer
 from ppn.fit import FitConfig
 from ppn.units import Units
 from ppn.models.llama import Llama
@@ -195,8 +194,6 @@ class _Bench:
     def inputs(self):
         """(dense model, tokenizer or None, train tokens, validation tokens, eval seqlen)."""
         def make():
-            from ppn.harness.job import load_inputs
-
             return (*load_inputs(self.cfg.model, self.cfg.dtype, self.cfg.smoke), 64 if self.cfg.smoke else 512)
         return self._once("inputs", make)
 
@@ -211,8 +208,6 @@ class _Bench:
     def measure(self, model: Llama) -> dict:
         """The row's perplexity columns (`ppn.harness.job.measurer`)."""
         def make():
-            from ppn.harness.job import general_tokens, measurer
-
             dense, tokenizer, _, valid, seqlen = self.inputs()
             general = general_tokens(tokenizer, dense.config.vocab_size) if self.cfg.general_eval else None
             return measurer(valid, general, seqlen, self.cfg.eval_windows, self.progress, self.mesh)
@@ -237,8 +232,6 @@ class _Bench:
 
             path = Path(self.cfg.plan)
             if not path.exists():
-                from ppn.harness import job as pipeline
-
                 fit = FitConfig.recommended(**(dict(steps=8, batch_size=3, seqlen=32, group_width=16)
                                                if self.cfg.smoke else {}))
                 pipeline.run(pipeline.JobConfig(model=self.cfg.model, run_dir=str(path.parent), fit=fit,
@@ -285,8 +278,7 @@ def _row(method: str, size: float, model: Llama, dense: Llama, **fields) -> dict
 
 def _tasks(cfg: BenchConfig, b: _Bench) -> list[tuple[str, Callable[[], dict]]]:
     """(key, compute-the-row) for every row the config asks for, in table order."""
-    mode = "quick" if cfg.eval_windows == 64 else ("full" if cfg.eval_windows is None else
-                                                   f"{cfg.eval_windows} windows")
+    mode = eval_mode(cfg.eval_windows)
     calib_tokens = cfg.calibration_windows * cfg.calibration_seqlen
     tasks = []
 
