@@ -158,3 +158,34 @@ def test_budget_study_refuses_unequal_budgets_and_missing_rows(tmp_path):
     assert run.returncode != 0 and "dense fine-tuned" in run.stderr
     run = _budget_study(_bench_file(tmp_path / "d.json", 100, 60.0, 20.0), "--size", "0.3", "--out-dir", tmp_path)
     assert run.returncode != 0 and "no ppn row at size 0.3" in run.stderr
+
+
+# ----------------------------------------------------------------------------- study files
+def _studies():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import run_study
+    finally:
+        sys.path.pop(0)
+    return run_study
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments" / "studies").glob("*.toml")), ids=lambda p: p.stem)
+def test_every_study_file_parses_and_its_results_record_its_commands(path):
+    run_study = _studies()
+    study = run_study.load_study(path)
+    assert study["study"] == path.stem and (ROOT / study["script"]).exists() and study["run"]
+    for run in study["run"]:
+        results = ROOT / run["results"]
+        if results.exists():  # a run still to do has no file yet
+            assert json.loads(results.read_text())["command"] == run_study.command(study, run), run
+
+
+def test_a_malformed_or_unknown_study_is_named(tmp_path):
+    run_study = _studies()
+    bad = tmp_path / "bad.toml"
+    bad.write_text('study = "bad"\nscript = "x.py"\nabout = "?"\n[[run]]\nargs = "not a list"\nresults = "r.json"\n')
+    with pytest.raises(ValueError, match="run 0 needs args"):
+        run_study.load_study(bad)
+    with pytest.raises(FileNotFoundError, match="known studies: .*quality"):
+        run_study.load_study("no-such-study")
