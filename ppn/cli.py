@@ -34,10 +34,10 @@ from pathlib import Path
 from ppn.console import LOGGER
 
 QUICK_WINDOWS = 64
-# Every program is cached: a start-up compiles hundreds of small ones (eager
-# operations, about 0.05 s each) that together take most of its time; JAX's
-# default of 1 s keeps none of them (`ppn fit --smoke`, twice: 0.1 s stores 86
-# programs and saves a fifth, 0 stores 888 in 7 MB and saves over half).
+# Every program is cached: a start-up still compiles many small ones (eager
+# operations, about 0.05 s each) besides the fit's step and initialisation; JAX's
+# default of 1 s keeps none of them (results/speed/startup_cache.json: the second
+# `ppn fit --smoke` with the cache stores 363 programs and takes about a third of the first).
 CACHE_MIN_COMPILE_SECS = 0.0
 
 log = logging.getLogger(LOGGER)
