@@ -33,10 +33,10 @@ def test_no_module_is_longer_than_a_reader_can_hold():
 
 
 def test_the_readme_is_a_guide_not_a_notebook():
-    """At most 12,000 characters, and every local link in it resolves."""
+    """At most 12,000 bytes (UTF-8), and every local link in it resolves."""
     import re
 
     readme = (ROOT.parent / "README.md").read_text()
-    assert len(readme) <= 12_000
+    assert len(readme.encode()) <= 12_000
     links = [t for t in re.findall(r"\]\(([^)#]+)\)", readme) if "://" not in t]
     assert links and [t for t in links if not (ROOT.parent / t).exists()] == []
