@@ -36,6 +36,6 @@ from ppn.units import KeepSet, Units
 __all__ = [
     "FitConfig", "FitResult", "KVCache", "KeepSet", "LayerShape", "Llama", "LlamaConfig", "Plan", "Posterior",
     "RopeScaling", "SpeculativeResult", "Units", "choose_draft", "count_params", "draft_from_plan", "fit",
-    "from_pretrained", "generate", "inference_data", "load_model", "load_pruned", "load_tokenizer", "perplexity", "prune", "save_model",
-    "save_pretrained", "speculative_generate",
+    "from_pretrained", "generate", "inference_data", "load_model", "load_pruned", "load_tokenizer", "perplexity",
+    "prune", "save_model", "save_pretrained", "speculative_generate",
 ]

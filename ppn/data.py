@@ -165,7 +165,7 @@ def text_source(spec: str) -> tuple[str, float]:
     Raises:
         ValueError: a weight that is not a positive number.
     """
-    source, sep, weight = spec.rpartition("=") if "=" in spec else (spec, "", "1")
+    source, _, weight = spec.rpartition("=") if "=" in spec else (spec, "", "1")
     try:
         value = float(weight)
     except ValueError:

@@ -63,7 +63,7 @@ def heldout_elbo(svi: SVI, teacher_logits, mesh: Mesh | None, temperature: float
     def one(args):
         rho, k = args
         return -svi.loss.loss(k, params, svi.model, svi.guide, batch, rho, jnp.float32(temperature), t_logits,
-                            weights=weights)
+                              weights=weights)
 
     values = jax.lax.map(one, (sizes, jax.random.split(key, sizes.shape[0])))
     return values.reshape(len(DIAGNOSTIC_SIZES), particles).mean(1) / data_tokens

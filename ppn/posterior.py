@@ -2,10 +2,11 @@
 
 A fit's guide is a Normal over every latent site of the prior in unconstrained
 space: mean-field (AutoNormal), low-rank (its factor kept, so draws keep the
-correlations between sites), or a point (AutoDelta, zero scale). Pushed through the prior (`ppn.priors.PRIORS`), its draws give every gate's
-intercept alpha_g and slope beta_g, hence its logit eta_g(rho) = alpha_g +
-beta_g * logit(rho) at any size rho (before the push offset, which shifts all
-gates alike). From a `Posterior`:
+correlations between sites), or a point (AutoDelta, zero scale). Pushed through
+the prior (`ppn.priors.PRIORS`), its draws give every gate's intercept alpha_g
+and slope beta_g, hence its logit eta_g(rho) = alpha_g + beta_g * logit(rho) at
+any size rho (before the push offset, which shifts all gates alike). From a
+`Posterior`:
 
 - `draws(S)`: alpha and beta, dicts by kind of arrays (S, ...);
 - `logit_draws(rho, S)` and `median_logits(rho)`: eta at a size, drawn or the

@@ -67,12 +67,12 @@ def job_config(args):
     if args.teacher is not None:
         fit_fields["teacher"] = args.teacher
     fit_fields.update(parse_overrides(FitConfig, args.set))
+    texts = args.train_text or []  # one source as a string, several as a tuple (JobConfig.train_text)
     return JobConfig(model=args.model, run_dir=args.run_dir, fit=FitConfig.recommended(**fit_fields), smoke=args.smoke,
                      results=args.results or str(Path(args.run_dir) / "results.json"),
                      eval_windows=None if args.full_eval else (2 if args.smoke else 64),
                      dtype=args.dtype, mesh=args.mesh, random_weights=args.random_weights,
-                     train_text=(tuple(args.train_text) if args.train_text and len(args.train_text) > 1
-                                 else (args.train_text or [None])[0]), valid_text=args.valid_text,
+                     train_text=texts[0] if len(texts) == 1 else tuple(texts) or None, valid_text=args.valid_text,
                      general_eval=not args.no_general_eval)
 
 

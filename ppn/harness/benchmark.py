@@ -41,8 +41,8 @@ from ppn.harness.baselines.unstructured import METHODS as UNSTRUCTURED_METHODS
 from ppn.harness.baselines.unstructured import prune_unstructured
 from ppn.harness.figures import benchmark_figure
 from ppn.harness.finetune import finetune
-from ppn.harness import job as pipeline
-from ppn.harness.job import eval_mode, general_tokens, load_inputs, measurer
+from ppn.harness.job import JobConfig, eval_mode, general_tokens, load_inputs, measurer
+from ppn.harness.job import run as run_job
 from ppn.fit import FitConfig
 from ppn.units import Units
 from ppn.models.llama import Llama
@@ -234,12 +234,11 @@ class _Bench:
             if not path.exists():
                 fit = FitConfig.recommended(**(dict(steps=8, batch_size=3, seqlen=32, group_width=16)
                                                if self.cfg.smoke else {}))
-                pipeline.run(pipeline.JobConfig(model=self.cfg.model, run_dir=str(path.parent), fit=fit,
-                                                results=str(path.parent / "fit.json"), smoke=self.cfg.smoke,
-                                                eval_windows=self.cfg.eval_windows, random_floor=False,
-                                                dtype=self.cfg.dtype, mesh=self.cfg.mesh,
-                                                general_eval=self.cfg.general_eval),
-                             progress=self.progress)
+                run_job(JobConfig(model=self.cfg.model, run_dir=str(path.parent), fit=fit,
+                                  results=str(path.parent / "fit.json"), smoke=self.cfg.smoke,
+                                  eval_windows=self.cfg.eval_windows, random_floor=False, dtype=self.cfg.dtype,
+                                  mesh=self.cfg.mesh, general_eval=self.cfg.general_eval),
+                        progress=self.progress)
             plan = Plan.load(path)
             model = load_model(plan.meta.get("checkpoint") or path.parent / "model", dtype=self.cfg.dtype)
             plan.check_model(model.config)

@@ -147,13 +147,11 @@ def general_tokens(tokenizer, vocab_size: int) -> np.ndarray:
 
 def measurer(valid, general, seqlen: int, eval_windows: int | None, progress: bool = True, mesh=None):
     """model -> {"perplexity": on `valid`, "general_perplexity": on `general`, if given}."""
+    texts = {"perplexity": valid} | ({} if general is None else {"general_perplexity": general})
+
     def measure(model: Llama) -> dict:
-        out = {"perplexity": perplexity(model, valid, seqlen=seqlen, max_windows=eval_windows, progress=progress,
-                                        mesh=mesh).perplexity}
-        if general is not None:
-            out["general_perplexity"] = perplexity(model, general, seqlen=seqlen, max_windows=eval_windows,
-                                                   progress=progress, mesh=mesh).perplexity
-        return out
+        return {column: perplexity(model, tokens, seqlen=seqlen, max_windows=eval_windows, progress=progress,
+                                   mesh=mesh).perplexity for column, tokens in texts.items()}
 
     return measure
 
