@@ -7,6 +7,7 @@
             [--train-text PATH] [--valid-text PATH] [--target-sizes 0.5,0.3] [--teacher SOURCE]
             [--dtype bfloat16] [--mesh data=D,fsdp=F] [--distributed]
     ppn resize --plan runs/smollm2-135m/plan.json --size 0.4 --out DIR [--from CHECKPOINT] [--uniform]
+    ppn resize --plan ... --max-perplexity 60 [--prob 0.95] [--text PATH] --out DIR
     ppn bench [--quick] [--plan PLAN] [--methods ppn,wanda,...] [--sizes 0.5,0.3] [--nm 2:4]
               [--smoke] [--dtype bfloat16] [--mesh ...]
 
@@ -135,7 +136,8 @@ def _resize(args) -> int:
     if source is None:
         raise ValueError("the plan names no checkpoint; pass --from CHECKPOINT")
     start = time.perf_counter()
-    pruned = ppn.load_pruned(source, plan, args.size, uniform=args.uniform)
+    size = args.size if args.max_perplexity is None else _smallest_size(args, plan, source).size
+    pruned = ppn.load_pruned(source, plan, size, uniform=args.uniform)
     try:
         tokenizer = ppn.load_tokenizer(source)
     except (ValueError, OSError):
@@ -148,6 +150,23 @@ def _resize(args) -> int:
              f"{c.num_params():,} in all, {kind}, in {time.perf_counter() - start:.1f} s")
     print(args.out)
     return 0
+
+
+def _smallest_size(args, plan, source):
+    """`ppn.decisions.smallest_size` on the dense checkpoint and the chosen text, logged."""
+    import ppn
+    from ppn import data
+
+    if args.windows < 1 or args.samples < 1:
+        raise UsageError("--windows and --samples must be positive")
+    tokens = data.tokenize(data.load_text(args.text) if args.text else data.shakespeare("validation"),
+                           ppn.load_tokenizer(source))
+    choice = plan.smallest_size(args.max_perplexity, args.prob, model=ppn.load_model(source), tokens=tokens,
+                                num_samples=args.samples, max_windows=args.windows, progress=not args.quiet)
+    q = choice.band.quantiles()[choice.band.sizes == choice.size][0]
+    log.info(f"size {choice.size:.4g}: perplexity <= {args.max_perplexity} with probability {choice.probability:.3f} "
+             f"(5/50/95%: {q[0]:.4g} / {q[1]:.4g} / {q[2]:.4g}, {args.samples} keep-sets, {args.windows} windows)")
+    return choice
 
 
 def _bench(args) -> int:
@@ -248,7 +267,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = add_parser("resize", help="cut a model to a size from a plan and save it, "
                                       "reading only the kept weights")
     p.add_argument("--plan", required=True, help="plan.json of a fit")
-    p.add_argument("--size", required=True, type=float, help="fraction in (0, 1] or a parameter count")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--size", type=float, help="fraction in (0, 1] or a parameter count")
+    target.add_argument("--max-perplexity", type=float, metavar="X",
+                        help="the smallest size whose perplexity is at most X with probability --prob, "
+                             "searched with the posterior's quality band (loads the dense model)")
+    p.add_argument("--prob", type=float, default=0.95, help="with --max-perplexity: the probability (0.95)")
+    p.add_argument("--text", help="with --max-perplexity: a text file or folder to measure on "
+                                  "(default: the Shakespeare validation split)")
+    p.add_argument("--windows", type=int, default=16, help="with --max-perplexity: windows of 512 tokens (16)")
+    p.add_argument("--samples", type=int, default=8, help="with --max-perplexity: keep-sets drawn per size (8)")
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--from", dest="source", help="checkpoint to cut (default: the one the plan names); "
                                                  "only its kept slices are read")

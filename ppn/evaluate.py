@@ -32,12 +32,15 @@ class PerplexityResult:
         nll: mean negative log-likelihood per predicted token, in nats.
         num_windows: windows evaluated.
         num_tokens: tokens predicted, num_windows * (seqlen - 1).
+        window_nll: (num_windows,) mean NLL per predicted token of each window, in
+            window order: what a bootstrap over windows resamples.
     """
 
     perplexity: float
     nll: float
     num_windows: int
     num_tokens: int
+    window_nll: np.ndarray = dataclasses.field(default=None, repr=False, compare=False)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
@@ -118,18 +121,15 @@ def perplexity(model: nnx.Module, tokens, seqlen: int = 512, max_windows: int | 
         state = sharding.on_mesh(state, mesh)
         gates = None if gates is None else sharding.place(gates, sharding.replicated(mesh))
         put, gathered = functools.partial(sharding.global_batch, mesh=mesh), sharding.replicated(mesh)
-    total = 0.0  # float64 on the host: exact enough for any number of windows
-    done = 0
+    sums = []  # float64 on the host: exact enough for any number of windows
     pending = None
     with progress_bar(total=len(windows), desc="perplexity", unit="window",
                       enabled=progress and sharding.is_main_process()) as bar:
 
         def collect(result, valid):
-            nonlocal total, done
-            total += float(sharding.to_host(result).astype(np.float64)[valid].sum())
-            done += int(valid.sum())
+            sums.extend(sharding.to_host(result).astype(np.float64)[valid])
             bar.update(int(valid.sum()))
-            bar.set_postfix(ppl=f"{math.exp(total / (done * (seqlen - 1))):.3f}")
+            bar.set_postfix(ppl=f"{math.exp(sum(sums) / (len(sums) * (seqlen - 1))):.3f}")
 
         for ids, valid in eval_batches(windows, batch_size):
             result = _window_nll(graphdef, state, put(ids), gates, gathered)
@@ -139,5 +139,6 @@ def perplexity(model: nnx.Module, tokens, seqlen: int = 512, max_windows: int | 
         collect(*pending)
 
     num_tokens = len(windows) * (seqlen - 1)
-    nll = total / num_tokens
-    return PerplexityResult(perplexity=math.exp(nll), nll=nll, num_windows=len(windows), num_tokens=num_tokens)
+    nll = float(np.sum(sums)) / num_tokens
+    return PerplexityResult(perplexity=math.exp(nll), nll=nll, num_windows=len(windows), num_tokens=num_tokens,
+                            window_nll=np.asarray(sums) / (seqlen - 1))

@@ -34,7 +34,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from ppn import bayes, gates
+from ppn import bayes, decisions, gates
 from ppn.models.config import LlamaConfig
 from ppn.posterior import Posterior, Site, prior_shapes, prior_supports
 from ppn.runs import atomic_write_text
@@ -168,6 +168,43 @@ class Plan(Posterior):
             return self.units.full()
         keep = (fill_uniform if uniform else fill_budget)(self.units, self.median_logits(rho), budget)
         return keep if self.rescale is None else dataclasses.replace(keep, scales=self.scales(rho))
+
+    def sample_keep(self, size: float | int, num_samples: int = 8, seed: int = 0) -> list[KeepSet]:
+        """Keep-sets drawn from the posterior at `size`, each at the exact size of `keep(size)`.
+
+        Each draw takes the gate parameters from the guide (`logit_draws`) and a
+        hard-concrete noise per gate, logit(u) with u ~ U(0, 1): the noise the fit
+        trains under (`ppn.gates.sample_hard_concrete`), whose ordering of the
+        gates is that of a gate sample at any temperature. The noisy logits then
+        fill the budget like `keep` (`fill_budget`). `ppn.prune` and
+        `ppn.load_pruned` accept each keep-set; `ppn.gates.hard_gates` runs one
+        in the dense model without cutting it.
+        """
+        if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        budget = self.units.budget(size)
+        rho = float(np.clip(budget / self.units.total, 1e-6, 1 - 1e-6))
+        if budget >= self.units.total:
+            return [self.units.full()] * num_samples
+        logits = self.logit_draws(rho, num_samples, seed)
+        noise = np.random.default_rng(seed)
+        scales = self.scales(rho)
+        draws = []
+        for s in range(num_samples):
+            noisy = {k: v[s] + noise.logistic(size=v[s].shape) for k, v in logits.items()}
+            keep = fill_budget(self.units, noisy, budget)
+            draws.append(keep if scales is None else dataclasses.replace(keep, scales=scales))
+        return draws
+
+    def quality_band(self, model, tokens, sizes=(0.9, 0.7, 0.5, 0.4, 0.3), num_samples: int = 8, **kwargs):
+        """Perplexity quantiles per size over posterior keep-sets and bootstrapped
+        evaluation windows: `ppn.decisions.quality_band(self, model, tokens, ...)`."""
+        return decisions.quality_band(self, model, tokens, sizes, num_samples, **kwargs)
+
+    def smallest_size(self, max_perplexity: float, prob: float = 0.95, *, model, tokens, **kwargs):
+        """The smallest size whose perplexity is at most `max_perplexity` with
+        probability `prob`: `ppn.decisions.smallest_size(self, ...)`."""
+        return decisions.smallest_size(self, max_perplexity, prob, model=model, tokens=tokens, **kwargs)
 
     def scales(self, size: float | int) -> dict[str, np.ndarray] | None:
         """The rescaling factors at `size` (`ppn.bayes.rescale_factors`), or None

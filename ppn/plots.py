@@ -125,3 +125,18 @@ def training_curves(metrics: Sequence[dict], path=None):
         axes[3].set(xlabel="step", ylabel="guide scale (unconstrained)", yscale="log", title="guide scales")
         axes[3].legend(fontsize=8)
     return _finish(fig, path)
+
+
+def quality_band(band, path=None):
+    """Perplexity against size: the 5-95% band over posterior keep-sets and
+    bootstrapped windows (`ppn.decisions.QualityBand`), its median, and the median
+    network (the one `ppn resize` cuts)."""
+    q = band.quantiles()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.fill_between(band.sizes, q[:, 0], q[:, 2], color="C0", alpha=0.25, label="90% band")
+    ax.plot(band.sizes, q[:, 1], color="C0", label="band median")
+    ax.plot(band.sizes, band.median_network, "o", color="C3", ms=5, label="median network")
+    ax.set(xlabel="size (fraction of prunable parameters)", ylabel="perplexity", yscale="log",
+           title=f"Quality band: {band.num_samples} keep-sets x {band.num_bootstrap} window resamples per size")
+    ax.legend(fontsize=8, loc="upper right")
+    return _finish(fig, path)

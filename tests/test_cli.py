@@ -82,6 +82,28 @@ def test_resize_writes_a_smaller_checkpoint(tmp_path, tiny_checkpoint, capsys):
     assert "must be whole" in capsys.readouterr().err
 
 
+def test_resize_to_the_smallest_size_meeting_a_perplexity_bar(tmp_path, tiny_checkpoint, capsys):
+    path, model = tiny_checkpoint
+    result = ppn.fit(model, tiny_tokens(2000, vocab_size=model.config.vocab_size), smoke_fit_config(steps=2),
+                     progress=False)
+    ppn.Plan.from_fit(result).save(tmp_path / "plan.json")
+    text = tmp_path / "corpus.txt"
+    text.write_text("Shall I compare thee to a summer's day? Thou art more lovely and more temperate. " * 60)
+    argv = ["resize", "--plan", str(tmp_path / "plan.json"), "--from", str(path), "--text", str(text),
+            "--samples", "2", "--windows", "2", "--prob", "0.9"]
+    out = tmp_path / "small"
+    # a bar every size meets: the smallest size searched, cut and saved
+    assert cli.main([*argv, "--max-perplexity", "1e9", "--out", str(out)]) == 0
+    assert ppn.load_model(out).config.num_prunable_params() == ppn.Plan.load(tmp_path / "plan.json").keep(0.1).num_params()
+    assert "size 0.1: perplexity <= 1000000000.0 with probability 1.000" in capsys.readouterr().err
+    # a bar even the dense model misses: what it reaches, and nothing written
+    assert cli.main([*argv, "--max-perplexity", "1.01", "--out", str(tmp_path / "none")]) == 1
+    assert "the dense network reaches it with probability 0.000" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+    with pytest.raises(SystemExit):  # a size and a bar: one or the other
+        cli.main([*argv, "--size", "0.5", "--max-perplexity", "10", "--out", str(out)])
+
+
 def test_fit_set_overrides_any_fit_config_field():
     from ppn.cli import build_parser
     from ppn.harness.arguments import job_config

@@ -35,10 +35,13 @@ def test_main_job_smoke(tmp_path):
     run_dir, results = tmp_path / "run", tmp_path / "res" / "fit.json"
     _smoke("fit.py", "--run-dir", run_dir, "--results", results)
     for name in ["plan.json", "posterior.nc", "metrics.jsonl", "keep_frequency.png", "structure.png",
-                 "forest.png", "training.png", "table.md", "DONE", "model/config.json"]:
+                 "forest.png", "training.png", "table.md", "quality_band.png", "DONE", "model/config.json"]:
         assert (run_dir / name).exists(), name
     rows = json.loads(results.read_text())["records"]
     ppn_rows = [r for r in rows if r["method"] == "ppn"]
+    band = json.loads((run_dir / "quality_band.json").read_text())
+    assert band["sizes"] == [0.3, 0.4, 0.5, 0.7, 0.9] and band["num_samples"] == 4
+    assert all(lo <= mid <= hi for lo, mid, hi in zip(band["q05"], band["q50"], band["q95"]))
     assert [r["size"] for r in ppn_rows] == [0.9, 0.7, 0.5, 0.4, 0.3]
     assert all(r["kept_fraction"] <= r["size"] + 1e-9 for r in ppn_rows)
     assert len([r for r in rows if r["method"].startswith("random")]) == 5

@@ -73,7 +73,7 @@ def job_config(args):
                      eval_windows=None if args.full_eval else (2 if args.smoke else 64),
                      dtype=args.dtype, mesh=args.mesh, random_weights=args.random_weights,
                      train_text=texts[0] if len(texts) == 1 else tuple(texts) or None, valid_text=args.valid_text,
-                     general_eval=not args.no_general_eval)
+                     general_eval=not args.no_general_eval, band_samples=args.band_samples)
 
 
 def add_scale_arguments(p: argparse.ArgumentParser) -> None:
@@ -127,6 +127,9 @@ def add_job_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="any FitConfig field, e.g. --set lr_weights=1e-4 --set init=prior (repeatable)")
     p.add_argument("--full-eval", action="store_true", help="full validation perplexity instead of quick")
+    p.add_argument("--band-samples", type=int, default=4, metavar="K",
+                   help="keep-sets per size drawn from the posterior for the quality band beside the table "
+                        "(quality_band.json/.png); 0: no band")
     p.add_argument("--results", help="results JSON, a markdown table beside it (default: RUN_DIR/results.json)")
     p.add_argument("--smoke", action="store_true", help="tiny random model: checks the pipeline in seconds")
     p.add_argument("--random-weights", action="store_true",

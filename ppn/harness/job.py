@@ -6,7 +6,8 @@
 
 Writes into the run folder: config.json, metrics.jsonl, checkpoints/, model/
 (the fitted dense weights, HF format), plan.json, posterior.nc (ArviZ), PNG
-plots and table.md; and the results JSON (default <run folder>/results.json) + .md
+plots, table.md and the quality band (quality_band.json / .png: perplexity quantiles
+per size over posterior keep-sets); and the results JSON (default <run folder>/results.json) + .md
 with one row per size.
 With several processes (`jax.distributed`) every process computes, and
 process 0 alone writes those files.
@@ -22,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax.numpy as jnp
+import matplotlib.pyplot as plt
 import numpy as np
 from flax import nnx
 
@@ -72,6 +74,9 @@ class JobConfig:
         general_eval: also measure every row's perplexity on general English
             (`ppn.data.general_english`, validation split): what the fit did to
             text unlike the fitting text.
+        band_samples: keep-sets drawn per size for the quality band written beside
+            the table (quality_band.json / .png, `ppn.decisions.quality_band`, on the
+            first `band_windows` validation windows); 0: no band.
     """
 
     model: str = "smollm2-135m"
@@ -88,6 +93,8 @@ class JobConfig:
     train_text: str | tuple[str, ...] | None = None
     valid_text: str | None = None
     general_eval: bool = True
+    band_samples: int = 4
+    band_windows: int = 8
 
 
 def load_job(run_dir: str | os.PathLike) -> JobConfig:
@@ -186,12 +193,18 @@ def run(cfg: JobConfig, progress: bool = True) -> list[dict]:
                      random_floor=cfg.random_floor, dense_measured=dense_measured)
     for r in rows:
         r["fit_seconds"] = fit_seconds if r["train_tokens"] else 0.0
+    band = None if not cfg.band_samples else plan.quality_band(
+        result.model, valid, cfg.sizes, cfg.band_samples, seqlen=seqlen, max_windows=cfg.band_windows,
+        progress=progress, mesh=mesh)
     results = Path(cfg.results) if cfg.results else run_dir / "results.json"
     if main:
         write_results(results.stem, rows, COLUMNS, out_dir=results.parent,
                       title=f"Push puppet fit on {cfg.model}: validation perplexity by size ({mode})",
                       config=dataclasses.asdict(cfg))
         atomic_write_text(run_dir / "table.md", markdown_table(rows, COLUMNS))
+        if band is not None:
+            atomic_write_text(run_dir / "quality_band.json", json.dumps(band.to_json(), indent=2))
+            plt.close(plots.quality_band(band, path=run_dir / "quality_band.png"))
         atomic_write_text(run_dir / "job.json", json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
     mark_done(run_dir)
     return rows
@@ -252,8 +265,6 @@ def size_rows(dense: Llama, fitted: Llama, plan: Plan, measure: Callable[[Llama]
 
 def _posterior_outputs(plan: Plan, metrics: list[dict], run_dir: Path) -> None:
     """ArviZ posterior and the plots, beside the plan."""
-    import matplotlib.pyplot as plt
-
     idata = plan.to_arviz()
     tmp = run_dir / ".posterior.nc.tmp"
     idata.to_netcdf(str(tmp))

@@ -1,0 +1,109 @@
+"""Decisions under uncertainty: sampled keep-sets, the quality band, the smallest size meeting a bar."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from ppn import plots
+from ppn.decisions import quality_band, smallest_size
+from ppn.evaluate import perplexity
+from ppn.gates import hard_gates
+from ppn.plan import Plan
+from ppn.prune import prune
+from ppn.testing import peaked_model_and_text, random_plan, tiny_config, tiny_model, tiny_tokens
+
+SEQLEN, WINDOWS = 16, 6
+BAND = dict(seqlen=SEQLEN, max_windows=WINDOWS, num_bootstrap=50, progress=False)
+
+
+def _sharpened(plan: Plan, factor: float) -> Plan:
+    """The plan with its guide locations multiplied by `factor` and no spread."""
+    sites = {k: dataclasses.replace(s, loc=s.loc * factor, scale=np.zeros_like(s.scale))
+             for k, s in plan.sites.items()}
+    return dataclasses.replace(plan, sites=sites)
+
+
+def _max_unit_cost(units) -> int:
+    return max(units.head_cost + units.kv_cost + units.attn_fixed_cost,
+               int(units.group_costs.max()) + units.mlp_fixed_cost)
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+def test_sampled_keep_sets_are_at_the_size_vary_and_prune_to_their_gated_network(rescale):
+    plan, model = random_plan(tiny_config(), rescale=rescale), tiny_model()
+    size = 0.5
+    budget = plan.units.budget(size)
+    draws = plan.sample_keep(size, num_samples=12, seed=3)
+    assert len(draws) == 12
+    for k in draws:
+        assert budget - _max_unit_cost(plan.units) < k.num_params() <= budget
+        assert (k.scales is not None) == rescale
+    assert len({k.heads.tobytes() + k.groups.tobytes() for k in draws}) > 1
+    again = plan.sample_keep(size, num_samples=12, seed=3)
+    assert all(a == b for a, b in zip(draws, again))
+    ids = tiny_tokens(2 * SEQLEN, seed=1).reshape(2, SEQLEN)
+    np.testing.assert_allclose(np.asarray(prune(model, draws[0])(ids)),
+                               np.asarray(model(ids, gates=hard_gates(draws[0]))), atol=1e-5, rtol=1e-5)
+
+
+def test_a_sharp_posterior_samples_its_median_network_and_the_full_size_is_dense():
+    plan = _sharpened(random_plan(tiny_config()), 1e4)  # gate logits far beyond the noise's scale
+    assert all(k == plan.keep(0.4) for k in plan.sample_keep(0.4, num_samples=5))
+    assert all(k == plan.units.full() for k in plan.sample_keep(1.0, num_samples=2))
+    with pytest.raises(ValueError, match="num_samples"):
+        plan.sample_keep(0.5, num_samples=0)
+    with pytest.raises(ValueError, match="size"):
+        plan.sample_keep(1.5)
+
+
+def test_quality_band_draws_and_the_median_network_match_direct_evaluation(tmp_path):
+    plan, model, tokens = random_plan(tiny_config()), tiny_model(), tiny_tokens(2000, seed=2)
+    band = plan.quality_band(model, tokens, sizes=(1.0, 0.4), num_samples=3, **BAND)
+    assert band.sizes.tolist() == [0.4, 1.0]
+    assert band.draws.shape == (2, 3 * 50)
+    q = band.quantiles()
+    assert np.all(q[:, 0] <= q[:, 1]) and np.all(q[:, 1] <= q[:, 2])
+    dense = perplexity(model, tokens, seqlen=SEQLEN, max_windows=WINDOWS, progress=False)
+    cut = perplexity(prune(model, plan, 0.4), tokens, seqlen=SEQLEN, max_windows=WINDOWS, progress=False)
+    np.testing.assert_allclose(band.median_network, [cut.perplexity, dense.perplexity], rtol=1e-5)
+    # At the full size every keep-set is the dense network: the spread is the windows' alone,
+    # and the draws are the bootstrap of the dense network's window NLLs.
+    resamples = np.random.default_rng(0).integers(0, WINDOWS, (50, WINDOWS))
+    np.testing.assert_allclose(band.draws[1], np.tile(np.exp(dense.window_nll[resamples].mean(1)), 3), rtol=1e-5)
+    assert band.to_json()["q50"] == q[:, 1].tolist()
+    assert np.all(band.probability_within(np.inf) == 1.0)
+    fig = plots.quality_band(band, path=tmp_path / "band.png")
+    assert (tmp_path / "band.png").read_bytes()[:4] == b"\x89PNG"
+    (line,) = [ln for ln in fig.axes[0].lines if ln.get_label() == "median network"]
+    np.testing.assert_allclose(line.get_ydata(), band.median_network)
+
+
+def test_quality_band_refuses_bad_sizes_and_another_architecture():
+    plan, model, tokens = random_plan(tiny_config()), tiny_model(), tiny_tokens(500)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        quality_band(plan, model, tokens, sizes=(0.5, 1.2), **BAND)
+    with pytest.raises(ValueError, match="another architecture"):
+        quality_band(plan, tiny_model(hidden_size=48), tokens, **BAND)
+
+
+def test_smallest_size_is_the_edge_of_the_sizes_that_meet_the_bar():
+    (model, tokens), plan = peaked_model_and_text(), random_plan(tiny_config())  # cutting it costs perplexity
+    kwargs = dict(model=model, tokens=tokens, num_samples=3, tol=0.05, **BAND)
+    bar = 200.0  # met by the dense network and not by the smallest sizes (about 240 at 0.4)
+    choice = plan.smallest_size(bar, 0.8, **kwargs)
+    assert 0.1 < choice.size < 1.0
+    p = dict(zip(choice.band.sizes.tolist(), choice.band.probability_within(bar)))
+    assert p[choice.size] >= 0.8 and choice.probability == p[choice.size]
+    below = [s for s in p if s < choice.size]
+    assert all(p[s] < 0.8 for s in below)
+    assert not below or choice.size - max(below) <= 0.05
+    assert plan.smallest_size(1e9, 0.5, **kwargs).size == 0.1  # every size meets a bar this high: the lowest searched
+
+
+@pytest.mark.parametrize("bar, prob, match", [(1.0, 0.9, "dense network reaches it"), (50.0, 1.0, "prob"),
+                                              (-3.0, 0.9, "max_perplexity")])
+def test_smallest_size_says_what_is_wrong(bar, prob, match):
+    plan, model, tokens = random_plan(tiny_config()), tiny_model(), tiny_tokens(500)
+    with pytest.raises(ValueError, match=match):
+        smallest_size(plan, bar, prob, model=model, tokens=tokens, num_samples=2, **BAND)
