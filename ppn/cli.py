@@ -7,6 +7,7 @@
             [--train-text PATH] [--valid-text PATH] [--target-sizes 0.5,0.3] [--teacher SOURCE]
             [--dtype bfloat16] [--mesh data=D,fsdp=F] [--distributed]
     ppn resize --plan runs/smollm2-135m/plan.json --size 0.4 --out DIR [--from CHECKPOINT] [--uniform]
+               [--cost flops|bytes]
     ppn resize --plan ... --max-perplexity 60 [--prob 0.95] [--text PATH] --out DIR
     ppn bench [--quick] [--plan PLAN] [--methods ppn,wanda,...] [--sizes 0.5,0.3] [--nm 2:4]
               [--smoke] [--dtype bfloat16] [--mesh ...]
@@ -137,7 +138,7 @@ def _resize(args) -> int:
         raise ValueError("the plan names no checkpoint; pass --from CHECKPOINT")
     start = time.perf_counter()
     size = args.size if args.max_perplexity is None else _smallest_size(args, plan, source).size
-    pruned = ppn.load_pruned(source, plan, size, uniform=args.uniform)
+    pruned = ppn.load_pruned(source, plan.keep(size, uniform=args.uniform, cost=args.cost))
     try:
         tokenizer = ppn.load_tokenizer(source)
     except (ValueError, OSError):
@@ -272,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--max-perplexity", type=float, metavar="X",
                         help="the smallest size whose perplexity is at most X with probability --prob, "
                              "searched with the posterior's quality band (loads the dense model)")
+    p.add_argument("--cost", default="params", choices=["params", "flops", "bytes"],
+                   help="what --size measures: parameters (default), FLOPs per token at 2048 keys, or bytes in "
+                        "bfloat16; a fraction of the blocks' cost, or above 1 an amount for the whole model "
+                        "(for params: a count of prunable parameters)")
     p.add_argument("--prob", type=float, default=0.95, help="with --max-perplexity: the probability (0.95)")
     p.add_argument("--text", help="with --max-perplexity: a text file or folder to measure on "
                                   "(default: the Shakespeare validation split)")

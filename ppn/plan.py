@@ -38,7 +38,7 @@ from ppn import bayes, decisions, gates
 from ppn.models.config import LlamaConfig
 from ppn.posterior import Posterior, Site, prior_shapes, prior_supports
 from ppn.runs import atomic_write_text
-from ppn.units import KINDS, RESCALE_KINDS, KeepSet, Units
+from ppn.units import KINDS, RESCALE_KINDS, Costs, KeepSet, Units
 
 PLAN_FORMAT = "ppn-plan/2"
 # Plans of the priors before they were identified (a global intercept alpha0), which no longer load.
@@ -150,9 +150,8 @@ class Plan(Posterior):
         return plan
 
     # ------------------------------------------------------------- resizing
-    def keep(self, size: float | int, uniform: bool = False) -> KeepSet:
-        """The units to keep at `size` (a fraction of prunable parameters in (0, 1],
-        or an absolute count of them). Deterministic; reads no weights.
+    def keep(self, size: float | int, uniform: bool = False, cost: str | Costs = "params") -> KeepSet:
+        """The units to keep at `size`. Deterministic; reads no weights.
 
         By default (`fill_budget`) each block keeps what the ranking gives it, and
         the kept size is at most the budget and within one unit's cost (a head
@@ -161,13 +160,35 @@ class Plan(Posterior):
         With `uniform=True` (`fill_uniform`) every block is kept, with the same
         number of whole KV groups and of MLP groups: the pruned model is a
         standard dense one that a Hugging Face config describes.
+
+        Args:
+            size: with `cost="params"`, a fraction of prunable parameters in (0, 1]
+                or an absolute count of them; in another currency, a fraction of the
+                blocks' cost in it, or an amount for the whole model (`Costs.budget`).
+            cost: what the size measures: "params", "flops" (per token at 2048 keys),
+                "bytes" (bfloat16), or a `Costs` from `Units.costs` with other settings.
+                The ranking is the posterior's at the parameter fraction the fill
+                reaches (one refinement from the currency's fraction).
         """
-        budget = self.units.budget(size)
-        rho = float(np.clip(budget / self.units.total, 1e-6, 1 - 1e-6))
-        if budget >= self.units.total:
+        costs, budget, rho = self._target(size, cost)
+        if rho >= 1:
             return self.units.full()
-        keep = (fill_uniform if uniform else fill_budget)(self.units, self.median_logits(rho), budget)
+        fill = fill_uniform if uniform else fill_budget
+        keep = fill(self.units, self.median_logits(rho), budget, costs)
+        if costs is not None:  # the ranking at the parameter fraction that budget buys
+            rho = float(np.clip(keep.num_params() / self.units.total, 1e-6, 1 - 1e-6))
+            keep = fill(self.units, self.median_logits(rho), budget, costs)
         return keep if self.rescale is None else dataclasses.replace(keep, scales=self.scales(rho))
+
+    def _target(self, size, cost) -> tuple[Costs | None, float, float]:
+        """(costs, or None for parameters; the blocks' budget in them; the size's fraction in them, capped below 1)."""
+        if isinstance(cost, str) and cost == "params":
+            budget = self.units.budget(size)
+            return None, budget, 1.0 if budget >= self.units.total else float(np.clip(budget / self.units.total,
+                                                                                      1e-6, 1 - 1e-6))
+        costs = self.units.costs(cost) if isinstance(cost, str) else cost
+        budget, total = costs.budget(self.units, size), costs.of(self.units.full())
+        return costs, budget, 1.0 if budget >= total else float(np.clip(budget / total, 1e-6, 1 - 1e-6))
 
     def sample_keep(self, size: float | int, num_samples: int = 8, seed: int = 0) -> list[KeepSet]:
         """Keep-sets drawn from the posterior at `size`, each at the exact size of `keep(size)`.
@@ -182,9 +203,8 @@ class Plan(Posterior):
         """
         if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-        budget = self.units.budget(size)
-        rho = float(np.clip(budget / self.units.total, 1e-6, 1 - 1e-6))
-        if budget >= self.units.total:
+        _, budget, rho = self._target(size, "params")
+        if rho >= 1:
             return [self.units.full()] * num_samples
         logits = self.logit_draws(rho, num_samples, seed)
         noise = np.random.default_rng(seed)
@@ -263,29 +283,31 @@ def _expect_dicts(value, what: str, nested: bool = False) -> None:
         raise ValueError(f"{what} must be a JSON object{' of objects' if nested else ''}")
 
 
-def fill_budget(units: Units, logits: dict[str, np.ndarray], budget: int) -> KeepSet:
+def fill_budget(units: Units, logits: dict[str, np.ndarray], budget: float, costs: Costs | None = None) -> KeepSet:
     """Keeps units in decreasing order of score until the next one would exceed `budget`.
 
     A unit's score is its logit capped by its layer's logit (a unit can only be
     as important as the layer that carries it). Each unit's marginal cost adds
     its KV head when it is the first query head of that KV head, and the layer's
-    fixed cost (norm) when it is the layer's first unit.
+    fixed cost (norm) when it is the layer's first unit. Costs are `costs`
+    (`Units.costs`; default: parameters).
     """
+    costs = costs or units.costs()
     L, N, M = units.num_layers, units.num_heads, units.num_groups
     head_score = np.minimum(logits["head"], logits["attn_layer"][:, None]).reshape(-1)
     group_score = np.minimum(logits["mlp_group"], logits["mlp_layer"][:, None]).reshape(-1)
     score = np.concatenate([head_score, group_score])
     is_head = np.arange(score.size) < L * N
     layer = np.concatenate([np.repeat(np.arange(L), N), np.repeat(np.arange(L), M)])
-    cost = np.concatenate([np.full(L * N, units.head_cost), np.tile(units.group_costs, L)]).astype(np.int64)
+    cost = np.concatenate([np.full(L * N, costs.head), np.tile(costs.groups, L)]).astype(np.float64)
     kv_key = np.concatenate([np.repeat(np.arange(L), N) * units.config.num_kv_heads + np.tile(units.head_kv, L),
                              np.full(L * M, -1)])
 
     order = np.lexsort((np.arange(score.size), -score))  # stable: ties keep registry order
     first_layer = _first_occurrence(np.where(is_head, layer, L + layer)[order])
     first_kv = _first_occurrence(kv_key[order]) & is_head[order]
-    fixed = np.where(is_head[order], units.attn_fixed_cost, units.mlp_fixed_cost)
-    marginal = cost[order] + first_kv * units.kv_cost + first_layer * fixed
+    fixed = np.where(is_head[order], costs.attn_fixed, costs.mlp_fixed)
+    marginal = cost[order] + first_kv * costs.kv + first_layer * fixed
     fits = np.cumsum(marginal) <= budget
     n_kept = int(np.argmin(fits)) if not fits.all() else fits.size
     kept = np.zeros(score.size, bool)
@@ -294,7 +316,7 @@ def fill_budget(units: Units, logits: dict[str, np.ndarray], budget: int) -> Kee
     return KeepSet(units, heads.any(1), groups.any(1), heads, groups)
 
 
-def fill_uniform(units: Units, logits: dict[str, np.ndarray], budget: int) -> KeepSet:
+def fill_uniform(units: Units, logits: dict[str, np.ndarray], budget: float, costs: Costs | None = None) -> KeepSet:
     """Keeps every block, each with its top k KV groups (all G query heads of each)
     and its top m MLP groups, for one k and one m shared by all blocks.
 
@@ -314,10 +336,13 @@ def fill_uniform(units: Units, logits: dict[str, np.ndarray], budget: int) -> Ke
     narrower than the others (F not a multiple of the group width) it comes after
     them in every block, so that all blocks keep the same width.
 
+    Costs are `costs` (`Units.costs`; default: parameters).
+
     Raises:
         ValueError: the budget is below the smallest uniform model (the fewest KV
             groups and one MLP group in every block).
     """
+    costs = costs or units.costs()
     L, K, G, M = units.num_layers, units.config.num_kv_heads, units.config.group_size, units.num_groups
     kv_logit = logits["head"].reshape(L, K, G).mean(-1)
     group_key = logits["mlp_group"].copy()
@@ -332,12 +357,12 @@ def fill_uniform(units: Units, logits: dict[str, np.ndarray], budget: int) -> Ke
     kv_order, kv_score = slices(kv_logit, logits["attn_layer"], kv_logit)
     group_order, group_score = slices(logits["mlp_group"], logits["mlp_layer"], group_key)
     kv_steps = [k for k in range(1, K + 1) if units.config.hidden_size % (k * G) == 0] or [K]
-    kv_cost = L * (G * units.head_cost + units.kv_cost)
-    group_cost = L * np.sort(units.group_costs)[::-1]  # a narrow last group is the last slice
+    kv_cost = L * (G * costs.head + costs.kv)
+    group_cost = L * np.sort(costs.groups)[::-1]  # a narrow last group is the last slice
     k, m = kv_steps[0], 1
-    size = L * (units.attn_fixed_cost + units.mlp_fixed_cost) + k * kv_cost + int(group_cost[0])
+    size = L * (costs.attn_fixed + costs.mlp_fixed) + k * kv_cost + group_cost[0]
     if size > budget:
-        raise ValueError(f"a size of {budget:,} parameters is below the smallest uniform model ({size:,}: "
+        raise ValueError(f"a size of {budget:,.0f} {costs.currency} is below the smallest uniform model ({size:,.0f}: "
                          f"{k} KV group(s) and one MLP group in every block); use a larger size or uniform=False")
     open_kinds = {"attn", "mlp"}
     while True:
@@ -347,7 +372,7 @@ def fill_uniform(units: Units, logits: dict[str, np.ndarray], budget: int) -> Ke
         if not options:
             break
         kind = max(options, key=lambda o: o[0])[1]  # ties: attention (listed first)
-        cost = (k_next - k) * kv_cost if kind == "attn" else int(group_cost[m])
+        cost = (k_next - k) * kv_cost if kind == "attn" else group_cost[m]
         if size + cost > budget:
             open_kinds.discard(kind)
             continue

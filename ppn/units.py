@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
 import numpy as np
 
 from ppn.models.config import LayerShape, LlamaConfig
 
 KINDS = ("attn_layer", "mlp_layer", "head", "mlp_group")
+# What a size can be measured in (`Units.costs`).
+CURRENCIES = ("params", "flops", "bytes")
 # Rescaled quantities: every gate, and the D dimensions of each sub-layer's normalised input.
 RESCALE_KINDS = KINDS + ("attn_in", "mlp_in")
 
@@ -130,6 +133,32 @@ class Units:
         L, N, M = self.num_layers, self.num_heads, self.num_groups
         return KeepSet(self, np.ones(L, bool), np.ones(L, bool), np.ones((L, N), bool), np.ones((L, M), bool))
 
+    def costs(self, currency: str = "params", context: int = 2048, dtype="bfloat16") -> Costs:
+        """What each unit costs in `currency`:
+
+        - "params": parameters (the attributes above);
+        - "flops": floating-point operations per token when the model decodes at
+          `context` keys: 2 per weight of a matrix product (norms too), plus each
+          query head's 4 * context * head_dim for its scores and weighted sum;
+          elementwise operations (softmax, SwiGLU, residuals) are left out;
+        - "bytes": the weights' bytes at `dtype` (as a fraction, the same as "params";
+          as an amount, a file or memory size).
+        """
+        c = self.config
+        base = c.num_params() - c.num_prunable_params()
+        if currency == "params" or currency == "bytes":
+            per = 1 if currency == "params" else np.dtype(jnp.dtype(dtype)).itemsize
+            return Costs(currency, per * self.head_cost, per * self.kv_cost, per * self.attn_fixed_cost,
+                         per * self.group_costs.astype(np.float64), per * self.mlp_fixed_cost, per * base)
+        if currency == "flops":
+            if context < 1:
+                raise ValueError(f"context must be a positive number of keys, got {context}")
+            head_out = c.vocab_size * c.hidden_size  # the output head; the embedding lookup multiplies nothing
+            return Costs(currency, 2 * self.head_cost + 4 * context * c.head_dim, 2 * self.kv_cost,
+                         2 * self.attn_fixed_cost, 2 * self.group_costs.astype(np.float64), 2 * self.mlp_fixed_cost,
+                         2 * (head_out + c.hidden_size))
+        raise ValueError(f"unknown cost currency {currency!r}; choose one of {', '.join(CURRENCIES)}")
+
     def budget(self, size: float | int) -> int:
         """A target size in parameters: a fraction in (0, 1] of `total`, or an
         absolute count of prunable parameters (an int above 1)."""
@@ -144,6 +173,48 @@ class Units:
         if size > self.total:
             raise ValueError(f"size {int(size):,} exceeds the model's {self.total:,} prunable parameters")
         return int(size)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Costs:
+    """What each unit of a model costs in one currency (`Units.costs`).
+
+    Attributes:
+        currency: "params", "flops" (per token) or "bytes".
+        head, kv: one query head; one KV head (paid once its first query head is kept).
+        attn_fixed, mlp_fixed: what a kept attention / MLP sub-layer costs whatever its units (norm, biases).
+        groups: (M,) each MLP group.
+        base: what the model costs outside its blocks (embeddings, final norm, output head).
+    """
+
+    currency: str
+    head: float
+    kv: float
+    attn_fixed: float
+    groups: np.ndarray
+    mlp_fixed: float
+    base: float
+
+    def of(self, keep: KeepSet) -> float:
+        """The blocks' cost of the model `keep` describes (its prunable part)."""
+        eff = keep.effective()
+        return float(eff.heads.sum() * self.head + keep.kv_kept().sum() * self.kv + eff.attn.sum() * self.attn_fixed
+                     + (eff.groups * self.groups).sum() + eff.mlp.sum() * self.mlp_fixed)
+
+    def budget(self, units: Units, size: float) -> float:
+        """A target in this currency for the blocks: a fraction in (0, 1] of the dense
+        blocks' cost, or (above 1) an amount for the whole model, `base` included."""
+        total = self.of(units.full())
+        if isinstance(size, bool) or not isinstance(size, (int, float, np.integer, np.floating)):
+            raise TypeError(f"size must be a number, got {size!r}")
+        if not np.isfinite(size) or size <= 0:
+            raise ValueError(f"size must be a fraction in (0, 1] or an amount of {self.currency}, got {size}")
+        if size <= 1:
+            return float(size) * total
+        if not self.base < size <= self.base + total:
+            raise ValueError(f"a model of {size:,.0f} {self.currency}: the dense model has {self.base + total:,.0f} "
+                             f"and its parts outside the blocks alone {self.base:,.0f}")
+        return float(size) - self.base
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

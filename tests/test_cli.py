@@ -80,6 +80,11 @@ def test_resize_writes_a_smaller_checkpoint(tmp_path, tiny_checkpoint, capsys):
     assert cli.main(["resize", "--plan", str(tmp_path / "plan.json"), "--size", "1.7", "--from", str(path),
                      "--out", str(tmp_path / "x")]) == 1
     assert "must be whole" in capsys.readouterr().err
+    amount = plan.units.costs("flops").base + 0.5 * plan.units.costs("flops").of(plan.units.full())
+    assert cli.main(["resize", "--plan", str(tmp_path / "plan.json"), "--size", str(amount), "--cost", "flops",
+                     "--from", str(path), "--out", str(tmp_path / "flops")]) == 0
+    flops = ppn.load_model(tmp_path / "flops").config.num_prunable_params()
+    assert flops == ppn.Plan.load(tmp_path / "plan.json").keep(amount, cost="flops").num_params()
 
 
 def test_resize_to_the_smallest_size_meeting_a_perplexity_bar(tmp_path, tiny_checkpoint, capsys):

@@ -220,3 +220,20 @@ def test_a_uniform_keep_set_is_a_standard_dense_model_that_fills_its_budget(over
     with pytest.raises(ValueError, match="below the smallest uniform model"):
         fill_uniform(units, logits, smallest - 1)
 
+
+
+@pytest.mark.parametrize("uniform", [False, True])
+@pytest.mark.parametrize("currency", ["flops", "bytes"])
+def test_keep_in_another_currency_lands_within_one_unit_of_its_budget(currency, uniform):
+    plan = random_plan(tiny_config(), seed=4)
+    units = plan.units
+    costs = units.costs(currency)
+    for size in (0.8, 0.5):
+        keep = plan.keep(size, uniform=uniform, cost=currency)
+        budget = size * costs.of(units.full())
+        unit = max(costs.head + costs.kv + costs.attn_fixed, costs.groups.max() + costs.mlp_fixed)
+        step = units.num_layers * (units.config.group_size * costs.head + costs.kv) if uniform else unit
+        assert budget - step < costs.of(keep) <= budget
+    # an amount for the whole model, outside the blocks included
+    amount = costs.base + 0.6 * costs.of(units.full())
+    assert costs.base + costs.of(plan.keep(amount, cost=currency)) <= amount

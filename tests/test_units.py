@@ -55,3 +55,39 @@ def test_keep_set_scales_are_checked():
     with pytest.raises(ValueError, match="non-finite"):
         KeepSet(units, full.attn, full.mlp, full.heads, full.groups, bad)
 
+
+
+def _random_keep(units, seed):
+    rng = np.random.default_rng(seed)
+    L, N, M = units.num_layers, units.num_heads, units.num_groups
+    return KeepSet(units, rng.random(L) < 0.8, rng.random(L) < 0.8, rng.random((L, N)) < 0.5, rng.random((L, M)) < 0.5)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_costs_in_each_currency_price_a_keep_set(seed):
+    units = Units(tiny_config(), group_width=16)
+    keep = _random_keep(units, seed)
+    assert units.costs("params").of(keep) == keep.num_params()
+    assert units.costs("bytes", dtype="bfloat16").of(keep) == 2 * keep.num_params()
+    assert units.costs("bytes", dtype="float32").of(keep) == 4 * keep.num_params()
+    # FLOPs per token: two per weight of the kept blocks, plus every kept query head's
+    # scores and weighted sum over the context (4 * context * head_dim)
+    heads = keep.effective().heads.sum()
+    c = units.config
+    assert units.costs("flops", context=100).of(keep) == 2 * keep.num_params() + heads * 4 * 100 * c.head_dim
+    # outside the blocks: the output head and the final norm (the embedding lookup multiplies nothing)
+    assert units.costs("flops").base == 2 * (c.vocab_size * c.hidden_size + c.hidden_size)
+    assert units.costs("params").base == c.num_params() - c.num_prunable_params()
+
+
+def test_costs_reject_an_unknown_currency_and_amounts_no_model_has():
+    units = Units(tiny_config(), group_width=16)
+    with pytest.raises(ValueError, match="unknown cost currency 'watts'"):
+        units.costs("watts")
+    costs = units.costs("bytes")
+    with pytest.raises(ValueError, match="outside the blocks alone"):
+        costs.budget(units, costs.base * 0.9)
+    with pytest.raises(ValueError, match="the dense model has"):
+        costs.budget(units, costs.base + costs.of(units.full()) + 10)
+    with pytest.raises(ValueError, match="fraction in"):
+        costs.budget(units, -0.5)
