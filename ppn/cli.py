@@ -9,6 +9,7 @@
     ppn resize --plan runs/smollm2-135m/plan.json --size 0.4 --out DIR [--from CHECKPOINT] [--uniform]
                [--cost flops|bytes]
     ppn resize --plan ... --max-perplexity 60 [--prob 0.95] [--text PATH] --out DIR
+    ppn profile [--model smollm2-135m] [--context 512] --out costs.json
     ppn bench [--quick] [--plan PLAN] [--methods ppn,wanda,...] [--sizes 0.5,0.3] [--nm 2:4]
               [--smoke] [--dtype bfloat16] [--mesh ...]
 
@@ -170,6 +171,27 @@ def _smallest_size(args, plan, source):
     return choice
 
 
+def _cost(text: str) -> str:
+    """argparse type of --cost: a currency or a .json latency table."""
+    if text in ("params", "flops", "bytes") or text.endswith(".json"):
+        return text
+    raise argparse.ArgumentTypeError(f"expected params, flops, bytes or a COSTS.json table, got {text!r}")
+
+
+def _profile(args) -> int:
+    import ppn
+    from ppn import speed
+
+    table = speed.profile_costs(ppn.load_model(args.model, dtype=args.dtype), context=args.context,
+                                repeats=args.repeats, progress=not args.quiet)
+    for phase, fit in table["phases"].items():
+        worst = max(abs(f - m) for f, m in zip(fit["fitted_ms"], fit["measured_ms"]))
+        log.info(f"{phase}: dense {fit['measured_ms'][0]:.3f} ms; the per-unit fit within {worst:.3f} ms of every "
+                 f"variant timed")
+    print(speed.save_costs(table, args.out))
+    return 0
+
+
 def _bench(args) -> int:
     from ppn.harness.arguments import bench_config
     from ppn.harness.benchmark import COLUMNS, run
@@ -273,10 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--max-perplexity", type=float, metavar="X",
                         help="the smallest size whose perplexity is at most X with probability --prob, "
                              "searched with the posterior's quality band (loads the dense model)")
-    p.add_argument("--cost", default="params", choices=["params", "flops", "bytes"],
-                   help="what --size measures: parameters (default), FLOPs per token at 2048 keys, or bytes in "
-                        "bfloat16; a fraction of the blocks' cost, or above 1 an amount for the whole model "
-                        "(for params: a count of prunable parameters)")
+    p.add_argument("--cost", default="params", type=_cost,
+                   help="what --size measures: params (default), flops (per token at 2048 keys), bytes (bfloat16), "
+                        "or a latency table COSTS.json from ppn profile (decode ms per token); a fraction of the "
+                        "blocks' cost, or above 1 an amount for the whole model (params: a count of prunable ones)")
     p.add_argument("--prob", type=float, default=0.95, help="with --max-perplexity: the probability (0.95)")
     p.add_argument("--text", help="with --max-perplexity: a text file or folder to measure on "
                                   "(default: the Shakespeare validation split)")
@@ -289,6 +311,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the same heads, KV heads and channels in every block: a standard Hugging Face model")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(run=_resize)
+
+    p = add_parser("profile", help="time what each unit costs on this machine (prefill and decode ms), "
+                                   "a latency table for resize --cost")
+    p.add_argument("--model", default="smollm2-135m", help="zoo name, checkpoint directory or .gguf file")
+    p.add_argument("--context", type=int, default=512, help="tokens of the prompt / window (512)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per variant (3)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--out", default="costs.json", help="the latency table (JSON)")
+    p.set_defaults(run=_profile)
 
     p = add_parser("bench", help="the benchmark: ppn against every baseline at every size, one table")
     arguments.add_bench_arguments(p)

@@ -34,7 +34,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from ppn import bayes, decisions, gates
+from ppn import bayes, decisions, gates, speed
 from ppn.models.config import LlamaConfig
 from ppn.posterior import Posterior, Site, prior_shapes, prior_supports
 from ppn.runs import atomic_write_text
@@ -166,7 +166,9 @@ class Plan(Posterior):
                 or an absolute count of them; in another currency, a fraction of the
                 blocks' cost in it, or an amount for the whole model (`Costs.budget`).
             cost: what the size measures: "params", "flops" (per token at 2048 keys),
-                "bytes" (bfloat16), or a `Costs` from `Units.costs` with other settings.
+                "bytes" (bfloat16), a latency table's path ("costs.json" from `ppn profile`:
+                decode milliseconds per token), or a `Costs` (`Units.costs`,
+                `ppn.speed.load_costs` for prefill) with other settings.
                 The ranking is the posterior's at the parameter fraction the fill
                 reaches (one refinement from the currency's fraction).
         """
@@ -186,6 +188,8 @@ class Plan(Posterior):
             budget = self.units.budget(size)
             return None, budget, 1.0 if budget >= self.units.total else float(np.clip(budget / self.units.total,
                                                                                       1e-6, 1 - 1e-6))
+        if isinstance(cost, (str, os.PathLike)) and str(cost).endswith(".json"):
+            cost = speed.load_costs(cost, self.units)  # a latency table's decode milliseconds
         costs = self.units.costs(cost) if isinstance(cost, str) else cost
         budget, total = costs.budget(self.units, size), costs.of(self.units.full())
         return costs, budget, 1.0 if budget >= total else float(np.clip(budget / total, 1e-6, 1 - 1e-6))

@@ -1,4 +1,6 @@
-"""Throughput measurements of the experiments/BENCHMARK.md protocol, for any `Llama` (dense or pruned).
+"""Throughput measurements of the experiments/BENCHMARK.md protocol, for any `Llama`
+(dense or pruned), and latency tables: what each unit costs in milliseconds on this
+machine (`profile_costs`), so that `Plan.keep` can cut to a latency.
 
 Each function compiles first (untimed), then reports the median of `repeats`
 timed runs, blocking on the result so asynchronous dispatch is not mistaken for
@@ -12,9 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +26,9 @@ import numpy as np
 from flax import nnx
 
 from ppn.generate import generate
+from ppn.models.config import LlamaConfig
 from ppn.models.llama import Llama
+from ppn.units import Costs, KeepSet, Units
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,3 +146,116 @@ def decode_without_cache_throughput(model: Llama, prompt_len: int = 128, new_tok
         per_token.append(time_call(lambda: _logits(graphdef, state, ids).block_until_ready(), 1, repeats).seconds)
     mean = float(np.mean(per_token))
     return Throughput(1.0 / mean, mean * new_tokens, new_tokens, repeats)
+
+
+# ------------------------------------------------------------------ latency tables
+COSTS_FORMAT = "ppn-costs/1"
+PHASES = ("prefill", "decode")
+# Latency terms of a model, summed over its blocks; the regressors of `profile_costs`.
+LATENCY_TERMS = ("base", "attn_layer", "head", "kv_head", "mlp_layer", "channel")
+
+
+def _profile_keeps(units: Units) -> list[KeepSet]:
+    """Pruned variants of the dense model, the same in every block, whose counts of
+    sub-layers, query heads, KV heads and channels vary independently enough to
+    separate their latencies: whole KV groups and one head per KV group, every,
+    half and a quarter of the MLP groups, no attention, no MLP."""
+    L, N, K, M = units.num_layers, units.num_heads, units.config.num_kv_heads, units.num_groups
+    group = units.head_kv
+    heads = {"all": np.ones(N, bool), "half_groups": group < max(K // 2, 1),
+             "one_per_group": np.r_[True, group[1:] != group[:-1]], "quarter_groups": group < max(K // 4, 1)}
+    groups = {f: np.arange(M) < max(round(M * f), 1) for f in (1.0, 0.5, 0.25)}
+    specs = [(heads["all"], groups[1.0], True, True), (heads["half_groups"], groups[1.0], True, True),
+             (heads["one_per_group"], groups[1.0], True, True), (heads["all"], groups[0.5], True, True),
+             (heads["all"], groups[0.25], True, True), (heads["quarter_groups"], groups[0.25], True, True),
+             (heads["all"], groups[1.0], False, True), (heads["all"], groups[0.5], True, False),
+             (heads["one_per_group"], groups[0.5], False, True)]
+    return [KeepSet(units, np.full(L, a), np.full(L, m), np.tile(h, (L, 1)), np.tile(g, (L, 1)))
+            for h, g, a, m in specs]
+
+
+def latency_terms(keep: KeepSet) -> np.ndarray:
+    """(len(LATENCY_TERMS),) the model's count of each latency term."""
+    eff = keep.effective()
+    return np.array([1, eff.attn.sum(), eff.heads.sum(), keep.kv_kept().sum(), eff.mlp.sum(),
+                     keep.channels().sum()], np.float64)
+
+
+def measure_latency(model: Llama, context: int = 512, new_tokens: int = 32, repeats: int = 3) -> dict[str, float]:
+    """Milliseconds at batch 1: "prefill", one forward pass over `context` tokens; "decode",
+    one new token after a `context`-token prompt (generation of `new_tokens` less the
+    prefill, per token)."""
+    prefill = time_call(_prefill_call(model, batch=1, seqlen=context)[0], 1, repeats).seconds
+    generated = time_call(_decode_call(model, prompt_len=context, new_tokens=new_tokens)[0], 1, repeats).seconds
+    return {"prefill": 1e3 * prefill, "decode": 1e3 * max(generated - prefill, 0.0) / new_tokens}
+
+
+def profile_costs(model: Llama, group_width: int = 64, context: int = 512, repeats: int = 3, measure=None,
+                  progress: bool = True) -> dict:
+    """A latency table of `model` on this machine: what each unit costs in milliseconds.
+
+    Times the pruned variants of `_profile_keeps` and fits, per phase, the latency as
+    a non-negative sum of `LATENCY_TERMS` (a fixed cost, then per attention sub-layer,
+    query head, KV head, MLP sub-layer and MLP channel) by least squares. A unit's
+    latency is thereby assumed the same in every block.
+
+    Args:
+        measure: pruned model -> {"prefill": ms, "decode": ms}; default `measure_latency`.
+
+    Returns:
+        The table (`COSTS_FORMAT`): the dense config, context, per-phase coefficients
+        by term, and the measured and fitted milliseconds of each variant. `save_costs`
+        writes it; `load_costs` turns a phase of it into `Costs` for `Plan.keep`.
+    """
+    from scipy.optimize import nnls
+
+    from ppn.console import progress_bar
+    from ppn.prune import prune
+
+    units = Units(model.config, min(group_width, model.config.intermediate_size))
+    measure = measure or functools.partial(measure_latency, context=context, repeats=repeats)
+    keeps = _profile_keeps(units)
+    terms = np.stack([latency_terms(k) for k in keeps])
+    measured = [measure(prune(model, k)) for k in progress_bar(keeps, desc="profile", unit="model", enabled=progress)]
+    table = {"format": COSTS_FORMAT, "config": model.config.to_hf(), "context": context, "terms": LATENCY_TERMS,
+             "variants": terms.tolist(), "phases": {}}
+    for phase in PHASES:
+        ms = np.array([m[phase] for m in measured])
+        coef = nnls(terms, ms)[0]
+        table["phases"][phase] = {"coefficients_ms": dict(zip(LATENCY_TERMS, coef.tolist())),
+                                  "measured_ms": ms.tolist(), "fitted_ms": (terms @ coef).tolist()}
+    return table
+
+
+def save_costs(table: dict, path) -> Path:
+    """Writes a latency table as JSON, atomically."""
+    from ppn.runs import atomic_write_text
+
+    return atomic_write_text(path, json.dumps(table, indent=2))
+
+
+def load_costs(path, units: Units, phase: str = "decode") -> Costs:
+    """One phase of a latency table as `Costs` (currency "ms") for `units`' model.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a cost table, an unknown phase, or a table measured on another model shape.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no cost table at {path}")
+    try:
+        table = json.loads(path.read_text())
+        if table.get("format") != COSTS_FORMAT:
+            raise ValueError(f"format is {table.get('format')!r}, expected {COSTS_FORMAT!r}")
+        config = LlamaConfig.from_hf(table["config"])
+        coef = table["phases"][phase]["coefficients_ms"] if phase in PHASES else None
+        if coef is None:
+            raise ValueError(f"unknown phase {phase!r}; choose one of {', '.join(PHASES)}")
+        c = {t: float(coef[t]) for t in LATENCY_TERMS}
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path} is not a valid ppn cost table: {e}") from e
+    if config.replace(layers=None) != units.config:
+        raise ValueError(f"{path} was measured for another model shape ({config}) than this plan's ({units.config})")
+    return Costs("ms", c["head"], c["kv_head"], c["attn_layer"], c["channel"] * units.group_widths.astype(np.float64),
+                 c["mlp_layer"], c["base"])

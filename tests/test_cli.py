@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import ppn
-from ppn import cli
+from ppn import cli, speed
 from ppn.harness import arguments
 from ppn.testing import smoke_fit_config, tiny_model, tiny_tokens
 
@@ -107,6 +107,25 @@ def test_resize_to_the_smallest_size_meeting_a_perplexity_bar(tmp_path, tiny_che
     assert not (tmp_path / "none").exists()
     with pytest.raises(SystemExit):  # a size and a bar: one or the other
         cli.main([*argv, "--size", "0.5", "--max-perplexity", "10", "--out", str(out)])
+
+
+def test_profile_writes_a_latency_table_that_resize_cuts_to(tmp_path, tiny_checkpoint, capsys):
+    path, model = tiny_checkpoint
+    costs = tmp_path / "costs.json"
+    assert cli.main(["profile", "--model", str(path), "--context", "16", "--repeats", "1", "--out", str(costs)]) == 0
+    assert capsys.readouterr().out == f"{costs}\n"
+    plan = ppn.fit(model, tiny_tokens(2000, vocab_size=model.config.vocab_size), smoke_fit_config(steps=2),
+                   progress=False)
+    plan = ppn.Plan.from_fit(plan)
+    plan.save(tmp_path / "plan.json")
+    table = speed.load_costs(costs, plan.units)
+    target = table.base + 0.7 * table.of(plan.units.full())
+    assert cli.main(["resize", "--plan", str(tmp_path / "plan.json"), "--size", str(target), "--cost", str(costs),
+                     "--from", str(path), "--out", str(tmp_path / "fast")]) == 0
+    assert ppn.load_model(tmp_path / "fast").config.num_prunable_params() == plan.keep(target, cost=str(costs)).num_params()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["resize", "--plan", "p.json", "--size", "0.5", "--cost", "watts", "--out", "o"])
+    assert e.value.code == 2 and "COSTS.json" in capsys.readouterr().err
 
 
 def test_fit_set_overrides_any_fit_config_field():

@@ -2,8 +2,11 @@
 
 import time
 
+import pytest
+
 from ppn import speed
-from ppn.testing import tiny_model
+from ppn.prune import prune
+from ppn.testing import random_plan, tiny_config, tiny_model
 
 
 def test_interleaved_ratio_is_reference_time_over_model_time(monkeypatch):
@@ -38,3 +41,59 @@ def test_throughput_counts_tokens_and_relative_speed_of_a_model_to_itself():
                                   decode=dict(prompt_len=4, new_tokens=6))
     assert set(ratios) == {"prefill_ratio", "decode_ratio"}
     assert all(0 < r < 100 for r in ratios.values())
+
+
+COEF = dict(base=3.0, attn_layer=0.5, head=0.25, kv_head=0.125, mlp_layer=0.75, channel=0.01)
+
+
+def _linear_latency(model):
+    """Milliseconds exactly linear in the latency terms of a pruned tiny model (decode at half the prefill's)."""
+    shapes = model.config.layer_shapes()
+    counts = dict(base=1, attn_layer=sum(s.has_attention for s in shapes), head=sum(s.num_heads for s in shapes),
+                  kv_head=sum(s.num_kv_heads for s in shapes), mlp_layer=sum(s.has_mlp for s in shapes),
+                  channel=sum(s.intermediate_size for s in shapes))
+    ms = sum(COEF[t] * counts[t] for t in speed.LATENCY_TERMS)
+    return {"prefill": ms, "decode": ms / 2}
+
+
+def test_profile_recovers_per_unit_latencies_and_keep_cuts_to_a_latency(tmp_path):
+    model = tiny_model()
+    table = speed.profile_costs(model, group_width=16, measure=_linear_latency, progress=False)
+    for phase, scale in (("prefill", 1.0), ("decode", 0.5)):
+        fitted = table["phases"][phase]["coefficients_ms"]
+        assert all(abs(fitted[t] - scale * COEF[t]) < 1e-9 for t in speed.LATENCY_TERMS), (phase, fitted)
+    path = speed.save_costs(table, tmp_path / "costs.json")
+    plan = random_plan(model.config, group_width=16)
+    costs = speed.load_costs(path, plan.units)
+    dense_ms = costs.base + costs.of(plan.units.full())
+    assert abs(dense_ms - _linear_latency(model)["decode"]) < 1e-9
+    for target in (0.8 * dense_ms, 0.5 * dense_ms):
+        keep = plan.keep(target, cost=str(path))
+        ms = _linear_latency(prune(model, keep))["decode"]
+        unit = max(costs.head + costs.kv + costs.attn_fixed, costs.groups.max() + costs.mlp_fixed)
+        assert target - unit < ms <= target + 1e-9
+    with pytest.raises(ValueError, match="outside the blocks alone"):
+        plan.keep(0.9 * costs.base, cost=str(path))
+    with pytest.raises(ValueError, match="the dense model has"):
+        plan.keep(2 * dense_ms, cost=str(path))
+
+
+def test_cost_tables_refuse_another_model_a_bad_phase_and_a_corrupt_file(tmp_path):
+    table = speed.profile_costs(tiny_model(), group_width=16, measure=_linear_latency, progress=False)
+    path = speed.save_costs(table, tmp_path / "costs.json")
+    other = random_plan(tiny_config(hidden_size=48), group_width=16)
+    with pytest.raises(ValueError, match="another model shape"):
+        speed.load_costs(path, other.units)
+    units = random_plan(tiny_config(), group_width=16).units
+    with pytest.raises(ValueError, match="unknown phase 'train'"):
+        speed.load_costs(path, units, phase="train")
+    (tmp_path / "bad.json").write_text('{"format": "ppn-costs/1", "config": {}')
+    with pytest.raises(ValueError, match="not a valid ppn cost table"):
+        speed.load_costs(tmp_path / "bad.json", units)
+    with pytest.raises(FileNotFoundError, match="no cost table"):
+        speed.load_costs(tmp_path / "none.json", units)
+
+
+def test_measured_latency_is_positive_for_both_phases():
+    ms = speed.measure_latency(tiny_model(), context=16, new_tokens=4, repeats=1)
+    assert set(ms) == set(speed.PHASES) and ms["prefill"] > 0 and ms["decode"] >= 0
