@@ -12,18 +12,28 @@ measured beside it on the same windows.
 
 `smallest_size` searches sizes for the smallest one whose perplexity is at most
 a bar with a stated probability (the share of the band's draws within it).
+
+`ensemble_metrics` averages the next-token distributions of sampled sub-networks
+and measures their accuracy and calibration (ECE, Brier) against the median
+network and the dense model, and the members' disagreement as a signal for
+setting aside the least certain predictions.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from ppn.console import progress_bar
+from ppn.data import eval_windows
 from ppn.evaluate import perplexity
 from ppn.gates import hard_gates
 
@@ -189,3 +199,97 @@ def smallest_size(plan: Plan, max_perplexity: float, prob: float = 0.95, *, mode
         mid = round((lo + hi) / 2, 6)
         lo, hi = (lo, mid) if meets(mid) else (mid, hi)
     return SizeChoice(hi, float(band.probability_within(max_perplexity)[band.sizes == hi][0]), band)
+
+
+# ------------------------------------------------------------ sub-network ensembles
+ENSEMBLE_SIZES = (1, 4, 8)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _log_probs(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array, gates) -> jax.Array:
+    """(B, T-1, V) float32 next-token log-probabilities of windows ids (B, T), gated by `gates`."""
+    return jax.nn.log_softmax(nnx.merge(graphdef, state)(ids, gates=gates)[:, :-1].astype(jnp.float32), axis=-1)
+
+
+def _token_stats(probs: jax.Array, mean_entropy: jax.Array, targets: jax.Array) -> dict[str, np.ndarray]:
+    """Per token of a predictive distribution `probs` (B, T-1, V): its confidence, whether
+    its argmax is right, NLL, Brier score and disagreement (H(mean) - mean H: the
+    members' mutual information with the prediction; 0 for a single network)."""
+    p_target = jnp.take_along_axis(probs, targets[..., None], -1)[..., 0]
+    entropy = -(probs * jnp.log(jnp.clip(probs, 1e-30))).sum(-1)
+    out = {"confidence": probs.max(-1), "correct": probs.argmax(-1) == targets,
+           "nll": -jnp.log(jnp.clip(p_target, 1e-30)), "brier": (probs ** 2).sum(-1) - 2 * p_target + 1,
+           "disagreement": entropy - mean_entropy}
+    return {k: np.asarray(v).reshape(-1) for k, v in out.items()}
+
+
+def calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
+    """Expected calibration error: the token-weighted mean |accuracy - confidence| over
+    `bins` equal-width bins of confidence."""
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            total += inside.sum() * abs(correct[inside].mean() - confidence[inside].mean())
+    return float(total / confidence.size)
+
+
+def selective_accuracy(certainty: np.ndarray, correct: np.ndarray, coverage: float = 0.9) -> float:
+    """Accuracy on the `coverage` share of tokens the predictor is most certain of."""
+    keep = np.argsort(-certainty, kind="stable")[: max(int(round(coverage * certainty.size)), 1)]
+    return float(correct[keep].mean())
+
+
+def ensemble_metrics(plan: Plan, model: Llama, tokens, size: float, sizes: Sequence[int] = ENSEMBLE_SIZES, *,
+                     seqlen: int = 512, max_windows: int | None = 16, seed: int = 0,
+                     progress: bool = True) -> list[dict]:
+    """Sub-network ensembles as predictive uncertainty, on the first `max_windows` windows.
+
+    Averages the next-token distributions of the first K of max(sizes) keep-sets
+    drawn at `size` (`Plan.sample_keep`), for each K in `sizes`, and measures
+    each ensemble, the median network (`Plan.keep`) and the dense model: next-token
+    accuracy, NLL, ECE (15 bins), Brier score, and accuracy at 90% coverage
+    when the least certain 10% of tokens are set aside, by confidence (max
+    probability) and, for ensembles, by the members' disagreement.
+
+    Returns:
+        One row per predictor: "predictor", "members", "accuracy", "nll", "ece", "brier",
+        "accuracy_at_90_confidence", "accuracy_at_90_disagreement" (None for one network).
+    """
+    plan.check_model(model.config)
+    windows = eval_windows(np.asarray(tokens), seqlen, max_windows)
+    keeps = plan.sample_keep(size, max(sizes), seed)
+    graphdef, state = nnx.split(model)
+    names = ["dense", "median network"] + [f"ensemble of {k}" for k in sizes]
+    stats = {n: [] for n in names}
+    with progress_bar(total=len(windows), desc="ensembles", unit="window", enabled=progress) as bar:
+        for window in windows:
+            ids = jnp.asarray(window[None], jnp.int32)
+            targets = ids[:, 1:]
+
+            def single(keep):
+                logp = _log_probs(graphdef, state, ids, hard_gates(keep))
+                return jnp.exp(logp), -(jnp.exp(logp) * logp).sum(-1)
+
+            for name, keep in (("dense", plan.units.full()), ("median network", plan.keep(size))):
+                probs, entropy = single(keep)
+                stats[name].append(_token_stats(probs, entropy, targets))
+            total, entropies = 0.0, 0.0
+            for k, keep in enumerate(keeps, start=1):
+                probs, entropy = single(keep)
+                total, entropies = total + probs, entropies + entropy
+                if k in sizes:
+                    stats[f"ensemble of {k}"].append(_token_stats(total / k, entropies / k, targets))
+            bar.update(1)
+    rows = []
+    for name in names:
+        s = {key: np.concatenate([w[key] for w in stats[name]]) for key in stats[name][0]}
+        members = 1 if not name.startswith("ensemble") else int(name.split()[-1])
+        rows.append({"predictor": name, "members": members, "size": 1.0 if name == "dense" else size,
+                     "accuracy": float(s["correct"].mean()), "nll": float(s["nll"].mean()),
+                     "ece": calibration_error(s["confidence"], s["correct"]), "brier": float(s["brier"].mean()),
+                     "accuracy_at_90_confidence": selective_accuracy(s["confidence"], s["correct"]),
+                     "accuracy_at_90_disagreement": (None if members == 1 else
+                                                     selective_accuracy(-s["disagreement"], s["correct"]))})
+    return rows

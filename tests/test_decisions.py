@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ppn import plots
-from ppn.decisions import quality_band, smallest_size
+from ppn.decisions import calibration_error, ensemble_metrics, quality_band, selective_accuracy, smallest_size
 from ppn.evaluate import perplexity
 from ppn.gates import hard_gates
 from ppn.plan import Plan
@@ -107,3 +107,32 @@ def test_smallest_size_says_what_is_wrong(bar, prob, match):
     plan, model, tokens = random_plan(tiny_config()), tiny_model(), tiny_tokens(500)
     with pytest.raises(ValueError, match=match):
         smallest_size(plan, bar, prob, model=model, tokens=tokens, num_samples=2, **BAND)
+
+
+def test_calibration_error_and_selective_accuracy_on_known_cases():
+    conf = np.full(10, 0.8)
+    assert calibration_error(conf, np.arange(10) < 8) == pytest.approx(0.0)
+    assert calibration_error(np.full(10, 0.9), np.arange(10) < 5) == pytest.approx(0.4)
+    certainty, correct = np.arange(10.0), np.arange(10) >= 1  # the least certain token is the wrong one
+    assert selective_accuracy(certainty, correct, coverage=0.9) == 1.0
+    assert selective_accuracy(-certainty, correct, coverage=0.5) == pytest.approx(0.8)
+
+
+def test_ensemble_metrics_agree_with_direct_evaluation():
+    (model, tokens), plan = peaked_model_and_text(), random_plan(tiny_config())
+    rows = {r["predictor"]: r for r in ensemble_metrics(plan, model, tokens, 0.5, sizes=(1, 3), seqlen=SEQLEN,
+                                                         max_windows=WINDOWS, progress=False)}
+    assert list(rows) == ["dense", "median network", "ensemble of 1", "ensemble of 3"]
+    first = plan.sample_keep(0.5, 3, seed=0)[0]
+    for name, gates in (("dense", None), ("median network", hard_gates(plan.keep(0.5))),
+                        ("ensemble of 1", hard_gates(first))):
+        nll = perplexity(model, tokens, seqlen=SEQLEN, max_windows=WINDOWS, progress=False, gates=gates).nll
+        assert rows[name]["nll"] == pytest.approx(nll, rel=1e-5), name
+    assert rows["ensemble of 1"]["accuracy_at_90_disagreement"] is None
+    assert 0 <= rows["ensemble of 3"]["ece"] <= 1 and 0 <= rows["ensemble of 3"]["brier"] <= 2
+    # a posterior with no spread samples the median network only: its ensembles are that network
+    sharp = _sharpened(plan, 1e4)
+    rows = {r["predictor"]: r for r in ensemble_metrics(sharp, model, tokens, 0.5, sizes=(1, 3), seqlen=SEQLEN,
+                                                         max_windows=2, progress=False)}
+    for key in ("accuracy", "nll", "ece", "brier"):
+        assert rows["ensemble of 3"][key] == pytest.approx(rows["median network"][key], rel=1e-5, abs=1e-7)
