@@ -56,6 +56,19 @@ def test_main_job_smoke(tmp_path):
     assert [r["method"] for r in again] == ["dense", "ppn (fitted weights, unpruned)"] + ["ppn"] * 5
     assert [r["kept_prunable"] for r in again[2:]] == [r["kept_prunable"] for r in ppn_rows]
     assert all(r["eval"] == "3 windows" and r["perplexity"] > 1 and r["general_perplexity"] > 1 for r in again)
+    # decisions under uncertainty on the run folder: the band, a second run against it, ensembles, a bar
+    subprocess.run([sys.executable, str(ROOT / "experiments" / "uncertainty.py"), "--run-dir", str(run_dir),
+                    "--second", str(run_dir), "--bar", "1e9", "--samples", "2", "--windows", "3",
+                    "--out-dir", str(tmp_path / "dec")], check=True, capture_output=True, timeout=600)
+    band = json.loads((tmp_path / "dec" / "run_band.json").read_text())
+    assert [r["size"] for r in band["records"]] == [0.3, 0.4, 0.5, 0.7, 0.9] and "uncertainty.py" in band["command"]
+    # the run against itself: its own cut is the band's median network
+    assert all(r["second_seed"] == pytest.approx(r["median_network"], rel=1e-5) for r in band["records"])
+    ens = json.loads((tmp_path / "dec" / "run_ensembles.json").read_text())["records"]
+    assert [r["predictor"] for r in ens] == ["dense", "median network", "ensemble of 1", "ensemble of 4",
+                                             "ensemble of 8"]
+    (bar,) = json.loads((tmp_path / "dec" / "run_smallest_size.json").read_text())["records"]
+    assert bar["size"] == 0.1 and bar["meets_bar_on_reserved"]
 
 
 def test_gate_gap_smoke(tmp_path):

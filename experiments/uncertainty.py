@@ -1,0 +1,94 @@
+"""Decisions under uncertainty on a finished run: the quality band, the second
+seed's refit against it, sub-network ensembles, and the smallest size meeting a bar.
+
+    python experiments/uncertainty.py --run-dir runs/quality/combined_lr3e-4_steps150_seed0 \
+        --second runs/quality/combined_lr3e-4_steps150_seed1 --bar 60
+
+1. The band (`Plan.quality_band`: --samples keep-sets x 200 window resamples per
+   size, on the first --windows validation windows) at the run's sizes.
+2. With --second: that run's own cut (its plan, its weights) at each size on the
+   same windows, and whether it falls inside the first run's 90% band.
+3. Ensembles of 1, 4 and 8 sub-networks at 0.5 against the median network and the
+   dense fitted model (`ppn.decisions.ensemble_metrics`).
+4. With --bar: `Plan.smallest_size(bar, 0.95)` on validation (4 keep-sets, 8 windows),
+   then the median network at that size on the reserved split (quick: 64 windows).
+
+Writes <out-dir>/<run>_band.json (+ .md, .png), <run>_ensembles.json and
+<run>_smallest_size.json, each with its config and command.
+"""
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from ppn import data, plots
+from ppn.checkpoint import load_model
+from ppn.decisions import ensemble_metrics
+from ppn.evaluate import perplexity
+from ppn.harness.job import load_inputs, load_job
+from ppn.harness.report import write_results
+from ppn.plan import Plan
+from ppn.prune import prune
+
+
+def _run(run_dir: str):
+    job = load_job(run_dir)
+    dense, tokenizer, _, valid = load_inputs(job.model, job.dtype, job.smoke, job.random_weights,
+                                             valid_text=job.valid_text)
+    fitted = load_model(Path(run_dir) / "model", dtype=job.dtype)
+    return job, tokenizer, valid, fitted, Plan.load(Path(run_dir) / "plan.json")
+
+
+def main(run_dir: str, second: str | None = None, bar: float | None = None, samples: int = 8, windows: int = 16,
+         out_dir: str = "results/decisions") -> dict:
+    job, tokenizer, valid, fitted, plan = _run(run_dir)
+    seqlen = 64 if job.smoke else 512
+    name = Path(run_dir).name
+    config = {"run_dir": run_dir, "second": second, "bar": bar, "samples": samples, "windows": windows,
+              "job": dataclasses.asdict(job)}
+    band = plan.quality_band(fitted, valid, job.sizes, samples, seqlen=seqlen, max_windows=windows)
+    q = band.quantiles()
+    rows = [{"size": float(s), "q05": q[i, 0], "q50": q[i, 1], "q95": q[i, 2],
+             "median_network": band.median_network[i]} for i, s in enumerate(band.sizes)]
+    if second:
+        _, _, _, fitted2, plan2 = _run(second)
+        for row in rows:
+            row["second_seed"] = perplexity(prune(fitted2, plan2, row["size"]), valid, seqlen=seqlen,
+                                            max_windows=windows).perplexity
+            row["second_inside_90"] = bool(row["q05"] <= row["second_seed"] <= row["q95"])
+    write_results(f"{name}_band", rows, list(rows[0]), out_dir=out_dir, config=config,
+                  title=f"Quality band of {run_dir}: {samples} keep-sets x 200 resamples of {windows} windows")
+    plt.close(plots.quality_band(band, path=Path(out_dir) / f"{name}_band.png"))
+
+    ensembles = ensemble_metrics(plan, fitted, valid, 0.5, seqlen=seqlen, max_windows=windows)
+    write_results(f"{name}_ensembles", ensembles, list(ensembles[0]), out_dir=out_dir, config=config,
+                  title=f"Sub-network ensembles at 0.5 of {run_dir} ({windows} validation windows)")
+    out = {"band": rows, "ensembles": ensembles}
+    if bar is not None:
+        choice = plan.smallest_size(bar, 0.95, model=fitted, tokens=valid, num_samples=4, max_windows=8,
+                                    seqlen=seqlen)
+        reserved = (np.random.default_rng(2).integers(0, fitted.config.vocab_size, 4096) if tokenizer is None
+                    else data.tokenize(data.shakespeare("reserved"), tokenizer))
+        measured = perplexity(prune(fitted, plan, choice.size), reserved, seqlen=seqlen, max_windows=64).perplexity
+        out["smallest_size"] = [{"bar": bar, "prob": 0.95, "size": choice.size, "probability": choice.probability,
+                                 "sizes_searched": len(choice.band.sizes), "reserved_perplexity": measured,
+                                 "meets_bar_on_reserved": bool(measured <= bar)}]
+        write_results(f"{name}_smallest_size", out["smallest_size"], list(out["smallest_size"][0]),
+                      out_dir=out_dir, config=config,
+                      title=f"The smallest size of {run_dir} with validation perplexity <= {bar} at 95%")
+    return out
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-dir", required=True, help="a finished `ppn fit` run folder")
+    parser.add_argument("--second", help="the same fit with another seed, to compare with the band")
+    parser.add_argument("--bar", type=float, help="a perplexity bar for the smallest-size search")
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--windows", type=int, default=16)
+    parser.add_argument("--out-dir", default="results/decisions")
+    a = parser.parse_args()
+    print(main(a.run_dir, a.second, a.bar, a.samples, a.windows, a.out_dir))
