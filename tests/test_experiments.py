@@ -71,6 +71,15 @@ def test_main_job_smoke(tmp_path):
     assert bar["size"] == 0.1 and bar["meets_bar_on_reserved"]
 
 
+def test_exact_reference_smoke(tmp_path):
+    _smoke("exact_reference.py", "--out-dir", tmp_path)
+    rows = json.loads((tmp_path / "exact_reference.json").read_text())["records"]
+    assert rows[0]["posterior"] == "nuts (exact)" and rows[0]["mean_abs_error"] == 0.0 and len(rows) == 3
+    sbc = json.loads((tmp_path / "exact_reference_sbc.json").read_text())["records"]
+    assert [r["method"] for r in sbc] == ["nuts", "svi"] and all(0 <= r["pooled_p"] <= 1 for r in sbc)
+    assert (tmp_path / "exact_reference_sbc.png").exists()
+
+
 def test_gate_gap_smoke(tmp_path):
     _smoke("gate_gap.py", "--out-dir", tmp_path)
     rows = json.loads((tmp_path / "gate_gap_smoke.json").read_text())["records"]

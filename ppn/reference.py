@@ -1,0 +1,186 @@
+"""An exact reference for the gate posterior, on a model small enough to enumerate.
+
+With the network's weights frozen and at most `MAX_GATES` gates, every mask's
+likelihood can be computed, so the posterior over the gate parameters needs no
+approximation. The reference model is the push puppet model with Bernoulli
+gates (the hard-concrete's zero-temperature limit): at each size rho_s of the
+data, gate g is open with probability p_g(rho_s) = sigmoid(eta_g(rho_s) - c(rho_s)),
+c the push offset, and
+
+    log p(y | theta) = sum_s log sum_m P(m | theta, rho_s) p(y_s | m)     (exact)
+
+against the fit's objective, which replaces log E_m[p(y | m)] by E_m[log p(y | m)]
+(a Jensen bound: the gates are guided by their own conditional prior) and the
+posterior by a Gaussian guide. `mask_log_likelihoods` tabulates p(y_s | m) over all
+2^G masks once; NUTS (`nuts_draws`) then samples the exact posterior and SVI
+(`svi_draws`) fits the guide to either objective, both on the same table.
+`sbc_ranks` runs simulation-based calibration (Talts et al., 2018): parameters
+from the prior, masks and tokens from the model, a posterior, and the rank of
+the truth among its draws, uniform when the posterior is right.
+
+Quantities compared are the identified ones: every gate's open probability at
+every size of the data ("p_open", (S, G) per draw).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import optax
+from flax import nnx
+from numpyro.infer import MCMC, NUTS, SVI, Predictive, Trace_ELBO
+from numpyro.infer.autoguide import AutoNormal
+
+from ppn.bayes import gate_logits, push_offset
+from ppn.gates import block_gates, flatten, unflatten
+from ppn.models.llama import Llama
+from ppn.priors import get_prior
+from ppn.units import Units
+
+MAX_GATES = 12
+
+
+def all_masks(units: Units) -> np.ndarray:
+    """(2^G, G) float32: every open/closed pattern of the G gates, in `ppn.gates.flatten` order."""
+    if units.num_gates > MAX_GATES:
+        raise ValueError(f"{units.num_gates} gates make {2 ** units.num_gates:,} masks; the exact reference "
+                         f"enumerates at most {MAX_GATES} gates (2^{MAX_GATES} masks)")
+    g = units.num_gates
+    return ((np.arange(2 ** g)[:, None] >> np.arange(g)) & 1).astype(np.float32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _mask_loglik(graphdef, units: Units, state, masks: jax.Array, batch: jax.Array) -> jax.Array:
+    model = nnx.merge(graphdef, state)
+
+    def one(mask):
+        logits = model(batch[:, :-1], gates=block_gates(units, unflatten(units, mask))).astype(jnp.float32)
+        logp = jax.nn.log_softmax(logits, -1)
+        return jnp.take_along_axis(logp, batch[:, 1:, None], -1).sum()
+
+    return jax.lax.map(one, masks, batch_size=64)
+
+
+def mask_log_likelihoods(model: Llama, units: Units, batches) -> np.ndarray:
+    """(S, 2^G) log p(y_s | m): the tokens of each batch (B, T+1) under the network with mask m."""
+    graphdef, state = nnx.split(model)
+    masks = jnp.asarray(all_masks(units))
+    return np.stack([np.asarray(_mask_loglik(graphdef, units, state, masks, jnp.asarray(b, jnp.int32)))
+                     for b in batches])
+
+
+def open_probabilities(units: Units, alpha: dict, beta: dict, sizes: jax.Array) -> jax.Array:
+    """(S, G) Bernoulli open probabilities at each size, the push offset solved so
+    the expected kept size is the size (zero temperature)."""
+    def one(rho):
+        logits = gate_logits(alpha, beta, rho)
+        c = push_offset(units, logits, rho, 0.0)
+        return jax.nn.sigmoid(flatten(logits) - c)
+
+    return jax.vmap(one)(sizes)
+
+
+def reference_model(table: jax.Array, units: Units, sizes: jax.Array, prior: str = "hierarchical",
+                    jensen: bool = False):
+    """The prior, and the tokens' log-likelihood by enumeration over masks (`jensen`:
+    the fit's bound E_m[log p(y | m)] instead). Deterministic site "p_open" (S, G)."""
+    alpha, beta = get_prior(prior)(units)
+    p = numpyro.deterministic("p_open", open_probabilities(units, alpha, beta, sizes))
+    masks = jnp.asarray(all_masks(units))
+    log_pm = (jnp.log(jnp.clip(p, 1e-30)) @ masks.T + jnp.log(jnp.clip(1 - p, 1e-30)) @ (1 - masks).T)  # (S, 2^G)
+    term = (jnp.exp(log_pm) * table).sum(-1) if jensen else jax.nn.logsumexp(log_pm + table, -1)
+    numpyro.factor("tokens", term.sum())
+
+
+def nuts_draws(table, units: Units, sizes, prior: str = "hierarchical", num_samples: int = 500,
+               num_warmup: int = 500, seed: int = 0) -> np.ndarray:
+    """(num_samples, S, G) open probabilities under the exact posterior (NUTS)."""
+    mcmc = MCMC(NUTS(reference_model), num_warmup=num_warmup, num_samples=num_samples, progress_bar=False)
+    mcmc.run(jax.random.PRNGKey(seed), jnp.asarray(table), units, jnp.asarray(sizes), prior)
+    return np.asarray(mcmc.get_samples()["p_open"])
+
+
+def svi_draws(table, units: Units, sizes, prior: str = "hierarchical", jensen: bool = True, steps: int = 2000,
+              lr: float = 0.02, num_samples: int = 500, seed: int = 0) -> np.ndarray:
+    """(num_samples, S, G) open probabilities under an AutoNormal guide fitted by SVI
+    to the exact likelihood or (`jensen`, the fit's objective) its bound."""
+    guide = AutoNormal(reference_model)
+    args = (jnp.asarray(table), units, jnp.asarray(sizes), prior, jensen)
+    svi = SVI(reference_model, guide, optax.adam(lr), Trace_ELBO())
+    result = svi.run(jax.random.PRNGKey(seed), steps, *args, progress_bar=False)
+    draws = Predictive(reference_model, guide=guide, params=result.params, num_samples=num_samples,
+                       return_sites=["p_open"])(jax.random.PRNGKey(seed + 1), *args)
+    return np.asarray(draws["p_open"])
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 5, 6))
+def _simulate(graphdef, units: Units, state, mask: jax.Array, key: jax.Array, batch: int, length: int):
+    """(batch, length + 1) tokens sampled from the network with gates `mask`, the
+    first uniformly; one causal pass over the whole buffer per position."""
+    model = nnx.merge(graphdef, state)
+    gates = block_gates(units, unflatten(units, mask))
+    keys = jax.random.split(key, length + 1)
+    ids = jnp.zeros((batch, length + 1), jnp.int32).at[:, 0].set(
+        jax.random.randint(keys[0], (batch,), 0, model.config.vocab_size))
+
+    def step(t, ids):
+        logits = model(ids, gates=gates)[:, t].astype(jnp.float32)
+        return ids.at[:, t + 1].set(jax.random.categorical(keys[t + 1], logits))
+
+    return jax.lax.fori_loop(0, length, step, ids)
+
+
+def sbc_ranks(model: Llama, units: Units, sizes, replicates: int = 100, batch: int = 2, length: int = 16,
+              method: str = "svi", prior: str = "hierarchical", num_draws: int = 99, seed: int = 0,
+              progress: bool = True, **fit_kwargs) -> np.ndarray:
+    """Simulation-based calibration of the gate posterior.
+
+    Per replicate: parameters from the prior, a Bernoulli mask per size, `batch`
+    sequences of `length` tokens per size from the network with that mask; the
+    posterior (`method`: "nuts", exact, or "svi", the fit's Jensen bound and
+    Gaussian guide) and the rank of the true open probabilities among its
+    `num_draws` draws.
+
+    Returns:
+        (replicates, S, G) int ranks in [0, num_draws]; uniform if the posterior is calibrated.
+    """
+    from ppn.console import progress_bar
+
+    sizes = jnp.asarray(sizes, jnp.float32)
+    graphdef, state = nnx.split(model)
+    prior_p = Predictive(reference_model, num_samples=replicates, return_sites=["p_open"])
+    dummy = jnp.zeros((sizes.size, 2 ** units.num_gates))  # the prior does not read the table
+    truth = np.asarray(prior_p(jax.random.PRNGKey(seed), dummy, units, sizes, prior)["p_open"])  # (R, S, G)
+    key = jax.random.PRNGKey(seed + 1)
+    ranks = []
+    for r in progress_bar(range(replicates), desc=f"SBC ({method})", unit="replicate", enabled=progress):
+        key, k_mask, k_tokens = jax.random.split(key, 3)
+        masks = jax.random.bernoulli(k_mask, truth[r]).astype(jnp.float32)  # (S, G)
+        batches = [_simulate(graphdef, units, state, masks[s], k, batch, length)
+                   for s, k in enumerate(jax.random.split(k_tokens, sizes.size))]
+        table = mask_log_likelihoods(model, units, batches)
+        if method == "nuts":
+            draws = nuts_draws(table, units, sizes, prior, num_samples=num_draws, seed=seed + r, **fit_kwargs)
+        elif method == "svi":
+            draws = svi_draws(table, units, sizes, prior, num_samples=num_draws, seed=seed + r, **fit_kwargs)
+        else:
+            raise ValueError(f"unknown posterior method {method!r}; choose 'nuts' or 'svi'")
+        ranks.append((draws < truth[r]).sum(0))
+    return np.stack(ranks)
+
+
+def rank_uniformity(ranks: np.ndarray, num_draws: int, bins: int = 10) -> dict[str, float]:
+    """χ² tests of SBC ranks against uniformity: pooled over every quantity, and the
+    smallest p-value over quantities (each tested alone)."""
+    from scipy.stats import chisquare
+
+    edges = np.linspace(0, num_draws + 1, bins + 1)
+    flat = ranks.reshape(ranks.shape[0], -1)
+    per_quantity = [chisquare(np.histogram(flat[:, q], edges)[0]).pvalue for q in range(flat.shape[1])]
+    return {"pooled_p": float(chisquare(np.histogram(flat, edges)[0]).pvalue),
+            "min_p": float(np.min(per_quantity)), "quantities": int(flat.shape[1]),
+            "share_below_0.01": float(np.mean(np.asarray(per_quantity) < 0.01))}
