@@ -12,9 +12,14 @@ seed's refit against it, sub-network ensembles, and the smallest size meeting a 
    dense fitted model (`ppn.decisions.ensemble_metrics`).
 4. With --bar: `Plan.smallest_size(bar, 0.95)` on validation (4 keep-sets, 8 windows),
    then the median network at that size on the reserved split (quick: 64 windows).
+5. Calibration of the keep decisions at 0.5: --ablations single units removed from
+   the median network (`ppn.decisions.ablation_damage`, 4 windows), the Spearman
+   correlation of their keep margin with the damage, and P(keep) against "removing
+   it costs more than the median unit" in bins (a reliability table and figure).
 
-Writes <out-dir>/<run>_band.json (+ .md, .png), <run>_ensembles.json and
-<run>_smallest_size.json, each with its config and command.
+Writes <out-dir>/<run>_band.json (+ .md, .png), <run>_ensembles.json,
+<run>_smallest_size.json and <run>_keep_calibration.json (+ .png), each with its
+config and command.
 """
 
 import argparse
@@ -26,7 +31,7 @@ import numpy as np
 
 from ppn import data, plots
 from ppn.checkpoint import load_model
-from ppn.decisions import ensemble_metrics
+from ppn.decisions import ablation_damage, ensemble_metrics
 from ppn.evaluate import perplexity
 from ppn.harness.job import load_inputs, load_job
 from ppn.harness.report import write_results
@@ -43,12 +48,12 @@ def _run(run_dir: str):
 
 
 def main(run_dir: str, second: str | None = None, bar: float | None = None, samples: int = 8, windows: int = 16,
-         out_dir: str = "results/decisions") -> dict:
+         ablations: int = 200, out_dir: str = "results/decisions") -> dict:
     job, tokenizer, valid, fitted, plan = _run(run_dir)
     seqlen = 64 if job.smoke else 512
     name = Path(run_dir).name
     config = {"run_dir": run_dir, "second": second, "bar": bar, "samples": samples, "windows": windows,
-              "job": dataclasses.asdict(job)}
+              "ablations": ablations, "job": dataclasses.asdict(job)}
     band = plan.quality_band(fitted, valid, job.sizes, samples, seqlen=seqlen, max_windows=windows)
     q = band.quantiles()
     rows = [{"size": float(s), "q05": q[i, 0], "q50": q[i, 1], "q95": q[i, 2],
@@ -79,7 +84,39 @@ def main(run_dir: str, second: str | None = None, bar: float | None = None, samp
         write_results(f"{name}_smallest_size", out["smallest_size"], list(out["smallest_size"][0]),
                       out_dir=out_dir, config=config,
                       title=f"The smallest size of {run_dir} with validation perplexity <= {bar} at 95%")
+    if ablations:
+        out["keep_calibration"] = keep_calibration(plan, fitted, valid, ablations, seqlen, Path(out_dir) / name,
+                                                   config, run_dir)
     return out
+
+
+def keep_calibration(plan, fitted, valid, ablations, seqlen, stem: Path, config, run_dir) -> list[dict]:
+    """Step 5: ablations at 0.5, their Spearman correlation with the keep margin, a reliability table."""
+    from scipy.stats import spearmanr
+
+    units = ablation_damage(plan, fitted, valid, 0.5, ablations, seqlen=seqlen, max_windows=4)
+    damage = np.array([u["damage_nll"] for u in units])
+    frequency = np.array([u["keep_frequency"] for u in units])
+    costly = damage > np.median(damage)
+    rho = float(spearmanr([u["margin"] for u in units], damage).statistic)
+    edges = (0.0, 0.5, 0.8, 0.95, 1.0 + 1e-9)
+    rows = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = (frequency >= lo) & (frequency < hi)
+        rows.append({"p_keep_from": lo, "p_keep_to": min(hi, 1.0), "units": int(inside.sum()),
+                     "mean_p_keep": float(frequency[inside].mean()) if inside.any() else None,
+                     "share_costlier_than_median": float(costly[inside].mean()) if inside.any() else None,
+                     "spearman_margin_damage": rho, "ablated": len(units)})
+    write_results(stem.name + "_keep_calibration", rows, list(rows[0]), out_dir=stem.parent, config=config,
+                  title=f"Keep decisions of {run_dir} at 0.5 against single-unit ablations "
+                        f"(Spearman of margin and damage: {rho:.3f})")
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ax.scatter([u["margin"] for u in units], damage, s=8)
+    ax.set(xlabel="keep margin (posterior-median score minus the cut's)", ylabel="NLL increase when removed",
+           title=f"Spearman {rho:.2f} over {len(units)} units")
+    plots.save_figure(fig, stem.parent / f"{stem.name}_keep_calibration.png")
+    plt.close(fig)
+    return rows
 
 
 if __name__ == "__main__":
@@ -89,6 +126,7 @@ if __name__ == "__main__":
     parser.add_argument("--bar", type=float, help="a perplexity bar for the smallest-size search")
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--windows", type=int, default=16)
+    parser.add_argument("--ablations", type=int, default=200, help="units removed one at a time at 0.5 (0: none)")
     parser.add_argument("--out-dir", default="results/decisions")
     a = parser.parse_args()
-    print(main(a.run_dir, a.second, a.bar, a.samples, a.windows, a.out_dir))
+    print(main(a.run_dir, a.second, a.bar, a.samples, a.windows, a.ablations, a.out_dir))

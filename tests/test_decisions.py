@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from ppn import plots
-from ppn.decisions import calibration_error, ensemble_metrics, quality_band, selective_accuracy, smallest_size
+from ppn.decisions import (ablation_damage, calibration_error, ensemble_metrics, keep_margins, quality_band,
+                           selective_accuracy, smallest_size)
 from ppn.evaluate import perplexity
 from ppn.gates import hard_gates
 from ppn.plan import Plan
@@ -136,3 +137,22 @@ def test_ensemble_metrics_agree_with_direct_evaluation():
                                                          max_windows=2, progress=False)}
     for key in ("accuracy", "nll", "ece", "brier"):
         assert rows["ensemble of 3"][key] == pytest.approx(rows["median network"][key], rel=1e-5, abs=1e-7)
+
+
+def test_keep_margins_split_kept_from_dropped_and_ablation_damage_is_the_pruned_difference():
+    (model, tokens), plan = peaked_model_and_text(), random_plan(tiny_config())
+    keep = plan.keep(0.5).effective()
+    margins = keep_margins(plan, 0.5)
+    assert (margins["head"][keep.heads] >= 0).all() and (margins["mlp_group"][keep.groups] >= 0).all()
+    assert (margins["head"][~keep.heads] <= 0).all() and (margins["mlp_group"][~keep.groups] <= 0).all()
+    rows = ablation_damage(plan, model, tokens, 0.5, num_units=3, seqlen=SEQLEN, max_windows=WINDOWS,
+                           progress=False)
+    assert len(rows) == 3 and all(r["margin"] >= 0 and 0 <= r["keep_frequency"] <= 1 for r in rows)
+    r = rows[0]
+    field = "heads" if r["kind"] == "head" else "groups"
+    mask = getattr(keep, field).copy()
+    mask[r["layer"], r["index"]] = False
+    ablated = dataclasses.replace(keep, **{field: mask})
+    ppl = [perplexity(prune(model, k), tokens, seqlen=SEQLEN, max_windows=WINDOWS, progress=False).nll
+           for k in (ablated, keep)]
+    assert r["damage_nll"] == pytest.approx(ppl[0] - ppl[1], rel=1e-4, abs=1e-5)

@@ -58,7 +58,7 @@ def test_main_job_smoke(tmp_path):
     assert all(r["eval"] == "3 windows" and r["perplexity"] > 1 and r["general_perplexity"] > 1 for r in again)
     # decisions under uncertainty on the run folder: the band, a second run against it, ensembles, a bar
     subprocess.run([sys.executable, str(ROOT / "experiments" / "uncertainty.py"), "--run-dir", str(run_dir),
-                    "--second", str(run_dir), "--bar", "1e9", "--samples", "2", "--windows", "3",
+                    "--second", str(run_dir), "--bar", "1e9", "--samples", "2", "--windows", "3", "--ablations", "6",
                     "--out-dir", str(tmp_path / "dec")], check=True, capture_output=True, timeout=600)
     band = json.loads((tmp_path / "dec" / "run_band.json").read_text())
     assert [r["size"] for r in band["records"]] == [0.3, 0.4, 0.5, 0.7, 0.9] and "uncertainty.py" in band["command"]
@@ -69,6 +69,8 @@ def test_main_job_smoke(tmp_path):
                                              "ensemble of 8"]
     (bar,) = json.loads((tmp_path / "dec" / "run_smallest_size.json").read_text())["records"]
     assert bar["size"] == 0.1 and bar["meets_bar_on_reserved"]
+    calibration = json.loads((tmp_path / "dec" / "run_keep_calibration.json").read_text())["records"]
+    assert sum(r["units"] for r in calibration) == 6 and (tmp_path / "dec" / "run_keep_calibration.png").exists()
 
 
 def test_exact_reference_smoke(tmp_path):
