@@ -61,6 +61,10 @@ class FitConfig:
             tell which decisions the posterior's spread changes).
         guide_init_scale: initial scale of the guide.
         lr_weights, lr_gates: Adam learning rates of the network weights and of the guide.
+        warmup_steps, lr_decay, weight_decay: the weights' schedule (`ppn.svi.weights_optimizer`):
+            a linear warm-up from 0 over `warmup_steps`, then "constant" or "cosine"
+            (down to a tenth at the last step), and decoupled weight decay (AdamW);
+            for training from scratch. Defaults: none of them.
         train_weights: fit the weights with the gates (False: gates only, weights frozen).
         temperature_start, temperature_end: geometric schedule of the hard-concrete temperature.
         likelihood_temperature: divides the log-likelihood (a tempered posterior; 1 = exact).
@@ -120,6 +124,9 @@ class FitConfig:
     guide_init_scale: float = 0.05
     lr_weights: float = 1e-4
     lr_gates: float = 0.05
+    warmup_steps: int = 0
+    lr_decay: str = "constant"
+    weight_decay: float = 0.0
     train_weights: bool = True
     temperature_start: float = 0.66
     temperature_end: float = 0.2
@@ -158,6 +165,9 @@ class FitConfig:
             raise ValueError("diagnostics_every must be >= 0 and diagnostic_particles >= 1")
         if self.checkpoint_every < 1:
             raise ValueError("checkpoint_every must be >= 1")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.lr_decay not in ("constant", "cosine"):
+            raise ValueError(f"warmup_steps and weight_decay must be >= 0 and lr_decay 'constant' or 'cosine', got "
+                             f"{self.warmup_steps}, {self.weight_decay}, {self.lr_decay!r}")
         if not 0 <= self.rho_warmup < 1:
             raise ValueError(f"rho_warmup must lie in [0, 1), got {self.rho_warmup}")
         if self.constraint not in ("offset", "lagrange"):

@@ -199,10 +199,16 @@ class RunFolder:
 
 def _check_same_run(run_dir: Path, previous: dict, current: dict) -> None:
     """Raises ValueError, naming the fields that differ, unless an unfinished run's
-    recorded config.json equals the one a resume would write."""
-    if previous == current:
+    recorded config.json equals the one a resume would write. A field the record lacks
+    (a knob added by a later ppn) matches when it is at its default."""
+    from ppn.fit import FitConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(FitConfig)}
+    old = {k: json.loads(json.dumps(defaults[k])) for k in set(current["fit"]) - set(previous.get("fit", {}))
+           if defaults.get(k, dataclasses.MISSING) is not dataclasses.MISSING} | previous.get("fit", {})
+    if {**previous, "fit": old} == current:
         return
-    old, new = previous.get("fit", {}), current["fit"]
+    new = current["fit"]
     fields = sorted(k for k in set(old) | set(new) if old.get(k, "<absent>") != new.get(k, "<absent>"))
     differ = ", ".join(f"{k} ({old.get(k, '<absent>')!r} there, {new.get(k, '<absent>')!r} now)"
                        for k in fields) or "the model"

@@ -318,7 +318,7 @@ def _optimizer(cfg: FitConfig):
     """Adam with separate learning rates: network weights, gate variational
     parameters, and the rescaling exponents (`rescale_<kind>`)."""
     anchor = () if cfg.anchor_sd is None else (pull_to_start(cfg.anchor_sd ** -2),)
-    weights = optax.chain(*anchor, optax.clip_by_global_norm(1.0), optax.adam(cfg.lr_weights))
+    weights = optax.chain(*anchor, weights_optimizer(cfg))
 
     def label(name):
         return "weights" if name == WEIGHTS_SITE else "rescale" if name.startswith("rescale_") else "gates"
@@ -327,6 +327,21 @@ def _optimizer(cfg: FitConfig):
         {"weights": weights, "gates": optax.adam(cfg.lr_gates), "rescale": optax.adam(cfg.lr_rescale)},
         lambda params: {k: label(k) for k in params})
     return numpyro.optim.optax_to_numpyro(tx)
+
+
+def weights_optimizer(cfg: FitConfig) -> optax.GradientTransformation:
+    """The network weights' optimiser, shared by the fit and plain fine-tuning: gradients
+    clipped to norm 1, then Adam at `lr_weights` (AdamW with `weight_decay`), warmed up
+    linearly over `warmup_steps` and then constant or cosine-decayed to a tenth by `steps`."""
+    lr = cfg.lr_weights
+    if cfg.warmup_steps or cfg.lr_decay != "constant":
+        decay = max(cfg.steps - cfg.warmup_steps, 1)
+        after = (optax.constant_schedule(lr) if cfg.lr_decay == "constant"
+                 else optax.cosine_decay_schedule(lr, decay, alpha=0.1))
+        lr = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr_weights, cfg.warmup_steps), after],
+                                  [cfg.warmup_steps])
+    adam = optax.adamw(lr, weight_decay=cfg.weight_decay) if cfg.weight_decay else optax.adam(lr)
+    return optax.chain(optax.clip_by_global_norm(1.0), adam)
 
 
 def pull_to_start(precision: float) -> optax.GradientTransformation:

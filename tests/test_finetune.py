@@ -2,14 +2,16 @@
 sparse model's zeros when asked, and resumes a killed run to the unbroken result."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from ppn.fit import FitConfig
+from ppn.svi import weights_optimizer
 from ppn.harness.finetune import finetune
 from ppn.runs import read_metrics
-from ppn.testing import assert_same_weights, run_killed_at, tiny_model, tiny_tokens
+from ppn.testing import assert_same_weights, run_killed_at, smoke_fit_config, tiny_model, tiny_tokens
 
 TOKENS = tiny_tokens()
 
@@ -46,3 +48,19 @@ def test_finetune_killed_and_resumed_equals_an_unbroken_run(tmp_path):
     assert_same_weights(unbroken.model, resumed.model)
     with pytest.raises(ValueError, match="another configuration"):
         finetune(tiny_model(), TOKENS, FitConfig(**{**cfg.__dict__, "steps": 8}), progress=False, run_dir=tmp_path)
+
+
+def test_the_weights_schedule_warms_up_then_decays_and_weight_decay_shrinks_idle_weights():
+    cfg = smoke_fit_config(steps=10, lr_weights=0.1, warmup_steps=4, lr_decay="cosine")
+    tx, params = weights_optimizer(cfg), jnp.ones(3)
+    state, steps = tx.init(params), []
+    for _ in range(10):
+        update, state = tx.update(jnp.full(3, 1e-2), state, params)
+        steps.append(float(jnp.abs(update).max()))
+    assert steps[0] == 0.0 and steps[4] == pytest.approx(0.1, rel=1e-3)  # Adam's step is the learning rate
+    assert steps[4] > steps[7] > steps[9] >= 0.01 - 1e-6  # cosine down to a tenth
+    decayed = weights_optimizer(smoke_fit_config(lr_weights=0.1, weight_decay=0.5))
+    update, _ = decayed.update(jnp.zeros(3), decayed.init(params), params)
+    np.testing.assert_allclose(update, -0.1 * 0.5 * params, rtol=1e-6)  # AdamW: lr * decay * weight
+    with pytest.raises(ValueError, match="lr_decay"):
+        smoke_fit_config(lr_decay="linear")

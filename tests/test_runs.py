@@ -1,6 +1,8 @@
 """Run folders: a killed fit resumes to the unbroken result, a finished or different run is not
 overwritten, a killed write leaves nothing behind, and metrics.jsonl reads back."""
 
+import dataclasses
+import json
 import random
 import subprocess
 import sys
@@ -95,6 +97,17 @@ def test_resuming_with_another_teacher_or_loss_is_refused_naming_it(tmp_path):
     for change, name in ((dict(teacher_weight=1.0), "teacher_weight"), (dict(teacher=str(tmp_path)), "teacher")):
         with pytest.raises(ValueError, match=f"another configuration \\({name} "):
             RunFolder(tmp_path, FitConfig(**{**base.__dict__, **change}), tiny_model())
+
+
+def test_a_run_recorded_before_a_knob_existed_resumes_while_the_knob_stays_at_its_default(tmp_path):
+    base = smoke_fit_config()
+    RunFolder(tmp_path, base, tiny_model())
+    record = json.loads((tmp_path / "config.json").read_text())
+    del record["fit"]["weight_decay"], record["fit"]["lr_decay"]  # written by an older ppn
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    RunFolder(tmp_path, base, tiny_model())
+    with pytest.raises(ValueError, match="another configuration \\(weight_decay "):
+        RunFolder(tmp_path, dataclasses.replace(base, weight_decay=0.1), tiny_model())
 
 
 def test_a_killed_write_leaves_nothing_a_resume_would_read(tmp_path):

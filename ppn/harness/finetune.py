@@ -25,6 +25,7 @@ from ppn.console import progress_bar
 from ppn.fit import FitConfig
 from ppn.models.llama import Llama
 from ppn.runs import RunFolder
+from ppn.svi import weights_optimizer
 
 
 @dataclasses.dataclass
@@ -40,8 +41,8 @@ def finetune(model: Llama, tokens, config: FitConfig = FitConfig(), progress: bo
              run_dir: str | os.PathLike | None = None, keep_zeros: bool = False) -> FinetuneResult:
     """Fine-tunes every weight of `model` by next-token NLL with the fit's budget.
 
-    Uses `config`'s steps, batch_size, seqlen, seed and lr_weights, the same
-    gradient clipping and Adam as `ppn.fit`, and the same batches (a function of
+    Uses `config`'s steps, batch_size, seqlen, seed and the weights' optimiser of
+    `ppn.fit` (`ppn.svi.weights_optimizer`: learning rate, schedule, weight decay), and the same batches (a function of
     seed and step), so the two consume identical tokens.
 
     Args:
@@ -66,7 +67,7 @@ def finetune(model: Llama, tokens, config: FitConfig = FitConfig(), progress: bo
         FloatingPointError: a non-finite loss (the last checkpoint stays intact).
         ValueError: `run_dir` holds an unfinished run of another config or model.
     """
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(config.lr_weights))
+    tx = weights_optimizer(config)
     graphdef, params = nnx.split(model, nnx.Param)
     run = RunFolder(Path(run_dir) if run_dir is not None else None, config, model)
 
