@@ -96,25 +96,51 @@ def reference_model(table: jax.Array, units: Units, sizes: jax.Array, prior: str
     numpyro.factor("tokens", term.sum())
 
 
+def nuts_sampler(units: Units, sizes, prior: str = "hierarchical", num_samples: int = 500,
+                 num_warmup: int = 500):
+    """(table, seed) -> (num_samples, S, G) open probabilities under the exact posterior
+    (NUTS); compiled once, reused for every table of the same shape."""
+    model = functools.partial(reference_model, units=units, sizes=jnp.asarray(sizes), prior=prior)
+    mcmc = MCMC(NUTS(model), num_warmup=num_warmup, num_samples=num_samples, progress_bar=False,
+                jit_model_args=True)
+
+    def draws(table, seed: int = 0) -> np.ndarray:
+        mcmc.run(jax.random.PRNGKey(seed), jnp.asarray(table, jnp.float32))
+        return np.asarray(mcmc.get_samples()["p_open"])
+
+    return draws
+
+
+def svi_sampler(units: Units, sizes, prior: str = "hierarchical", jensen: bool = True, steps: int = 2000,
+                lr: float = 0.02, num_samples: int = 500):
+    """(table, seed) -> (num_samples, S, G) open probabilities under an AutoNormal guide
+    fitted by SVI to the exact likelihood or (`jensen`, the fit's objective) its
+    bound; the whole fit one compiled program, reused for every table."""
+    model = functools.partial(reference_model, units=units, sizes=jnp.asarray(sizes), prior=prior, jensen=jensen)
+    guide = AutoNormal(model)
+    svi = SVI(model, guide, optax.adam(lr), Trace_ELBO())
+
+    @jax.jit
+    def run(table, key):
+        k_init, k_fit, k_draw = jax.random.split(key, 3)
+        state = svi.init(k_init, table)
+        state, _ = jax.lax.scan(lambda s, _: (svi.update(s, table)[0], None), state, None, length=steps)
+        return Predictive(model, guide=guide, params=svi.get_params(state), num_samples=num_samples,
+                          return_sites=["p_open"])(k_draw, table)["p_open"]
+
+    return lambda table, seed=0: np.asarray(run(jnp.asarray(table, jnp.float32), jax.random.PRNGKey(seed)))
+
+
 def nuts_draws(table, units: Units, sizes, prior: str = "hierarchical", num_samples: int = 500,
                num_warmup: int = 500, seed: int = 0) -> np.ndarray:
-    """(num_samples, S, G) open probabilities under the exact posterior (NUTS)."""
-    mcmc = MCMC(NUTS(reference_model), num_warmup=num_warmup, num_samples=num_samples, progress_bar=False)
-    mcmc.run(jax.random.PRNGKey(seed), jnp.asarray(table), units, jnp.asarray(sizes), prior)
-    return np.asarray(mcmc.get_samples()["p_open"])
+    """One table's exact posterior draws (`nuts_sampler`)."""
+    return nuts_sampler(units, sizes, prior, num_samples, num_warmup)(table, seed)
 
 
 def svi_draws(table, units: Units, sizes, prior: str = "hierarchical", jensen: bool = True, steps: int = 2000,
               lr: float = 0.02, num_samples: int = 500, seed: int = 0) -> np.ndarray:
-    """(num_samples, S, G) open probabilities under an AutoNormal guide fitted by SVI
-    to the exact likelihood or (`jensen`, the fit's objective) its bound."""
-    guide = AutoNormal(reference_model)
-    args = (jnp.asarray(table), units, jnp.asarray(sizes), prior, jensen)
-    svi = SVI(reference_model, guide, optax.adam(lr), Trace_ELBO())
-    result = svi.run(jax.random.PRNGKey(seed), steps, *args, progress_bar=False)
-    draws = Predictive(reference_model, guide=guide, params=result.params, num_samples=num_samples,
-                       return_sites=["p_open"])(jax.random.PRNGKey(seed + 1), *args)
-    return np.asarray(draws["p_open"])
+    """One table's SVI draws (`svi_sampler`)."""
+    return svi_sampler(units, sizes, prior, jensen, steps, lr, num_samples)(table, seed)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 5, 6))
@@ -151,6 +177,10 @@ def sbc_ranks(model: Llama, units: Units, sizes, replicates: int = 100, batch: i
     from ppn.console import progress_bar
 
     sizes = jnp.asarray(sizes, jnp.float32)
+    if method not in ("nuts", "svi"):
+        raise ValueError(f"unknown posterior method {method!r}; choose 'nuts' or 'svi'")
+    make = nuts_sampler if method == "nuts" else svi_sampler
+    sample = make(units, sizes, prior, num_samples=num_draws, **fit_kwargs)
     graphdef, state = nnx.split(model)
     prior_p = Predictive(reference_model, num_samples=replicates, return_sites=["p_open"])
     dummy = jnp.zeros((sizes.size, 2 ** units.num_gates))  # the prior does not read the table
@@ -163,12 +193,7 @@ def sbc_ranks(model: Llama, units: Units, sizes, replicates: int = 100, batch: i
         batches = [_simulate(graphdef, units, state, masks[s], k, batch, length)
                    for s, k in enumerate(jax.random.split(k_tokens, sizes.size))]
         table = mask_log_likelihoods(model, units, batches)
-        if method == "nuts":
-            draws = nuts_draws(table, units, sizes, prior, num_samples=num_draws, seed=seed + r, **fit_kwargs)
-        elif method == "svi":
-            draws = svi_draws(table, units, sizes, prior, num_samples=num_draws, seed=seed + r, **fit_kwargs)
-        else:
-            raise ValueError(f"unknown posterior method {method!r}; choose 'nuts' or 'svi'")
+        draws = sample(table, seed + r)
         ranks.append((draws < truth[r]).sum(0))
     return np.stack(ranks)
 

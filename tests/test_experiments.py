@@ -82,6 +82,21 @@ def test_exact_reference_smoke(tmp_path):
     assert (tmp_path / "exact_reference_sbc.png").exists()
 
 
+def test_scratch_smoke(tmp_path):
+    _smoke("scratch.py", "--run-root", tmp_path / "runs", "--out-dir", tmp_path)
+    doc = json.loads((tmp_path / "scratch_smoke.json").read_text())
+    rows = doc["records"]
+    assert [r["method"] for r in rows[:2]] == ["dense (a)", "gated full pass (b)"]
+    for method in ("ppn (b)", "flap (a)", "sparsegpt (a)", "wanda (a)"):
+        mine = [r for r in rows if r["method"] == method]
+        assert [r["size"] for r in mine] == [0.9, 0.7, 0.5, 0.4, 0.3, 0.2]
+        assert all(r["kept_fraction"] <= r["size"] + 1e-9 and r["perplexity"] > 1 for r in mine)
+    assert all(r["ratio_to_dense_a"] == pytest.approx(r["perplexity"] / rows[0]["perplexity"]) for r in rows)
+    assert doc["config"]["dense_fit"]["lr_decay"] == "cosine" and doc["config"]["gated_fit"]["sandwich"]
+    assert (tmp_path / "scratch_smoke.png").exists()
+    _smoke("scratch.py", "--run-root", tmp_path / "runs", "--out-dir", tmp_path)  # finished runs: evaluated again
+
+
 def test_gate_gap_smoke(tmp_path):
     _smoke("gate_gap.py", "--out-dir", tmp_path)
     rows = json.loads((tmp_path / "gate_gap_smoke.json").read_text())["records"]
