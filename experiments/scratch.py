@@ -1,7 +1,7 @@
 """The paper's own experiment, small: a LLaMA-family model trained from scratch on the
 Shakespeare train split, (a) dense and (b) with push puppet gates from step 0, then cut.
 
-    python experiments/scratch.py                    # experiments/studies/scratch.toml
+    python experiments/scratch.py                    # experiments/scratch.toml
     python experiments/scratch.py --smoke            # tiny model, random tokens, seconds
 
 Both runs use the same tokens, seed and optimiser (`[train]`: warm-up, cosine decay,
@@ -33,7 +33,7 @@ from ppn.harness.baselines.unstructured import prune_unstructured
 from ppn.harness.finetune import finetune
 from ppn.harness.report import write_results
 
-CONFIG = Path(__file__).parent / "studies" / "scratch.toml"
+CONFIG = Path(__file__).parent / "scratch.toml"
 
 
 def main(config: dict, smoke: bool = False, run_root: str = "runs/scratch", out_dir: str = "results/scratch"):
