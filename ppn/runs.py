@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -154,6 +155,10 @@ class RunFolder:
         if is_main_process():  # a kill mid-write leaves atomic_write_text's temporary files
             for stale in run_dir.glob(".*.json*"):
                 stale.unlink(missing_ok=True)
+            # and orbax's unfinished checkpoints; removed here, before the manager starts, as
+            # orbax's own clean-up of them (cleanup_tmp_directories) may finish later
+            for stale in run_dir.glob("checkpoints/*.orbax-checkpoint-tmp*"):
+                shutil.rmtree(stale, ignore_errors=True)
         import orbax.checkpoint as ocp
 
         # cleanup_tmp_directories: a checkpoint whose writing was killed is removed, never read.
