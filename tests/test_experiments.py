@@ -58,7 +58,7 @@ def test_main_job_smoke(tmp_path):
     assert all(r["eval"] == "3 windows" and r["perplexity"] > 1 and r["general_perplexity"] > 1 for r in again)
     # decisions under uncertainty on the run folder: the band, a second run against it, ensembles, a bar
     subprocess.run([sys.executable, str(ROOT / "experiments" / "uncertainty.py"), "--run-dir", str(run_dir),
-                    "--second", str(run_dir), "--bar", "1e9", "--samples", "2", "--windows", "3", "--ablations", "6",
+                    "--second", str(run_dir), "--bar", "1e9", "--samples", "2", "--windows", "2", "--ablations", "4",
                     "--out-dir", str(tmp_path / "dec")], check=True, capture_output=True, timeout=600)
     band = json.loads((tmp_path / "dec" / "run_band.json").read_text())
     assert [r["size"] for r in band["records"]] == [0.3, 0.4, 0.5, 0.7, 0.9] and "uncertainty.py" in band["command"]
@@ -70,16 +70,7 @@ def test_main_job_smoke(tmp_path):
     (bar,) = json.loads((tmp_path / "dec" / "run_smallest_size.json").read_text())["records"]
     assert bar["size"] == 0.1 and bar["meets_bar_on_reserved"]
     calibration = json.loads((tmp_path / "dec" / "run_keep_calibration.json").read_text())["records"]
-    assert sum(r["units"] for r in calibration) == 6 and (tmp_path / "dec" / "run_keep_calibration.png").exists()
-
-
-def test_exact_reference_smoke(tmp_path):
-    _smoke("exact_reference.py", "--out-dir", tmp_path)
-    rows = json.loads((tmp_path / "exact_reference.json").read_text())["records"]
-    assert rows[0]["posterior"] == "nuts (exact)" and rows[0]["mean_abs_error"] == 0.0 and len(rows) == 3
-    sbc = json.loads((tmp_path / "exact_reference_sbc.json").read_text())["records"]
-    assert [r["method"] for r in sbc] == ["nuts", "svi"] and all(0 <= r["pooled_p"] <= 1 for r in sbc)
-    assert (tmp_path / "exact_reference_sbc.png").exists()
+    assert sum(r["units"] for r in calibration) == 4 and (tmp_path / "dec" / "run_keep_calibration.png").exists()
 
 
 def test_scratch_smoke(tmp_path):
@@ -94,7 +85,6 @@ def test_scratch_smoke(tmp_path):
     assert all(r["ratio_to_dense_a"] == pytest.approx(r["perplexity"] / rows[0]["perplexity"]) for r in rows)
     assert doc["config"]["dense_fit"]["lr_decay"] == "cosine" and doc["config"]["gated_fit"]["sandwich"]
     assert (tmp_path / "scratch_smoke.png").exists()
-    _smoke("scratch.py", "--run-root", tmp_path / "runs", "--out-dir", tmp_path)  # finished runs: evaluated again
 
 
 def test_gate_gap_smoke(tmp_path):

@@ -70,8 +70,8 @@ def test_svi_on_the_exact_likelihood_recovers_the_nuts_posterior(network):
 
 def test_sbc_ranks_and_their_uniformity_test():
     model, units = ref_network_small()
-    ranks = ref.sbc_ranks(model, units, SIZES, replicates=2, batch=1, length=8, num_draws=9, steps=50,
-                          progress=False)
+    ranks = ref.sbc_ranks(model, units, SIZES, replicates=2, batch=1, length=8, method="nuts", num_draws=9,
+                          num_warmup=20, progress=False)
     assert ranks.shape == (2, 2, 12) and ranks.min() >= 0 and ranks.max() <= 9
     rng = np.random.default_rng(0)
     assert ref.rank_uniformity(rng.integers(0, 100, (200, 2, 12)), 99)["pooled_p"] > 0.01
