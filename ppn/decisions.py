@@ -270,7 +270,8 @@ def ensemble_metrics(plan: Plan, model: Llama, tokens, size: float, sizes: Seque
 
             def single(keep):
                 logp = _log_probs(graphdef, state, ids, hard_gates(keep))
-                return jnp.exp(logp), -(jnp.exp(logp) * logp).sum(-1)
+                probs = jnp.exp(logp)
+                return probs, -(probs * logp).sum(-1)
 
             for name, keep in (("dense", plan.units.full()), ("median network", plan.keep(size))):
                 probs, entropy = single(keep)
@@ -304,10 +305,10 @@ def keep_margins(plan: Plan, size: float) -> dict[str, np.ndarray]:
     Returns:
         {"head": (L, N), "mlp_group": (L, M)}.
     """
+    from ppn.plan import unit_scores  # plan imports this module
+
     rho = float(np.clip(plan.units.budget(size) / plan.units.total, 1e-6, 1 - 1e-6))
-    logits = plan.median_logits(rho)
-    score = {"head": np.minimum(logits["head"], logits["attn_layer"][:, None]),
-             "mlp_group": np.minimum(logits["mlp_group"], logits["mlp_layer"][:, None])}
+    score = unit_scores(plan.median_logits(rho))
     keep = plan.keep(size).effective()
     threshold = min(score["head"][keep.heads].min(initial=np.inf), score["mlp_group"][keep.groups].min(initial=np.inf))
     return {k: v - threshold for k, v in score.items()}

@@ -264,9 +264,8 @@ class Plan(Posterior):
         Returns:
             {"attn_layer": (L,), "mlp_layer": (L,), "head": (L, N), "mlp_group": (L, M)}.
         """
-        budget = self.units.budget(size)
-        rho = float(np.clip(budget / self.units.total, 1e-6, 1 - 1e-6))
-        logits = self.logit_draws(rho, num_samples, seed)
+        _, budget, rho = self._target(size, "params")
+        logits = self.logit_draws(min(rho, 1 - 1e-6), num_samples, seed)
         total = {k: 0.0 for k in KINDS}
         for s in range(num_samples):
             keep = fill_budget(self.units, {k: v[s] for k, v in logits.items()}, budget).effective()
@@ -298,9 +297,8 @@ def fill_budget(units: Units, logits: dict[str, np.ndarray], budget: float, cost
     """
     costs = costs or units.costs()
     L, N, M = units.num_layers, units.num_heads, units.num_groups
-    head_score = np.minimum(logits["head"], logits["attn_layer"][:, None]).reshape(-1)
-    group_score = np.minimum(logits["mlp_group"], logits["mlp_layer"][:, None]).reshape(-1)
-    score = np.concatenate([head_score, group_score])
+    scores = unit_scores(logits)
+    score = np.concatenate([scores["head"].reshape(-1), scores["mlp_group"].reshape(-1)])
     is_head = np.arange(score.size) < L * N
     layer = np.concatenate([np.repeat(np.arange(L), N), np.repeat(np.arange(L), M)])
     cost = np.concatenate([np.full(L * N, costs.head), np.tile(costs.groups, L)]).astype(np.float64)
@@ -318,6 +316,13 @@ def fill_budget(units: Units, logits: dict[str, np.ndarray], budget: float, cost
     kept[order[:n_kept]] = True
     heads, groups = kept[: L * N].reshape(L, N), kept[L * N:].reshape(L, M)
     return KeepSet(units, heads.any(1), groups.any(1), heads, groups)
+
+
+def unit_scores(logits: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each head's and MLP group's score: its logit capped by its layer's (a unit can only
+    be as important as the layer that carries it). {"head": (L, N), "mlp_group": (L, M)}."""
+    return {"head": np.minimum(logits["head"], logits["attn_layer"][:, None]),
+            "mlp_group": np.minimum(logits["mlp_group"], logits["mlp_layer"][:, None])}
 
 
 def fill_uniform(units: Units, logits: dict[str, np.ndarray], budget: float, costs: Costs | None = None) -> KeepSet:
