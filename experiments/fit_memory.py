@@ -23,6 +23,9 @@ The allocator is the process's: run the script under different ones and compare,
         python experiments/fit_memory.py --name fit_memory_tcmalloc
     python experiments/fit_memory.py --smoke          # tiny model, seconds
 
+It measures the recommended preset (`FitConfig.recommended()`, what `ppn fit` runs);
+`--plain` measures `FitConfig()`.
+
 Writes results/budget/<name>.json and .md (default fit_memory, fit_memory_smoke with
 --smoke), recording the allocator settings. Run it alone: its times are
 meaningless beside another busy process.
@@ -159,8 +162,12 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--out-dir", default="results/budget")
     parser.add_argument("--name", help="results file name (default fit_memory, or fit_memory_smoke)")
+    parser.add_argument("--plain", action="store_true",
+                        help="measure FitConfig() (no teacher, one size per step) instead of the "
+                             "recommended preset that `ppn fit` runs")
     a = parser.parse_args()
-    fit = (ppn.FitConfig(steps=4, batch_size=2, seqlen=32, group_width=16, checkpoint_every=2) if a.smoke
-           else ppn.FitConfig(steps=a.steps))
+    make = ppn.FitConfig if a.plain else ppn.FitConfig.recommended
+    fit = (make(steps=4, batch_size=3, seqlen=32, group_width=16, checkpoint_every=2) if a.smoke
+           else make(steps=a.steps))
     for row in main(Config(fit=fit, out_dir=a.out_dir, smoke=a.smoke, name=a.name)):
         print(row)
