@@ -33,6 +33,10 @@ VARIANTS = {
                                  lr_weights=3e-4),
     "combined_lr3e-4": dict(teacher="start", teacher_weight=0.5, size_sampling="sequence", sandwich=True,
                             rescale=True, lr_weights=3e-4),
+    # the same with distillation alone (forward KL to the frozen start, no token term), as
+    # the distillation-based recoveries of pruned models train
+    "combined_lr3e-4_kl": dict(teacher="start", teacher_weight=1.0, size_sampling="sequence", sandwich=True,
+                               rescale=True, lr_weights=3e-4),
     # the same fit with the gates' MAP point instead of their posterior (AutoDelta): does the spread change a decision?
     "combined_lr3e-4_map": dict(teacher="start", teacher_weight=0.5, size_sampling="sequence", sandwich=True,
                                 rescale=True, lr_weights=3e-4, guide="delta"),
