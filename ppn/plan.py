@@ -164,7 +164,8 @@ class Plan(Posterior):
         Args:
             size: with `cost="params"`, a fraction of prunable parameters in (0, 1]
                 or an absolute count of them; in another currency, a fraction of the
-                blocks' cost in it, or an amount for the whole model (`Costs.budget`).
+                blocks' cost in it, or an amount for the whole model (`Costs.budget`;
+                milliseconds are always an amount).
             cost: what the size measures: "params", "flops" (per token at 2048 keys),
                 "bytes" (bfloat16), a latency table's path ("costs.json" from `ppn profile`:
                 decode milliseconds per token), or a `Costs` (`Units.costs`,

@@ -203,13 +203,15 @@ class Costs:
 
     def budget(self, units: Units, size: float) -> float:
         """A target in this currency for the blocks: a fraction in (0, 1] of the dense
-        blocks' cost, or (above 1) an amount for the whole model, `base` included."""
+        blocks' cost, or (above 1) an amount for the whole model, `base` included.
+        Milliseconds (currency "ms", a latency table's) are always an amount: a
+        model can decode in under a millisecond per token."""
         total = self.of(units.full())
         if isinstance(size, bool) or not isinstance(size, (int, float, np.integer, np.floating)):
             raise TypeError(f"size must be a number, got {size!r}")
         if not np.isfinite(size) or size <= 0:
             raise ValueError(f"size must be a fraction in (0, 1] or an amount of {self.currency}, got {size}")
-        if size <= 1:
+        if size <= 1 and self.currency != "ms":
             return float(size) * total
         if not self.base < size <= self.base + total:
             raise ValueError(f"a model of {size:,.0f} {self.currency}: the dense model has {self.base + total:,.0f} "

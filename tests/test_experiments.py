@@ -221,3 +221,15 @@ def test_a_malformed_or_unknown_study_is_named(tmp_path):
         run_study.load_study(bad)
     with pytest.raises(FileNotFoundError, match="known studies: .*quality"):
         run_study.load_study("no-such-study")
+
+
+def test_latency_target_smoke(tmp_path):
+    _smoke("latency_target.py", "--out-dir", tmp_path)
+    doc = json.loads((tmp_path / "latency_target_smoke.json").read_text())
+    rows = doc["records"]
+    assert [r["target_fraction"] for r in rows] == [1.0, 0.85, 0.7, 0.55]
+    assert all(r["measured_ms"] > 0 for r in rows)
+    # each cut's predicted latency is within its target (the table's fill never overshoots), and smaller cuts keep less
+    assert all(r["predicted_ms"] <= r["target_ms"] * (1 + 1e-9) for r in rows[1:])
+    assert [r["kept_fraction"] for r in rows] == sorted((r["kept_fraction"] for r in rows), reverse=True)
+    assert Path(doc["config"]["costs_table"]).exists()

@@ -2,6 +2,8 @@
 
 import time
 
+import numpy as np
+
 import pytest
 
 from ppn import speed
@@ -76,6 +78,16 @@ def test_profile_recovers_per_unit_latencies_and_keep_cuts_to_a_latency(tmp_path
         plan.keep(0.9 * costs.base, cost=str(path))
     with pytest.raises(ValueError, match="the dense model has"):
         plan.keep(2 * dense_ms, cost=str(path))
+
+
+def test_a_latency_below_one_millisecond_is_an_amount_not_a_fraction():
+    units = random_plan(tiny_config(), group_width=16).units
+    fast = speed.Costs("ms", 0.01, 0.005, 0.02, np.full(units.num_groups, 0.004), 0.02, 0.1)
+    dense_ms = fast.base + fast.of(units.full())
+    assert dense_ms < 1
+    assert fast.budget(units, 0.9 * dense_ms) == pytest.approx(0.9 * dense_ms - fast.base)
+    with pytest.raises(ValueError, match="outside the blocks alone"):
+        fast.budget(units, 0.5 * fast.base)
 
 
 def test_cost_tables_refuse_another_model_a_bad_phase_and_a_corrupt_file(tmp_path):
