@@ -6,7 +6,8 @@ its logit at size rho is
     eta_g(rho) = alpha_g + beta_g * logit(rho) - c(rho)
 
 where the push offset c(rho) is solved at every step so that the expected kept
-size equals rho * S_total exactly. alpha and beta therefore only decide the
+size equals rho * S_total exactly (S: prunable parameters, or FLOPs per token
+when `Units.currency` is "flops"). alpha and beta therefore only decide the
 order in which units close as rho is pushed down, and the size constraint holds
 whatever the scale of the token likelihood (which is scaled to the whole data
 set and would otherwise simply open every gate).
@@ -75,23 +76,24 @@ def rescale_factors(gamma: dict, rho: jax.Array) -> dict:
 
 
 def expected_size(units: Units, p: dict) -> jax.Array:
-    """E[S]: expected kept prunable parameters given each gate's open probability.
+    """E[S]: the expected kept cost of the blocks given each gate's open probability,
+    in `units.currency` (prunable parameters, or FLOPs per token).
 
     A unit is kept if it and its layer are open (independent gates); a KV head
     if any of its query heads is; a layer's norm if the layer is open.
     """
+    c = units.size_costs
     L, K, G = units.num_layers, units.config.num_kv_heads, units.config.group_size
     heads = p["attn_layer"][:, None] * p["head"]
     # The layer gate is shared by a KV head's query heads: P(kv) = P(layer) P(any head).
     kv = p["attn_layer"][:, None] * (1.0 - jnp.prod(1.0 - p["head"].reshape(L, K, G), axis=-1))
     groups = p["mlp_layer"][:, None] * p["mlp_group"]
-    return (units.attn_fixed_cost * p["attn_layer"].sum() + units.head_cost * heads.sum()
-            + units.kv_cost * kv.sum() + units.mlp_fixed_cost * p["mlp_layer"].sum()
-            + (groups * jnp.asarray(units.group_costs, groups.dtype)).sum())
+    return (c.attn_fixed * p["attn_layer"].sum() + c.head * heads.sum() + c.kv * kv.sum()
+            + c.mlp_fixed * p["mlp_layer"].sum() + (groups * jnp.asarray(c.groups, groups.dtype)).sum())
 
 
 def push_offset(units: Units, logits: dict, rho: jax.Array, temperature) -> jax.Array:
-    """c(rho) with E[S](eta - c) = rho * S_total, differentiable in `logits`.
+    """c(rho) with E[S](eta - c) = rho * S_total (`units.size_total`), differentiable in `logits`.
 
     Bisection finds c (E[S] falls as c grows) between the smallest logit minus a
     margin and the largest plus it: a fixed bracket would not do, since the
@@ -103,7 +105,7 @@ def push_offset(units: Units, logits: dict, rho: jax.Array, temperature) -> jax.
     """
     # At rho = 1 the target would be reached only at c = -inf; 1 - 1e-4 is the
     # largest size gate_logits distinguishes anyway.
-    target = jnp.clip(rho, 1e-4, 1 - 1e-4) * units.total
+    target = jnp.clip(rho, 1e-4, 1 - 1e-4) * units.size_total
 
     def size(c, lg):
         return expected_size(units, {k: open_probability(v - c, temperature) for k, v in lg.items()})
@@ -257,7 +259,7 @@ def push_puppet_model(batch: jax.Array, rho: jax.Array, temperature: jax.Array, 
     expected = (jax.vmap(functools.partial(expected_size, units))(p_open) if rho.ndim
                 else expected_size(units, p_open))
     if constraint == "lagrange":
-        numpyro.factor("size", -lagrange_penalty(expected / units.total - rho) * data_tokens / likelihood_temperature)
+        numpyro.factor("size", -lagrange_penalty(expected / units.size_total - rho) * data_tokens / likelihood_temperature)
     for name, value in (("alpha", alpha), ("beta", beta), ("eta", eta), ("p_open", p_open), ("gates", z)):
         numpyro.deterministic(name, flatten(value))
     numpyro.deterministic("offset", offset)
@@ -265,7 +267,7 @@ def push_puppet_model(batch: jax.Array, rho: jax.Array, temperature: jax.Array, 
                                               "offset": jnp.zeros(rho.shape), "distill_kl": jnp.zeros(()),
                                               "teacher_kl": jnp.zeros(())})
     metrics["nll"] = jax.lax.stop_gradient(nll / n_tokens)
-    metrics["expected_size"] = jax.lax.stop_gradient(expected / units.total)
+    metrics["expected_size"] = jax.lax.stop_gradient(expected / units.size_total)
     metrics["offset"] = jax.lax.stop_gradient(offset)
     metrics["distill_kl"] = jax.lax.stop_gradient(kl / n_tokens)
     metrics["teacher_kl"] = jax.lax.stop_gradient(teacher_kl / n_tokens)

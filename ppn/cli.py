@@ -295,8 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--max-perplexity", type=float, metavar="X",
                         help="the smallest size whose perplexity is at most X with probability --prob, "
                              "searched with the posterior's quality band (loads the dense model)")
-    p.add_argument("--cost", default="params", type=_cost,
-                   help="what --size measures: params (default), flops (per token at 2048 keys), bytes (bfloat16), "
+    p.add_argument("--cost", default=None, type=_cost,
+                   help="what --size measures (default: what the fit's sizes measured, params unless it ran with "
+                        "--set cost=flops): params, flops (per token at 2048 keys), bytes (bfloat16), "
                         "or a latency table COSTS.json from ppn profile (decode ms per token); a fraction of the "
                         "blocks' cost, or above 1 an amount for the whole model (params: a count of prunable ones)")
     p.add_argument("--prob", type=float, default=0.95, help="with --max-perplexity: the probability (0.95)")

@@ -307,8 +307,7 @@ def keep_margins(plan: Plan, size: float) -> dict[str, np.ndarray]:
     """
     from ppn.plan import unit_scores  # plan imports this module
 
-    rho = float(np.clip(plan.units.budget(size) / plan.units.total, 1e-6, 1 - 1e-6))
-    score = unit_scores(plan.median_logits(rho))
+    score = unit_scores(plan.median_logits(min(plan.fraction(size), 1 - 1e-6)))
     keep = plan.keep(size).effective()
     threshold = min(score["head"][keep.heads].min(initial=np.inf), score["mlp_group"][keep.groups].min(initial=np.inf))
     return {k: v - threshold for k, v in score.items()}

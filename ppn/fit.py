@@ -32,7 +32,7 @@ from ppn.models.llama import Llama
 from ppn.runs import elbo_trend
 from ppn.diagnostics import diagnose, diagnostic_batch
 from ppn.svi import GUIDES, fit_step, fitted_model, init_fit
-from ppn.units import Units
+from ppn.units import SIZE_CURRENCIES, Units
 
 log = logging.getLogger(LOGGER)
 
@@ -55,6 +55,12 @@ class FitConfig:
             batches, standardised within the hierarchy); "prior" at the prior
             medians (all units equal).
         group_width: SwiGLU channels per MLP gate.
+        cost, cost_context: what the target size rho measures (`ppn.units.Units.currency`):
+            "params" (prunable parameters) or "flops" (FLOPs per token at
+            `cost_context` keys, where a query head also pays for its attention
+            scores): the push offset holds the expected cost at rho times the
+            dense blocks', so the gates learn what to drop for that budget, and
+            the plan reads sizes in it.
         prior: a name in `ppn.priors.PRIORS`.
         guide: "normal" (AutoNormal), "lowrank" (AutoLowRankMultivariateNormal)
             or "delta" (AutoDelta: the MAP point, a posterior of zero spread, to
@@ -119,6 +125,8 @@ class FitConfig:
     rho_warmup: float = 0.3
     init: str = "taylor"
     group_width: int = 64
+    cost: str = "params"
+    cost_context: int = 2048
     prior: str = "hierarchical"
     guide: str = "normal"
     guide_init_scale: float = 0.05
@@ -157,6 +165,9 @@ class FitConfig:
         if not 0 < self.rho_min < 1:
             raise ValueError(f"rho_min must lie in (0, 1), got {self.rho_min}")
         priors.get_prior(self.prior)
+        if self.cost not in SIZE_CURRENCIES or self.cost_context < 1:
+            raise ValueError(f"cost must be one of {', '.join(SIZE_CURRENCIES)} and cost_context a positive number "
+                             f"of keys, got {self.cost!r} at {self.cost_context}")
         if self.guide not in GUIDES:
             raise ValueError(f"unknown guide {self.guide!r}; choose one of {', '.join(GUIDES)}")
         if not self.temperature_start > 0 or not self.temperature_end > 0:

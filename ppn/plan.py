@@ -36,9 +36,9 @@ import numpy as np
 
 from ppn import bayes, decisions, gates, speed
 from ppn.models.config import LlamaConfig
-from ppn.posterior import Posterior, Site, prior_shapes, prior_supports
+from ppn.posterior import Posterior, Site
 from ppn.runs import atomic_write_text
-from ppn.units import KINDS, RESCALE_KINDS, Costs, KeepSet, Units
+from ppn.units import KINDS, Costs, KeepSet, Units
 
 PLAN_FORMAT = "ppn-plan/2"
 # Plans of the priors before they were identified (a global intercept alpha0), which no longer load.
@@ -77,6 +77,7 @@ class Plan(Posterior):
             "format": PLAN_FORMAT,
             "config": self.units.config.to_hf(),
             "group_width": self.units.group_width,
+            "size": {"currency": self.units.currency, "context": self.units.context},
             "prior": self.prior,
             "sites": {k: {"loc": _short(s.loc), "scale": _short(s.scale), "positive": s.positive}
                       | ({} if s.factor is None else {"factor": _short(s.factor)}) for k, s in self.sites.items()},
@@ -111,38 +112,17 @@ class Plan(Posterior):
                                  "intercept the data cannot identify; refit to get a plan of this version")
             if doc.get("format") != PLAN_FORMAT:
                 raise ValueError(f"format is {doc.get('format')!r}, expected {PLAN_FORMAT!r}")
-            units = Units(LlamaConfig.from_hf(doc["config"]), int(doc["group_width"]))
+            size = doc.get("size", {"currency": "params", "context": 2048})  # plans before fits in FLOPs
+            _expect_dicts(size, "size")
+            units = Units(LlamaConfig.from_hf(doc["config"]), int(doc["group_width"]), str(size["currency"]),
+                          int(size["context"]))
             sites = {k: Site(np.asarray(v["loc"], np.float32), np.asarray(v["scale"], np.float32),
                              bool(v["positive"]), None if "factor" not in v else np.asarray(v["factor"], np.float32))
                      for k, v in doc["sites"].items()}
             rescale = doc.get("rescale")
-            if rescale is not None:
-                rescale = {k: np.asarray(v, np.float32) for k, v in rescale.items()}
-                shapes = units.shapes()
-                if set(rescale) != set(RESCALE_KINDS):
-                    raise ValueError(f"rescale has kinds {sorted(rescale)}, expected {sorted(RESCALE_KINDS)}")
-                for k, v in rescale.items():
-                    if v.shape != shapes[k] or not np.all(np.isfinite(v)):
-                        raise ValueError(f"rescale {k!r} has shape {v.shape} (expected {shapes[k]}) "
-                                         "or non-finite values")
+            rescale = None if rescale is None else {k: np.asarray(v, np.float32) for k, v in rescale.items()}
             plan = cls(units, doc["prior"], sites, rescale=rescale, meta=doc.get("meta", {}))
-            expected = prior_supports(units, plan.prior)
-            if set(expected) != set(sites):
-                raise ValueError(f"sites {sorted(sites)} do not match the {plan.prior!r} prior's {sorted(expected)}")
-            shapes = prior_shapes(units, plan.prior)
-            for k, s in sites.items():
-                if s.loc.shape != shapes[k] or s.scale.shape != shapes[k]:
-                    raise ValueError(f"site {k!r} has shape {s.loc.shape}, expected {shapes[k]}")
-                if not (np.all(np.isfinite(s.loc)) and np.all(s.scale >= 0)):  # 0: a MAP plan's point mass
-                    raise ValueError(f"site {k!r} has non-finite locations or negative scales")
-            ranks = {s.factor.shape[-1:] for s in sites.values() if s.factor is not None}
-            for k, s in sites.items():
-                if s.factor is not None and (s.factor.shape[:-1] != shapes[k] or len(ranks) > 1
-                                             or not np.all(np.isfinite(s.factor))):
-                    raise ValueError(f"site {k!r} has a low-rank factor of shape {s.factor.shape} (expected "
-                                     f"{shapes[k]} + (rank,), one rank for every site) or non-finite values")
-            if ranks and any(s.factor is None for s in sites.values()):
-                raise ValueError("some sites have a low-rank factor and some do not")
+            plan.check()
         # A hand-edited config can fail deep in LlamaConfig (an attribute of a wrong
         # type, a zero head count); all of it is the file's fault, named as such.
         except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as e:
@@ -150,7 +130,7 @@ class Plan(Posterior):
         return plan
 
     # ------------------------------------------------------------- resizing
-    def keep(self, size: float | int, uniform: bool = False, cost: str | Costs = "params") -> KeepSet:
+    def keep(self, size: float | int, uniform: bool = False, cost: str | Costs | None = None) -> KeepSet:
         """The units to keep at `size`. Deterministic; reads no weights.
 
         By default (`fill_budget`) each block keeps what the ranking gives it, and
@@ -169,29 +149,35 @@ class Plan(Posterior):
             cost: what the size measures: "params", "flops" (per token at 2048 keys),
                 "bytes" (bfloat16), a latency table's path ("costs.json" from `ppn profile`:
                 decode milliseconds per token), or a `Costs` (`Units.costs`,
-                `ppn.speed.load_costs` for prefill) with other settings.
-                The ranking is the posterior's at the parameter fraction the fill
-                reaches (one refinement from the currency's fraction).
+                `ppn.speed.load_costs` for prefill) with other settings. None: the
+                currency the fit's sizes measured (`Units.currency`; parameters
+                unless the fit set `cost="flops"`). In another currency than the
+                fit's, the ranking is the posterior's at the fit's fraction the fill
+                reaches (one refinement from the requested currency's fraction).
         """
         costs, budget, rho = self._target(size, cost)
         if rho >= 1:
             return self.units.full()
         fill = fill_uniform if uniform else fill_budget
         keep = fill(self.units, self.median_logits(rho), budget, costs)
-        if costs is not None:  # the ranking at the parameter fraction that budget buys
-            rho = float(np.clip(keep.num_params() / self.units.total, 1e-6, 1 - 1e-6))
+        if (costs.currency if costs is not None else "params") != self.units.currency:
+            # the ranking at the fraction of the fit's currency that the budget buys
+            rho = float(np.clip(self.units.size_costs.of(keep) / self.units.size_total, 1e-6, 1 - 1e-6))
             keep = fill(self.units, self.median_logits(rho), budget, costs)
-        return keep if self.rescale is None else dataclasses.replace(keep, scales=self.scales(rho))
+        return keep if self.rescale is None else dataclasses.replace(keep, scales=self._scales_at(rho))
 
-    def _target(self, size, cost) -> tuple[Costs | None, float, float]:
-        """(costs, or None for parameters; the blocks' budget in them; the size's fraction in them, capped below 1)."""
+    def _target(self, size, cost=None) -> tuple[Costs | None, float, float]:
+        """(costs, or None for parameters; the blocks' budget in them; the size's fraction in them, capped
+        below 1: where the posterior is read when `cost` is the fit's currency). `cost` None: the fit's."""
+        cost = self.units.currency if cost is None else cost
         if isinstance(cost, str) and cost == "params":
             budget = self.units.budget(size)
             return None, budget, 1.0 if budget >= self.units.total else float(np.clip(budget / self.units.total,
                                                                                       1e-6, 1 - 1e-6))
         if isinstance(cost, (str, os.PathLike)) and str(cost).endswith(".json"):
             cost = speed.load_costs(cost, self.units)  # a latency table's decode milliseconds
-        costs = self.units.costs(cost) if isinstance(cost, str) else cost
+        costs = (self.units.size_costs if cost == self.units.currency else self.units.costs(cost)) \
+            if isinstance(cost, str) else cost
         budget, total = costs.budget(self.units, size), costs.of(self.units.full())
         return costs, budget, 1.0 if budget >= total else float(np.clip(budget / total, 1e-6, 1 - 1e-6))
 
@@ -208,16 +194,16 @@ class Plan(Posterior):
         """
         if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-        _, budget, rho = self._target(size, "params")
+        costs, budget, rho = self._target(size)
         if rho >= 1:
             return [self.units.full()] * num_samples
         logits = self.logit_draws(rho, num_samples, seed)
         noise = np.random.default_rng(seed)
-        scales = self.scales(rho)
+        scales = self._scales_at(rho)
         draws = []
         for s in range(num_samples):
             noisy = {k: v[s] + noise.logistic(size=v[s].shape) for k, v in logits.items()}
-            keep = fill_budget(self.units, noisy, budget)
+            keep = fill_budget(self.units, noisy, budget, costs)
             draws.append(keep if scales is None else dataclasses.replace(keep, scales=scales))
         return draws
 
@@ -232,11 +218,19 @@ class Plan(Posterior):
         return decisions.smallest_size(self, max_perplexity, prob, model=model, tokens=tokens, **kwargs)
 
     def scales(self, size: float | int) -> dict[str, np.ndarray] | None:
-        """The rescaling factors at `size` (`ppn.bayes.rescale_factors`), or None
-        when the plan has no rescaling."""
+        """The rescaling factors at `size` (in the fit's currency; `ppn.bayes.rescale_factors`),
+        or None when the plan has no rescaling."""
+        return self._scales_at(self.fraction(size))
+
+    def fraction(self, size: float | int) -> float:
+        """`size` (in the fit's currency: a fraction or an amount) as the fraction rho
+        in (0, 1] of the dense blocks' cost at which the posterior is read."""
+        return self._target(size)[2]
+
+    def _scales_at(self, rho: float) -> dict[str, np.ndarray] | None:
+        """The rescaling factors at the fit's size fraction `rho`, or None."""
         if self.rescale is None:
             return None
-        rho = float(np.clip(self.units.budget(size) / self.units.total, 1e-6, 1.0))
         return {k: np.asarray(v) for k, v in bayes.rescale_factors(self.rescale, rho).items()}
 
     def soft_gates(self, size: float | int, temperature: float = 0.2, estimator: str = "louizos"):
@@ -250,7 +244,7 @@ class Plan(Posterior):
             fit's final temperature, the gate the network last trained around).
         """
         units = self.units
-        rho = float(np.clip(units.budget(size) / units.total, 1e-6, 1 - 1e-6))
+        rho = min(self.fraction(size), 1 - 1e-6)
         logits = {k: jnp.asarray(v) for k, v in self.median_logits(rho).items()}
         c = bayes.push_offset(units, logits, jnp.float32(rho), temperature)
         scales = self.scales(size)
@@ -265,11 +259,11 @@ class Plan(Posterior):
         Returns:
             {"attn_layer": (L,), "mlp_layer": (L,), "head": (L, N), "mlp_group": (L, M)}.
         """
-        _, budget, rho = self._target(size, "params")
+        costs, budget, rho = self._target(size)
         logits = self.logit_draws(min(rho, 1 - 1e-6), num_samples, seed)
         total = {k: 0.0 for k in KINDS}
         for s in range(num_samples):
-            keep = fill_budget(self.units, {k: v[s] for k, v in logits.items()}, budget).effective()
+            keep = fill_budget(self.units, {k: v[s] for k, v in logits.items()}, budget, costs).effective()
             for k, v in zip(KINDS, (keep.attn, keep.mlp, keep.heads, keep.groups)):
                 total[k] = total[k] + v
         return {k: np.asarray(v, np.float64) / num_samples for k, v in total.items()}

@@ -124,6 +124,34 @@ class Posterior:
             sites[name] = Site(loc, scale, positive)
         return cls(units, prior, sites, rescale)
 
+    def check(self) -> None:
+        """Raises ValueError unless the sites are the prior's (names, shapes, finite
+        locations, scales >= 0, one low-rank factor rank or none) and the rescaling,
+        if any, has every kind at its shape with finite values."""
+        if self.rescale is not None:
+            shapes = self.units.shapes()
+            if set(self.rescale) != set(RESCALE_KINDS):
+                raise ValueError(f"rescale has kinds {sorted(self.rescale)}, expected {sorted(RESCALE_KINDS)}")
+            for k, v in self.rescale.items():
+                if v.shape != shapes[k] or not np.all(np.isfinite(v)):
+                    raise ValueError(f"rescale {k!r} has shape {v.shape} (expected {shapes[k]}) or non-finite values")
+        sites, expected = self.sites, prior_supports(self.units, self.prior)
+        if set(expected) != set(sites):
+            raise ValueError(f"sites {sorted(sites)} do not match the {self.prior!r} prior's {sorted(expected)}")
+        shapes = prior_shapes(self.units, self.prior)
+        ranks = {s.factor.shape[-1:] for s in sites.values() if s.factor is not None}
+        for k, s in sites.items():
+            if s.loc.shape != shapes[k] or s.scale.shape != shapes[k]:
+                raise ValueError(f"site {k!r} has shape {s.loc.shape}, expected {shapes[k]}")
+            if not (np.all(np.isfinite(s.loc)) and np.all(s.scale >= 0)):  # 0: a MAP posterior's point mass
+                raise ValueError(f"site {k!r} has non-finite locations or negative scales")
+            if s.factor is not None and (s.factor.shape[:-1] != shapes[k] or len(ranks) > 1
+                                         or not np.all(np.isfinite(s.factor))):
+                raise ValueError(f"site {k!r} has a low-rank factor of shape {s.factor.shape} (expected "
+                                 f"{shapes[k]} + (rank,), one rank for every site) or non-finite values")
+        if ranks and any(s.factor is None for s in sites.values()):
+            raise ValueError("some sites have a low-rank factor and some do not")
+
     # ----------------------------------------------------------------- draws
     def draws(self, num_samples: int, seed: int = 0) -> tuple[dict, dict]:
         """Posterior draws of every gate's alpha and beta: dicts by kind of arrays (S, ...)."""

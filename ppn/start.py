@@ -97,7 +97,7 @@ def taylor_init(model: Llama, units: Units, tokens: np.ndarray, cfg: FitConfig, 
                 mesh: Mesh | None = None) -> dict[str, np.ndarray]:
     """Initial guide locations from Taylor importances, in the hierarchy's coordinates.
 
-    A unit's score is log(|dNLL/dz| / cost), on `num_batches` batches of the fit's
+    A unit's score is log(|dNLL/dz| / cost) (cost in `units.currency`), on `num_batches` batches of the fit's
     shape drawn with their own seed. A (layer, kind) cell's score is the mean of
     its units'; `delta` (L, 2) starts at the standardised cell scores, `eps_head`
     (L, H) and `eps_mlp_group` (L, G) at the standardised deviations of units from
@@ -106,8 +106,9 @@ def taylor_init(model: Llama, units: Units, tokens: np.ndarray, cfg: FitConfig, 
     batches = itertools.islice(data.train_batches(tokens, cfg.batch_size, cfg.seqlen + 1, cfg.seed + 7919),
                                num_batches)
     imp = gate_gradients(model, units, batches, mesh)
-    costs = {"head": np.full((units.num_layers, units.num_heads), units.head_cost),
-             "mlp_group": np.broadcast_to(units.group_costs, (units.num_layers, units.num_groups))}
+    unit = units.size_costs  # per parameter, or per FLOP for a fit in FLOPs
+    costs = {"head": np.full((units.num_layers, units.num_heads), unit.head),
+             "mlp_group": np.broadcast_to(unit.groups, (units.num_layers, units.num_groups))}
     score = {k: np.log(imp[k] / costs[k] + 1e-20) for k in costs}
     cells = np.stack([score["head"].mean(1), score["mlp_group"].mean(1)], axis=1)  # (L, 2)
 

@@ -152,7 +152,7 @@ def init_fit(model: Llama, tokens, config: FitConfig, run_dir: str | os.PathLike
             raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the mesh's data x fsdp = "
                              f"{sharding.batch_shards(mesh)} devices, which split every batch")
     tokens = np.asarray(tokens)
-    units = Units(model.config, cfg.group_width)
+    units = Units(model.config, cfg.group_width, cfg.cost, cfg.cost_context)
     run = RunFolder(Path(run_dir) if run_dir is not None else None, cfg, model)
     svi = _svi(model, units, tokens, cfg, mesh)
     weights = None if cfg.train_weights else nnx.state(model, nnx.Param)

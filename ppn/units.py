@@ -22,6 +22,7 @@ normalised input, which `ppn.prune` folds into the kept weights.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax.numpy as jnp
 import numpy as np
@@ -31,6 +32,8 @@ from ppn.models.config import LayerShape, LlamaConfig
 KINDS = ("attn_layer", "mlp_layer", "head", "mlp_group")
 # What a size can be measured in (`Units.costs`).
 CURRENCIES = ("params", "flops", "bytes")
+# What a fit's size can measure (`Units.currency`): bytes are parameters times a constant.
+SIZE_CURRENCIES = ("params", "flops")
 # Rescaled quantities: every gate, and the D dimensions of each sub-layer's normalised input.
 RESCALE_KINDS = KINDS + ("attn_in", "mlp_in")
 
@@ -42,16 +45,26 @@ class Units:
     Attributes:
         config: the dense architecture (its `layers` must be None).
         group_width: SwiGLU channels per MLP group (the last group may be narrower).
+        currency: what a fit's size rho measures, "params" or "flops" (per token
+            at `context` keys): the push offset holds the expected cost in it at
+            rho times the dense blocks', and a plan reads sizes in it by default.
+        context: the keys at which "flops" are counted.
     """
 
     config: LlamaConfig
     group_width: int = 64
+    currency: str = "params"
+    context: int = 2048
 
     def __post_init__(self):
         if self.config.layers is not None:
             raise ValueError("units are defined on a dense config; this one is already pruned")
         if not 1 <= self.group_width <= self.config.intermediate_size:
             raise ValueError(f"group_width must be in [1, {self.config.intermediate_size}], got {self.group_width}")
+        if self.currency not in SIZE_CURRENCIES:
+            raise ValueError(f"a fit's size is measured in {' or '.join(SIZE_CURRENCIES)}, got {self.currency!r}")
+        if self.context < 1:
+            raise ValueError(f"context must be a positive number of keys, got {self.context}")
 
     # ------------------------------------------------------------- structure
     @property
@@ -127,6 +140,16 @@ class Units:
     def total(self) -> int:
         """S_total: parameters of all blocks, the denominator of a size fraction."""
         return self.config.num_prunable_params()
+
+    @functools.cached_property
+    def size_costs(self) -> Costs:
+        """What each unit costs in the currency of the fit's size (`currency`)."""
+        return self.costs(self.currency, self.context)
+
+    @functools.cached_property
+    def size_total(self) -> float:
+        """The dense blocks' cost in `currency`: a fit's size rho targets rho times this."""
+        return self.size_costs.of(self.full())
 
     def full(self) -> KeepSet:
         """The keep-set of the dense model."""

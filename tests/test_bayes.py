@@ -132,6 +132,21 @@ def test_push_offset_meets_the_size_wherever_the_logits_drift(shift):
         assert abs(float(bayes.expected_size(units, p)) / units.total - rho) < 1e-4
 
 
+def test_a_fit_in_flops_holds_the_expected_flops_at_rho():
+    units = Units(tiny_config(), 16, currency="flops", context=512)
+    assert units.size_total == units.costs("flops", 512).of(units.full()) and units.size_total > 2 * units.total
+    assert Units(tiny_config(), 16).size_total == units.total  # parameters: the prunable count
+    rng = np.random.default_rng(2)
+    logits = {k: jnp.asarray(rng.normal(size=s) * 2, jnp.float32) for k, s in units.gate_shapes().items()}
+    for rho in (0.3, 0.8):
+        c = bayes.push_offset(units, logits, jnp.float32(rho), 0.3)
+        p = {k: gates.open_probability(v - c, 0.3) for k, v in logits.items()}
+        assert abs(float(bayes.expected_size(units, p)) / units.size_total - rho) < 1e-4
+        # the same gates hold another share of the parameters: the currency moves the offset
+        params = float(bayes.expected_size(Units(tiny_config(), 16), p)) / units.total
+        assert abs(params - rho) > 1e-3
+
+
 def test_expected_size_matches_monte_carlo_over_bernoulli_gates():
     units = Units(tiny_config(), 16)
     rng = np.random.default_rng(1)

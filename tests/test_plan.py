@@ -25,7 +25,8 @@ TEXT = json.dumps(DOC)
 PATHS = [("format",), ("config", "hidden_size"), ("config", "num_heads"), ("group_width",), ("prior",),
          ("sites", "delta", "loc"), ("sites", "delta", "scale"), ("sites", "tau_layer", "loc"),
          ("sites", "eps_head", "loc"), ("sites", "zeta_mlp_group", "scale"), ("sites", "delta", "positive"),
-         ("sites",), ("rescale", "head"), ("rescale", "mlp_in"), ("rescale",), ("config",)]
+         ("sites",), ("rescale", "head"), ("rescale", "mlp_in"), ("rescale",), ("config",), ("size", "currency"),
+         ("size", "context"), ("size",)]
 VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 10**6), st.floats(allow_nan=True, allow_infinity=True),
                    st.text(max_size=5), st.lists(st.floats(allow_nan=True), max_size=4),
                    st.just([[float("nan")] * 4] * 2), st.just({}), st.just([]))
@@ -237,3 +238,35 @@ def test_keep_in_another_currency_lands_within_one_unit_of_its_budget(currency, 
     # an amount for the whole model, outside the blocks included
     amount = costs.base + 0.6 * costs.of(units.full())
     assert costs.base + costs.of(plan.keep(amount, cost=currency)) <= amount
+
+
+def test_a_fit_in_flops_cuts_to_flops_by_default_and_to_parameters_on_request(tmp_path):
+    from ppn.fit import fit
+    from ppn.testing import smoke_fit_config, tiny_model, tiny_tokens
+
+    result = fit(tiny_model(), tiny_tokens(), smoke_fit_config(cost="flops", cost_context=256, steps=3),
+                 progress=False)
+    rows = result.metrics
+    assert all(abs(np.mean(r["expected_size"]) - np.mean(r["rho"])) < 1e-3 for r in rows)
+    plan = Plan.load(Plan.from_fit(result).save(tmp_path / "plan.json"))
+    u = plan.units
+    assert (u.currency, u.context) == ("flops", 256)
+    flops, params = u.costs("flops", 256), u.costs("params")
+    unit = max(flops.head + flops.kv + flops.attn_fixed, flops.groups.max() + flops.mlp_fixed)
+    for size in (0.4, 0.7):
+        keep = plan.keep(size)  # the fit's currency
+        assert size * u.size_total - unit < flops.of(keep) <= size * u.size_total
+        assert plan.keep(size, cost="flops") == keep
+        by_params = plan.keep(size, cost="params")
+        assert by_params.num_params() <= params.budget(u, size) and by_params != keep
+        assert len(plan.sample_keep(size, 2)) == 2
+        assert all(flops.of(k) <= size * u.size_total for k in plan.sample_keep(size, 2))
+    # a plan written before fits in FLOPs (no "size" entry) reads sizes as parameters
+    doc = json.loads((tmp_path / "plan.json").read_text())
+    del doc["size"]
+    (tmp_path / "old.json").write_text(json.dumps(doc))
+    assert Plan.load(tmp_path / "old.json").units.currency == "params"
+    doc["size"] = {"currency": "watts", "context": 1}
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="not a valid ppn plan.*'watts'"):
+        Plan.load(tmp_path / "bad.json")

@@ -91,3 +91,10 @@ def test_costs_reject_an_unknown_currency_and_amounts_no_model_has():
         costs.budget(units, costs.base + costs.of(units.full()) + 10)
     with pytest.raises(ValueError, match="fraction in"):
         costs.budget(units, -0.5)
+
+
+def test_units_refuse_a_size_currency_a_fit_cannot_push_toward():
+    with pytest.raises(ValueError, match="params or flops, got 'bytes'"):
+        Units(tiny_config(), 16, currency="bytes")
+    with pytest.raises(ValueError, match="context must be a positive"):
+        Units(tiny_config(), 16, currency="flops", context=0)
