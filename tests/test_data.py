@@ -122,6 +122,21 @@ def test_general_english_splits_hold_both_parties_and_no_shakespeare():
     assert "MACBETH" not in validation + reserved
 
 
+@pytest.mark.slow
+def test_general_training_text_is_general_english_unlike_every_evaluation_text():
+    """Movie plots and reviews: no paragraph shared with the general-English evaluation
+    text, no Shakespeare; as the training source "general" it mixes by weight."""
+    from ppn.harness.job import _train_tokens
+
+    text = data.general_training()
+    assert 2_000_000 < len(text) < 2_300_000
+    evaluation = set((data.general_english("validation") + "\n\n" + data.general_english("reserved")).split("\n\n"))
+    assert not set(text.split("\n\n")) & evaluation and "MACBETH" not in text
+    mixed = _train_tokens(("shakespeare=3", "general=1"), lambda t: np.frombuffer(t.encode(), np.uint8))
+    general = np.frombuffer(text.encode(), np.uint8)
+    assert abs(len(general) / len(mixed) - 0.25) < 0.01
+
+
 def test_general_english_refuses_an_unknown_split():
     with pytest.raises(ValueError, match="unknown split 'train' of the general-English text"):
         data.general_english("train")

@@ -69,7 +69,8 @@ class JobConfig:
         train_text, valid_text: a text file or a folder of .txt/.md files
             (`ppn.data.load_text`) to fit on and to measure perplexity on, instead of
             the Shakespeare train and validation splits. `train_text` may also be
-            several sources "SOURCE=WEIGHT" ("shakespeare" names the train split),
+            several sources "SOURCE=WEIGHT" ("shakespeare" names the train split,
+            "general" the general English of `ppn.data.general_training`),
             mixed so each fills its weight's share of the windows (`ppn.data.mix_tokens`).
         general_eval: also measure every row's perplexity on general English
             (`ppn.data.general_english`, validation split): what the fit did to
@@ -139,8 +140,8 @@ def load_inputs(source: str, dtype: str = "float32", smoke: bool = False, random
 def _train_tokens(specs: tuple[str, ...], tokenize) -> np.ndarray:
     """The training tokens of one or several "SOURCE[=WEIGHT]" specs, mixed by weight."""
     sources = [data.text_source(spec) for spec in specs]
-    streams = [tokenize(data.shakespeare("train") if source == "shakespeare" else data.load_text(source))
-               for source, _ in sources]
+    named = {"shakespeare": lambda: data.shakespeare("train"), "general": data.general_training}
+    streams = [tokenize(named[source]() if source in named else data.load_text(source)) for source, _ in sources]
     return streams[0] if len(streams) == 1 else data.mix_tokens(streams, [w for _, w in sources])
 
 
