@@ -41,6 +41,9 @@ VARIANTS = {
     # ppn.data.general_training; a JobConfig field): keeps what the model knew?
     "combined_lr3e-4_general25": dict(teacher="start", teacher_weight=0.5, size_sampling="sequence", sandwich=True,
                                       rescale=True, lr_weights=3e-4, train_text=("shakespeare=3", "general=1")),
+    # the same started from each unit's output energy instead of its Taylor importance
+    "combined_lr3e-4_activation": dict(teacher="start", teacher_weight=0.5, size_sampling="sequence", sandwich=True,
+                                       rescale=True, lr_weights=3e-4, init="activation"),
     # the same fit with the gates' MAP point instead of their posterior (AutoDelta): does the spread change a decision?
     "combined_lr3e-4_map": dict(teacher="start", teacher_weight=0.5, size_sampling="sequence", sandwich=True,
                                 rescale=True, lr_weights=3e-4, guide="delta"),

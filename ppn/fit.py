@@ -52,8 +52,9 @@ class FitConfig:
             which units matter before the sizes get small.
         init: where the guide starts: "taylor" puts each unit's intercept at its
             first-order importance (|dNLL/dz| per parameter, on a few training
-            batches, standardised within the hierarchy); "prior" at the prior
-            medians (all units equal).
+            batches, standardised within the hierarchy); "activation" likewise at
+            the energy each unit writes into the residual stream
+            (`ppn.start.output_energies`); "prior" at the prior medians (all units equal).
         group_width: SwiGLU channels per MLP gate.
         cost, cost_context: what the target size rho measures (`ppn.units.Units.currency`):
             "params" (prunable parameters) or "flops" (FLOPs per token at
@@ -183,8 +184,8 @@ class FitConfig:
             raise ValueError(f"rho_warmup must lie in [0, 1), got {self.rho_warmup}")
         if self.constraint not in ("offset", "lagrange"):
             raise ValueError(f"unknown size constraint {self.constraint!r}; choose 'offset' or 'lagrange'")
-        if self.init not in ("taylor", "prior"):
-            raise ValueError(f"unknown init {self.init!r}; choose 'taylor' or 'prior'")
+        if self.init not in ("taylor", "activation", "prior"):
+            raise ValueError(f"unknown init {self.init!r}; choose 'taylor', 'activation' or 'prior'")
         if self.size_sampling not in ("step", "sequence"):
             raise ValueError(f"unknown size_sampling {self.size_sampling!r}; choose 'step' or 'sequence'")
         if self.sandwich and self.batch_size < 3:

@@ -4,7 +4,9 @@ By default (`FitConfig.init="taylor"`) each unit's hierarchical latents start at
 its first-order importance: |dNLL/dz| at all gates open, per parameter the unit
 costs, on a few training batches. Pruning then begins from a ranking the
 network's own gradients give, not from all units equal (`init="prior"`: the
-prior medians).
+prior medians). `init="activation"` ranks by what each unit writes into the
+residual stream on those batches instead (`output_energies`), a calibration
+score in the spirit of Wanda-sp and FLAP that needs no gradient.
 """
 
 from __future__ import annotations
@@ -30,14 +32,14 @@ if TYPE_CHECKING:
 
 def guide_start(model: Llama, units: Units, tokens: np.ndarray, cfg: FitConfig,
                 mesh: Mesh | None = None) -> dict[str, np.ndarray]:
-    """The guide's starting locations by latent site name: with `init="taylor"`,
-    `taylor_init`'s (for the `independent` prior, the intercepts they imply:
+    """The guide's starting locations by latent site name: with `init="taylor"` or
+    "activation", `taylor_init`'s (for the `independent` prior, the intercepts they imply:
     `independent_start`), else {} (every site at its prior median, see
     `init_to_values`). Non-finite importances give {} too: such a network fails
     the fit's finiteness check at its first step."""
-    if cfg.init != "taylor":
+    if cfg.init == "prior":
         return {}
-    start = taylor_init(model, units, tokens, cfg, mesh=mesh)
+    start = taylor_init(model, units, tokens, cfg, mesh=mesh, importance=cfg.init)
     if not all(np.isfinite(v).all() for v in start.values()):
         return {}
     return independent_start(start) if cfg.prior == "independent" else start
@@ -93,19 +95,54 @@ def gate_gradients(model: Llama, units: Units, batches, mesh: Mesh | None = None
     return {k: v / count for k, v in total.items()}
 
 
-def taylor_init(model: Llama, units: Units, tokens: np.ndarray, cfg: FitConfig, num_batches: int = 4,
-                mesh: Mesh | None = None) -> dict[str, np.ndarray]:
-    """Initial guide locations from Taylor importances, in the hierarchy's coordinates.
+def output_energies(model: Llama, units: Units, batches) -> dict[str, np.ndarray]:
+    """Mean over `batches` (each int (B, T+1)) of the energy each unit writes into the
+    residual stream of the unpruned model, by kind "head" (L, N) and "mlp_group" (L, M):
+    sum over tokens of ||o_h head_h(x)||^2 for a query head (its output through its
+    slice of o), and of hidden_c(x)^2 ||down_{:,c}||^2 summed over a group's channels."""
+    graphdef, state = nnx.split(model)
+    gather = np.concatenate([np.full(w, g) for g, w in enumerate(units.group_widths)])  # channel -> group
 
-    A unit's score is log(|dNLL/dz| / cost) (cost in `units.currency`), on `num_batches` batches of the fit's
-    shape drawn with their own seed. A (layer, kind) cell's score is the mean of
-    its units'; `delta` (L, 2) starts at the standardised cell scores, `eps_head`
-    (L, H) and `eps_mlp_group` (L, G) at the standardised deviations of units from
-    their cell (all clipped to +-3).
+    @jax.jit
+    def energies(state, batch):
+        net = nnx.merge(graphdef, state)
+        ids = batch[:, :-1]
+        positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+        x, heads, groups = net.embed[...][ids], [], []
+        for block in net.blocks:
+            heads_out, _ = block.attn.head_outputs(block.input_norm(x), positions)
+            per_head = jnp.einsum("BTNH,DNH->BTND", heads_out, block.attn.o[...]).astype(jnp.float32)
+            heads.append((per_head ** 2).sum((0, 1, 3)))
+            hidden = block.mlp.hidden(block.post_attention_norm(x)).astype(jnp.float32)
+            channel = (hidden ** 2).sum((0, 1)) * (block.mlp.down[...].astype(jnp.float32) ** 2).sum(0)
+            groups.append(jax.ops.segment_sum(channel, gather, units.num_groups))
+            x = block(x, positions)[0]
+        return jnp.stack(heads), jnp.stack(groups)
+
+    total, count = {"head": 0.0, "mlp_group": 0.0}, 0
+    for batch in batches:
+        h, g = energies(state, jnp.asarray(batch))
+        total = {"head": total["head"] + np.asarray(h, np.float64), "mlp_group": total["mlp_group"] + np.asarray(g)}
+        count += 1
+    return {k: v / count for k, v in total.items()}
+
+
+def taylor_init(model: Llama, units: Units, tokens: np.ndarray, cfg: FitConfig, num_batches: int = 4,
+                mesh: Mesh | None = None, importance: str = "taylor") -> dict[str, np.ndarray]:
+    """Initial guide locations from unit importances, in the hierarchy's coordinates.
+
+    A unit's score is log(importance / cost) (cost in `units.currency`), on
+    `num_batches` batches of the fit's shape drawn with their own seed; the
+    importance is |dNLL/dz| (`gate_gradients`, "taylor") or the unit's output
+    energy (`output_energies`, "activation", on one device). A (layer, kind) cell's
+    score is the mean of its units'; `delta` (L, 2) starts at the standardised
+    cell scores, `eps_head` (L, H) and `eps_mlp_group` (L, G) at the standardised
+    deviations of units from their cell (all clipped to +-3).
     """
     batches = itertools.islice(data.train_batches(tokens, cfg.batch_size, cfg.seqlen + 1, cfg.seed + 7919),
                                num_batches)
-    imp = gate_gradients(model, units, batches, mesh)
+    imp = (output_energies(model, units, batches) if importance == "activation"
+           else gate_gradients(model, units, batches, mesh))
     unit = units.size_costs  # per parameter, or per FLOP for a fit in FLOPs
     costs = {"head": np.full((units.num_layers, units.num_heads), unit.head),
              "mlp_group": np.broadcast_to(unit.groups, (units.num_layers, units.num_groups))}

@@ -1,8 +1,10 @@
-"""Where a fit starts: Taylor importances and the guide's starting locations."""
+"""Where a fit starts: Taylor and activation importances and the guide's starting locations."""
 
 import numpy as np
 
-from ppn.start import gate_gradients, guide_start
+import jax.numpy as jnp
+
+from ppn.start import gate_gradients, guide_start, output_energies
 from ppn.testing import smoke_fit_config, tiny_model, tiny_tokens
 from ppn.units import KINDS, Units
 
@@ -16,6 +18,33 @@ def test_taylor_importance_of_a_dead_unit_is_zero():
     g = gate_gradients(model, Units(model.config, 16), [TOKENS[:34].reshape(2, 17)])
     assert g["head"][0, 2] == 0 and g["mlp_group"][1, 1] == 0
     assert (np.delete(g["head"][0], 2) > 0).all() and (g["mlp_group"][0] > 0).all()
+
+
+def test_output_energy_is_each_units_share_of_the_residual_stream():
+    model = tiny_model(seed=3)
+    units = Units(model.config, 16)
+    model.blocks[0].attn.o[...] = model.blocks[0].attn.o[...].at[:, 2].set(0.0)
+    model.blocks[1].mlp.down[...] = model.blocks[1].mlp.down[...].at[:, 16:32].set(0.0)
+    batch = TOKENS[:34].reshape(2, 17)
+    e = output_energies(model, units, [batch])
+    assert e["head"].shape == (2, 4) and e["mlp_group"].shape == (2, 3)
+    assert e["head"][0, 2] == 0 and e["mlp_group"][1, 1] == 0
+    assert (np.delete(e["head"][0], 2) > 0).all() and (e["mlp_group"][0] > 0).all()
+    # a head's energy is the squared norm of what removing it takes from block 0's output
+    block, ids = model.blocks[0], jnp.asarray(batch[:, :-1])
+    positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+    x = model.embed[...][ids]
+    full = block.attn(block.input_norm(x), positions)[0]
+    gates = jnp.ones(4).at[1].set(0.0)
+    without = block.attn(block.input_norm(x), positions, head_gates=jnp.broadcast_to(gates, (2, 4)))[0]
+    np.testing.assert_allclose(e["head"][0, 1], float(((full - without) ** 2).sum()), rtol=1e-4)
+
+
+def test_an_activation_start_ranks_a_dead_unit_last():
+    model = tiny_model(seed=3)
+    model.blocks[1].mlp.down[...] = model.blocks[1].mlp.down[...].at[:, 16:32].set(0.0)
+    start = guide_start(model, Units(model.config, 16), TOKENS, smoke_fit_config(init="activation"))
+    assert start["eps_mlp_group"][1, 1] == start["eps_mlp_group"].min() == -3
 
 
 def test_the_independent_prior_starts_from_the_same_ranking_as_the_hierarchical_one():
