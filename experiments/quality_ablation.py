@@ -8,7 +8,8 @@ study alone and combined, at one budget, every variant from the same seed.
 Each variant is a set of `FitConfig` overrides on top of the main job's defaults
 (`VARIANTS`; "train_text" is the job's training text instead). Writes the run folder runs/quality/<tag> and the size table
 results/quality/<tag>.json (+ .md), tag = <variant>_steps<N>_seed<S>; the JSON
-records the whole JobConfig. No random-structure rows (the main job has them).
+records the whole JobConfig. No random-structure rows and no quality band (the main job
+has them; experiments/uncertainty.py measures the band).
 """
 
 import argparse
@@ -62,7 +63,7 @@ def job(variant: str, steps: int = FitConfig.steps, seed: int = 0) -> JobConfig:
     text = overrides.pop("train_text", None)
     fit = FitConfig(**overrides, steps=steps, seed=seed)
     return dataclasses.replace(JobConfig(), fit=fit, run_dir=f"runs/quality/{tag}", train_text=text,
-                               results=f"results/quality/{tag}.json", random_floor=False)
+                               results=f"results/quality/{tag}.json", random_floor=False, band_samples=0)
 
 
 if __name__ == "__main__":
