@@ -233,3 +233,15 @@ def test_latency_target_smoke(tmp_path):
     assert all(r["predicted_ms"] <= r["target_ms"] * (1 + 1e-9) for r in rows[1:])
     assert [r["kept_fraction"] for r in rows] == sorted((r["kept_fraction"] for r in rows), reverse=True)
     assert Path(doc["config"]["costs_table"]).exists()
+
+
+def test_fair_rows_smoke(tmp_path):
+    _smoke("fair_rows.py", "--out", tmp_path / "fair.json")
+    rows = json.loads((tmp_path / "fair.json").read_text())["records"]
+    methods = [r["method"] for r in rows]
+    assert methods[:2] == ["dense", "sparsegpt"] and "sparsegpt masked fine-tuned (fit budget)" in methods
+    assert "dense fine-tuned (fit budget)" in methods and "flap fine-tuned (fit budget)" in methods
+    masked = next(r for r in rows if r["method"].startswith("sparsegpt masked"))
+    one_shot = rows[1]
+    # the mask stays: as many kept weights after fine-tuning as SparseGPT left
+    assert masked["kept_prunable"] == one_shot["kept_prunable"] and masked["tokens_used"] > one_shot["tokens_used"]

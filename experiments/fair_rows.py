@@ -1,0 +1,45 @@
+"""The fairness rows of a budget, without a fit: the dense model fine-tuned with the
+fit's tokens; one-shot SparseGPT at 0.5, and SparseGPT at 0.5 with its mask held
+fixed while the kept weights fine-tune on the same batches; FLAP at 0.7 / 0.5 / 0.3,
+and FLAP at 0.5 fine-tuned (experiments/BENCHMARK.md, "fair rows"). Fine-tunes use
+`FitConfig(steps=N)`'s optimiser. ppn's own rows at that budget come from its fit
+(quality study).
+
+    python experiments/fair_rows.py --steps 150        # the main job's budget
+    python experiments/fair_rows.py --smoke            # tiny model, seconds
+
+Rows resume from runs/fair/steps<N>; writes results/benchmark/fair_rows_steps<N>.json
+(+ .md, .png), quick perplexity on Shakespeare and general English.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tempfile
+
+from ppn.fit import FitConfig
+from ppn.harness.benchmark import BenchConfig, run
+
+
+def config(steps: int, smoke: bool = False) -> BenchConfig:
+    fields = dict(methods=("dense", "sparsegpt", "flap", "finetuned"), unstructured_sizes=(0.5,), nm=(), speed=False,
+                  finetune_steps=steps)
+    if smoke:
+        root = tempfile.mkdtemp(prefix="ppn-fair-")
+        return BenchConfig.smoke_test(root, **fields)
+    return BenchConfig.quick(**fields, state_dir=f"runs/fair/steps{steps}",
+                             out=f"results/benchmark/fair_rows_steps{steps}.json")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=FitConfig.steps)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--out", help="results JSON (default results/benchmark/fair_rows_steps<N>.json)")
+    a = parser.parse_args()
+    cfg = config(2 if a.smoke else a.steps, a.smoke)
+    if a.out:
+        cfg = dataclasses.replace(cfg, out=a.out)
+    for row in run(cfg):
+        print({k: row.get(k) for k in ("method", "size", "perplexity", "general_perplexity", "tokens_used")})
