@@ -42,6 +42,9 @@ VARIANTS = {
     # ppn.data.general_training; a JobConfig field): keeps what the model knew?
     "combined_lr3e-4_general25": dict(teacher="start", teacher_weight=0.5, size_sampling="sequence", sandwich=True,
                                       rescale=True, lr_weights=3e-4, train_text=("shakespeare=3", "general=1")),
+    # the same with half the sampled sizes at the headline's 0.5 and 0.3
+    "combined_lr3e-4_targets": dict(teacher="start", teacher_weight=0.5, size_sampling="sequence", sandwich=True,
+                                    rescale=True, lr_weights=3e-4, target_sizes=(0.5, 0.3), target_share=0.5),
     # the same started from each unit's output energy instead of its Taylor importance
     "combined_lr3e-4_activation": dict(teacher="start", teacher_weight=0.5, size_sampling="sequence", sandwich=True,
                                        rescale=True, lr_weights=3e-4, init="activation"),
