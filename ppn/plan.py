@@ -37,7 +37,7 @@ import numpy as np
 from ppn import bayes, decisions, gates, speed
 from ppn.models.config import LlamaConfig
 from ppn.posterior import Posterior, Site
-from ppn.runs import atomic_write_text
+from ppn.runs import atomic_write
 from ppn.units import KINDS, Costs, KeepSet, Units
 
 PLAN_FORMAT = "ppn-plan/2"
@@ -87,7 +87,7 @@ class Plan(Posterior):
 
     def save(self, path: str | os.PathLike) -> Path:
         """Writes the plan as JSON, atomically."""
-        return atomic_write_text(path, json.dumps(self.to_json(), separators=(",", ":"), default=_json_default))
+        return atomic_write(path, json.dumps(self.to_json(), separators=(",", ":"), default=_json_default))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:

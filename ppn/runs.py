@@ -35,14 +35,16 @@ if TYPE_CHECKING:
 METRICS = "metrics.jsonl"
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Writes `text` to a temporary file beside `path`, then renames it over `path`."""
+def atomic_write(path: str | os.PathLike, payload: str | bytes | np.ndarray) -> Path:
+    """Writes text, bytes or an array (as `.npy`) to a temporary file beside `path`, then
+    renames it over `path`: a reader never sees a partial file, and concurrent writers
+    of the same content are harmless."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "w" if isinstance(payload, str) else "wb") as f:
+            f.write(payload) if isinstance(payload, (str, bytes)) else np.save(f, payload)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
@@ -125,7 +127,7 @@ def metrics_row(step: int, loss: float, ok: bool, rho: np.ndarray, temperature: 
 def mark_done(run_dir: str | os.PathLike) -> None:
     """Marks a run folder finished: later runs into it are refused (written by process 0)."""
     if is_main_process():
-        atomic_write_text(Path(run_dir) / "DONE", time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+        atomic_write(Path(run_dir) / "DONE", time.strftime("%Y-%m-%dT%H:%M:%S\n"))
 
 
 class RunFolder:
@@ -151,8 +153,8 @@ class RunFolder:
         if config_file.exists():
             _check_same_run(run_dir, json.loads(config_file.read_text()), json.loads(json.dumps(record)))
         elif is_main_process():
-            atomic_write_text(config_file, json.dumps(record, indent=2))
-        if is_main_process():  # a kill mid-write leaves atomic_write_text's temporary files
+            atomic_write(config_file, json.dumps(record, indent=2))
+        if is_main_process():  # a kill mid-write leaves atomic_write's temporary files
             for stale in run_dir.glob(".*.json*"):
                 stale.unlink(missing_ok=True)
             # and orbax's unfinished checkpoints; removed here, before the manager starts, as
@@ -199,7 +201,7 @@ class RunFolder:
     def write_metrics(self, rows: list[dict]):
         """Replaces metrics.jsonl with `rows`."""
         if self.dir is not None and is_main_process():
-            atomic_write_text(self.dir / METRICS, "".join(json.dumps(r) + "\n" for r in rows))
+            atomic_write(self.dir / METRICS, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _check_same_run(run_dir: Path, previous: dict, current: dict) -> None:

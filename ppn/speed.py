@@ -229,9 +229,9 @@ def profile_costs(model: Llama, group_width: int = 64, context: int = 512, repea
 
 def save_costs(table: dict, path) -> Path:
     """Writes a latency table as JSON, atomically."""
-    from ppn.runs import atomic_write_text
+    from ppn.runs import atomic_write
 
-    return atomic_write_text(path, json.dumps(table, indent=2))
+    return atomic_write(path, json.dumps(table, indent=2))
 
 
 def load_costs(path, units: Units, phase: str = "decode") -> Costs:

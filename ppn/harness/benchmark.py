@@ -49,7 +49,7 @@ from ppn.models.llama import Llama
 from ppn.plan import Plan
 from ppn.prune import prune
 from ppn.harness.report import TOTAL_COLUMNS, markdown_table, wall_time_per_method, write_results
-from ppn.runs import append_jsonl, atomic_write_text, read_jsonl, read_metrics
+from ppn.runs import append_jsonl, atomic_write, read_jsonl, read_metrics
 from ppn.sharding import make_mesh
 
 SIZES = (0.9, 0.7, 0.5, 0.4, 0.3)
@@ -169,7 +169,7 @@ class _State:
         if cfg_path.exists() and cfg_path.read_text() != settings:
             raise ValueError(f"{self.dir} holds a benchmark with other settings; pass another state folder "
                              "or delete it")
-        atomic_write_text(cfg_path, settings)
+        atomic_write(cfg_path, settings)
         self.path = self.dir / "rows.jsonl"
         self.rows = {row["key"]: row for row in read_jsonl(self.path)}
 
@@ -410,7 +410,7 @@ def run(cfg: BenchConfig, progress: bool = True) -> list[dict]:
                   title=f"Benchmark on {cfg.model if not cfg.smoke else 'a tiny model'}: validation perplexity "
                         f"by kept size")
     md = out.parent / f"{name}.md"
-    atomic_write_text(md, md.read_text() + "\n## Wall time per method, all sizes\n\n"
+    atomic_write(md, md.read_text() + "\n## Wall time per method, all sizes\n\n"
                       + markdown_table(totals, TOTAL_COLUMNS)
                       + "\nUnstructured and N:M rows keep dense shapes and run at dense speed here.\n")
     plt.close(benchmark_figure(rows, out.parent / f"{name}.png"))

@@ -36,7 +36,7 @@ from ppn.models.llama import Llama
 from ppn.plan import Plan
 from ppn.prune import prune
 from ppn.harness.report import markdown_table, write_results
-from ppn.runs import atomic_write_text, mark_done
+from ppn.runs import atomic_write, mark_done
 from ppn.sharding import addressable, is_main_process, make_mesh
 
 SIZES = (0.9, 0.7, 0.5, 0.4, 0.3)
@@ -202,11 +202,11 @@ def run(cfg: JobConfig, progress: bool = True) -> list[dict]:
         write_results(results.stem, rows, COLUMNS, out_dir=results.parent,
                       title=f"Push puppet fit on {cfg.model}: validation perplexity by size ({mode})",
                       config=dataclasses.asdict(cfg))
-        atomic_write_text(run_dir / "table.md", markdown_table(rows, COLUMNS))
+        atomic_write(run_dir / "table.md", markdown_table(rows, COLUMNS))
         if band is not None:
-            atomic_write_text(run_dir / "quality_band.json", json.dumps(band.to_json(), indent=2))
+            atomic_write(run_dir / "quality_band.json", json.dumps(band.to_json(), indent=2))
             plt.close(plots.quality_band(band, path=run_dir / "quality_band.png"))
-        atomic_write_text(run_dir / "job.json", json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
+        atomic_write(run_dir / "job.json", json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
     mark_done(run_dir)
     return rows
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ppn.runs import atomic_write_text
+from ppn.runs import atomic_write
 
 TOTAL_COLUMNS = ["method", "sizes", "total_seconds", "one_time_seconds", "per_size_seconds"]
 
@@ -73,11 +73,11 @@ def write_results(name: str, records: Sequence[dict[str, Any]], columns: Sequenc
     stamp = {"machine": machine(), "git_commit": git_commit(), "command": " ".join(sys.argv),
              "config": config}
     records = [dict(r) for r in records]
-    atomic_write_text(out / f"{name}.json", json.dumps({"experiment": name, **stamp, "records": records},
+    atomic_write(out / f"{name}.json", json.dumps({"experiment": name, **stamp, "records": records},
                                                        indent=2, default=str))
     header = f"# {title or name}\n\nMachine: {stamp['machine']['cpu_count']} CPU cores, " \
              f"{stamp['machine']['devices']} ({stamp['machine']['jax_backend']}); commit {stamp['git_commit']}.\n\n"
-    atomic_write_text(out / f"{name}.md", header + markdown_table(records, columns))
+    atomic_write(out / f"{name}.md", header + markdown_table(records, columns))
     return out / f"{name}.json"
 
 
