@@ -17,12 +17,14 @@ maps and unmaps at every step show up in the last two.
 The allocator is the process's: run the script under different ones and compare,
 
     python experiments/fit_memory.py --name fit_memory_glibc
-    MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 \
+    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=4294967296 \
         python experiments/fit_memory.py --name fit_memory_nomap
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 \
         python experiments/fit_memory.py --name fit_memory_tcmalloc
     python experiments/fit_memory.py --smoke          # tiny model, seconds
 
+(glibc caps MALLOC_MMAP_THRESHOLD_ at 32 MiB and ignores larger values, while the
+logits of a step are hundreds of MB: only MALLOC_MMAP_MAX_=0 keeps them off mmap.)
 It measures the recommended preset (`FitConfig.recommended()`, what `ppn fit` runs);
 `--plain` measures `FitConfig()`.
 
@@ -50,8 +52,8 @@ from ppn.harness.report import write_results
 
 COLUMNS = ["phase", "seconds", "peak_gib", "median_gib", "median_step_seconds", "step_per_forward",
            "system_cpu_share", "minor_faults_per_second", "allocator"]
-ALLOCATOR_ENV = ("LD_PRELOAD", "MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
-                 "TCMALLOC_RELEASE_RATE")
+ALLOCATOR_ENV = ("LD_PRELOAD", "MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_",
+                 "MALLOC_TRIM_THRESHOLD_", "TCMALLOC_RELEASE_RATE")
 
 
 @dataclasses.dataclass(frozen=True)
