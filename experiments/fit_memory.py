@@ -23,8 +23,8 @@ The allocator is the process's: run the script under different ones and compare,
         python experiments/fit_memory.py --name fit_memory_tcmalloc
     python experiments/fit_memory.py --smoke          # tiny model, seconds
 
-(glibc caps MALLOC_MMAP_THRESHOLD_ at 32 MiB and ignores larger values, while the
-logits of a step are hundreds of MB: only MALLOC_MMAP_MAX_=0 keeps them off mmap.)
+(MALLOC_MMAP_MAX_=0, like a MALLOC_MMAP_THRESHOLD_ above the largest buffer, keeps the
+step's buffers of hundreds of MB in the heap instead of mapping fresh pages every step.)
 It measures the recommended preset (`FitConfig.recommended()`, what `ppn fit` runs);
 `--plain` measures `FitConfig()`.
 
