@@ -1,8 +1,9 @@
 """Cutting to a latency: does a model cut to T milliseconds per token run at T?
 
 Times the dense model's pruned variants once (`ppn.speed.profile_costs`, what
-`ppn profile` does) into a latency table, then, for each target (a fraction of the
-dense model's measured decode milliseconds per token), cuts the plan's model with
+`ppn profile` does) into a latency table, then, for each target (the table's
+milliseconds outside the blocks plus a fraction of its dense blocks' milliseconds, so
+every target is one a cut can meet), cuts the plan's model with
 `plan.keep(target_ms, cost=<table>)` and times the cut model the same way
 (`ppn.speed.measure_latency`: batch 1, a 512-token prompt). Reported per target:
 the table's prediction for the cut, the measured milliseconds and the relative
@@ -32,7 +33,7 @@ COLUMNS = ["phase", "target_fraction", "target_ms", "predicted_ms", "measured_ms
 @dataclasses.dataclass(frozen=True)
 class Config:
     run_dir: str = "runs/smollm2-135m"
-    fractions: tuple[float, ...] = (0.85, 0.7, 0.55)  # of the dense model's decode ms per token
+    fractions: tuple[float, ...] = (0.8, 0.6, 0.4)  # of the dense blocks' predicted ms per token
     phase: str = "decode"
     context: int = 512
     repeats: int = 5
@@ -63,7 +64,7 @@ def main(cfg: Config) -> list[dict]:
              costs.base + costs.of(plan.units.full()), "measured_ms": dense_ms, "relative_error": None,
              "kept_fraction": 1.0}]
     for fraction in cfg.fractions:
-        target = fraction * dense_ms
+        target = costs.base + fraction * costs.of(plan.units.full())
         keep = plan.keep(target, cost=costs)
         measured = speed.measure_latency(ppn.prune(model, keep), cfg.context, repeats=cfg.repeats)[cfg.phase]
         rows.append({"phase": cfg.phase, "target_fraction": fraction, "target_ms": target,

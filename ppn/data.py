@@ -110,13 +110,8 @@ def split_plays(split: str) -> list[str]:
 
 
 def shakespeare(split: str) -> str:
-    """The text of a Shakespeare split: its plays' files joined with two newlines, in order.
-
-    Args:
-        split: "validation", "reserved" or "train".
-
-    Returns:
-        The split as one string, ready for `tokenize`.
+    """The text of a Shakespeare split ("validation", "reserved" or "train"): its plays'
+    files joined with two newlines, in order, as one string ready for `tokenize`.
 
     Raises:
         ValueError: for an unknown split (the message lists the valid ones).

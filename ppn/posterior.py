@@ -135,10 +135,9 @@ class Posterior:
             for k, v in self.rescale.items():
                 if v.shape != shapes[k] or not np.all(np.isfinite(v)):
                     raise ValueError(f"rescale {k!r} has shape {v.shape} (expected {shapes[k]}) or non-finite values")
-        sites, expected = self.sites, prior_supports(self.units, self.prior)
-        if set(expected) != set(sites):
-            raise ValueError(f"sites {sorted(sites)} do not match the {self.prior!r} prior's {sorted(expected)}")
-        shapes = prior_shapes(self.units, self.prior)
+        sites, shapes = self.sites, prior_shapes(self.units, self.prior)
+        if set(shapes) != set(sites):
+            raise ValueError(f"sites {sorted(sites)} do not match the {self.prior!r} prior's {sorted(shapes)}")
         ranks = {s.factor.shape[-1:] for s in sites.values() if s.factor is not None}
         for k, s in sites.items():
             if s.loc.shape != shapes[k] or s.scale.shape != shapes[k]:
@@ -212,7 +211,6 @@ class Posterior:
         likely closed than open (`crossing_sizes`); dict by kind of (S, ...)."""
         return crossing_sizes(self.units, *self.draws(num_samples, seed), temperature)
 
-    # ------------------------------------------------------------- summaries
     def summary(self, num_samples: int = 400, temperature: float = 0.2) -> dict[str, dict[str, list]]:
         """Posterior mean, sd and quantiles of what the data identify, for every gate by kind:
         "alpha_<kind>" (intercepts, centred by the prior), "beta_<kind>" (slopes minus
