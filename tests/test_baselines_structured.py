@@ -152,6 +152,17 @@ def test_random_is_seeded():
     assert not np.array_equal(a, c)
 
 
+def test_a_random_structure_for_a_fit_in_flops_costs_the_same_flops():
+    """The main job's random floor sits at the plan's size in the plan's currency."""
+    model = tiny_model()
+    units = Units(model.config, group_width=16, currency="flops", context=256)
+    flops = units.size_costs
+    unit = max(flops.head + flops.kv + flops.attn_fixed, flops.groups.max() + flops.mlp_fixed)
+    for size in (0.3, 0.6):
+        keep = structured_keep(model, "random", size, units=units)
+        assert size * units.size_total - unit < flops.of(keep) <= size * units.size_total
+
+
 # ------------------------------------------------------------- FLAP's bias compensation
 # Two blocks, 4 heads, 3 MLP groups of 16. Block 0 is the first cut: it loses heads 1
 # and 3 ("attention") or MLP groups 1 ("mlp"), with the other sub-layer whole, so its

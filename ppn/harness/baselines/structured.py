@@ -97,17 +97,20 @@ def structured_keep(model: Llama, method: str, size: float | int, *, stats: list
 
     Args:
         model, method, stats, units, seed: as for `structured_scores`.
-        size: a fraction of prunable parameters in (0, 1], or an absolute count of them.
+        size: a fraction of prunable parameters in (0, 1], or an absolute count of them;
+            of FLOPs when `units.currency` is "flops" (a fit's units), except for
+            "block_influence", whose whole blocks are counted in parameters.
 
     Raises:
         ValueError: as `structured_scores`, or an invalid size.
     """
     units = units or Units(model.config)
-    budget = units.budget(size)
     scores = structured_scores(model, method, stats=stats, units=units, seed=seed)
     if method == "block_influence":
-        return remove_blocks(units, scores["attn_layer"], budget)
-    return fill_budget(units, scores, budget)
+        return remove_blocks(units, scores["attn_layer"], units.budget(size))
+    if units.currency == "params":
+        return fill_budget(units, scores, units.budget(size))
+    return fill_budget(units, scores, units.size_costs.budget(units, size), units.size_costs)
 
 
 def remove_blocks(units: Units, influence: np.ndarray, budget: int) -> KeepSet:
