@@ -12,8 +12,9 @@ error against the target (the aim: within 5%).
     python experiments/latency_target.py --run-dir runs/smollm2-135m   # after `ppn fit`
     python experiments/latency_target.py --smoke                        # tiny model, seconds
 
-Writes results/speed/latency_target.json and .md, and the latency table beside them
-(latency_costs.json). Run it alone: timings beside another busy process mean little.
+Writes results/speed/latency_target.json and .md (the latency table inside its config)
+and the table as `ppn profile` writes it to runs/latency/costs.json. Run it alone:
+timings beside another busy process mean little.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Config:
     repeats: int = 5
     out_dir: str = "results/speed"
     name: str = "latency_target"
+    table: str = "runs/latency/costs.json"
     smoke: bool = False
 
 
@@ -57,7 +59,7 @@ def main(cfg: Config) -> list[dict]:
     model, plan = _setup(cfg)
     table = speed.profile_costs(model, group_width=plan.units.group_width, context=cfg.context,
                                 repeats=cfg.repeats)
-    table_path = speed.save_costs(table, Path(cfg.out_dir) / f"{cfg.name}_costs.json")
+    table_path = speed.save_costs(table, cfg.table)
     costs = speed.load_costs(table_path, plan.units, cfg.phase)
     dense_ms = speed.measure_latency(model, cfg.context, repeats=cfg.repeats)[cfg.phase]
     rows = [{"phase": cfg.phase, "target_fraction": 1.0, "target_ms": None, "predicted_ms":
@@ -75,7 +77,7 @@ def main(cfg: Config) -> list[dict]:
     write_results(cfg.name, rows, COLUMNS, out_dir=cfg.out_dir,
                   title=f"Cut to a {cfg.phase} latency: target against measured milliseconds per token "
                         f"({'a tiny model' if cfg.smoke else cfg.run_dir}, batch 1, {cfg.context}-token prompt)",
-                  config=dataclasses.asdict(cfg) | {"costs_table": str(table_path)})
+                  config=dataclasses.asdict(cfg) | {"costs_table": table})
     return rows
 
 
@@ -86,5 +88,6 @@ if __name__ == "__main__":
     parser.add_argument("--out-dir", default=Config.out_dir)
     parser.add_argument("--smoke", action="store_true")
     a = parser.parse_args()
-    overrides = dict(context=16, repeats=2, name="latency_target_smoke") if a.smoke else {}
+    overrides = (dict(context=16, repeats=2, name="latency_target_smoke", table=f"{a.out_dir}/costs_smoke.json")
+                 if a.smoke else {})
     main(Config(run_dir=a.run_dir, phase=a.phase, out_dir=a.out_dir, smoke=a.smoke, **overrides))

@@ -232,7 +232,7 @@ def test_latency_target_smoke(tmp_path):
     # each cut's predicted latency is within its target (the table's fill never overshoots), and smaller cuts keep less
     assert all(r["predicted_ms"] <= r["target_ms"] * (1 + 1e-9) for r in rows[1:])
     assert [r["kept_fraction"] for r in rows] == sorted((r["kept_fraction"] for r in rows), reverse=True)
-    assert Path(doc["config"]["costs_table"]).exists()
+    assert doc["config"]["costs_table"]["format"] == "ppn-costs/1" and (tmp_path / "costs_smoke.json").exists()
 
 
 def test_fair_rows_smoke(tmp_path):
