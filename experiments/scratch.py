@@ -17,6 +17,7 @@ kept fraction: the compression-quality frontier of this run).
 
 import argparse
 import dataclasses
+import json
 import math
 import tomllib
 from pathlib import Path
@@ -30,6 +31,7 @@ from ppn import data, plots
 from ppn.harness.baselines.calibration import calibration_windows, layerwise
 from ppn.harness.baselines.structured import prune_compensated, structured_keep
 from ppn.harness.baselines.unstructured import prune_unstructured
+from ppn.harness.figures import edge_markers, method_colour
 from ppn.harness.finetune import finetune
 from ppn.harness.report import write_results
 
@@ -90,19 +92,38 @@ def main(config: dict, smoke: bool = False, run_root: str = "runs/scratch", out_
                                            "dense_fit": dataclasses.asdict(dense_fit),
                                            "gated_fit": dataclasses.asdict(gated_fit)},
                   title=f"Trained from scratch ({steps} steps), cut: validation perplexity ({ev['windows']} windows)")
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    frontier(rows, Path(out_dir) / f"{name}.png")
+    return rows
+
+
+def frontier(rows: list[dict], path) -> None:
+    """Perplexity against the kept fraction per method (ppn thickest, unstructured
+    dashed, method colours of the benchmark figure), the two full networks as lines; the
+    axis ends at 1.6 times the dense network's perplexity, points beyond it are
+    triangles on the top edge (their values in the table)."""
+    reference = {r["method"]: r["perplexity"] for r in rows if r["size"] == 1.0}
+    top = 1.6 * reference["dense (a)"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    above = []
     for method in dict.fromkeys(r["method"] for r in rows if r["size"] < 1):
         mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["kept_fraction"])
-        ax.plot([r["kept_fraction"] for r in mine], [r["perplexity"] for r in mine], "o-", ms=4, label=method,
-                lw=2.5 if method.startswith("ppn") else 1.2)
-    for (label, value), style in zip(reference.items(), (":", "--")):
-        ax.axhline(value, color="grey", ls=style, lw=0.8, label=label)
-    ax.set(xlabel="kept fraction of prunable parameters", ylabel="validation perplexity", yscale="log",
+        base = method.split(" (")[0]
+        style = dict(color=method_colour(base), ls="--" if base in ("sparsegpt", "wanda") else "-", marker="o",
+                     ms=4, lw=2.8 if base == "ppn" else 1.3, zorder=10 if base == "ppn" else 3)
+        x, y = [r["kept_fraction"] for r in mine], [r["perplexity"] for r in mine]
+        ax.plot(x, y, label=method, **style)
+        above += [(xi, style["color"], style["zorder"]) for xi, yi in zip(x, y) if yi > top]
+    for (label, value), style in zip(reference.items(), (":", "-.")):
+        ax.axhline(value, color="k", ls=style, lw=1, label=label, zorder=1)
+    if above:
+        edge_markers(ax, above, top)
+        ax.plot([], [], ls="none", marker=6, ms=7, color="0.4", label=f"above {top:.0f} (1.6\u00d7 dense)")
+    ax.set_ylim(0.97 * min(r["perplexity"] for r in rows), top)
+    ax.set(xlabel="kept fraction of prunable parameters", ylabel="validation perplexity",
            title="Compression-quality frontier, trained from scratch")
-    ax.legend(fontsize=8)
-    plots.save_figure(fig, Path(out_dir) / f"{name}.png")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    plots.save_figure(fig, path, bbox_inches="tight")
     plt.close(fig)
-    return rows
 
 
 if __name__ == "__main__":
@@ -111,7 +132,12 @@ if __name__ == "__main__":
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--run-root", default="runs/scratch")
     parser.add_argument("--out-dir", default="results/scratch")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the figure from the results JSON")
     a = parser.parse_args()
+    if a.plot_only:
+        path = Path(a.out_dir) / ("scratch_smoke.json" if a.smoke else "scratch.json")
+        frontier(json.loads(path.read_text())["records"], path.with_suffix(".png"))
+        raise SystemExit(0)
     cfg = tomllib.loads(Path(a.config).read_text())
     if a.smoke:
         cfg["eval"] |= dict(windows=2, calibration_windows=2)

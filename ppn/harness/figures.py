@@ -50,7 +50,7 @@ def is_unstructured(row: dict) -> bool:
     return row.get("pattern") not in ("structured", "dense")
 
 
-def _edge_markers(ax, points: list[tuple[float, str, int]], top: float) -> None:
+def edge_markers(ax, points: list[tuple[float, str, int]], top: float) -> None:
     """Triangles on the top edge for points beyond it, side by side where several share a size."""
     xs = [x for x, _, _ in points]
     step = 0.02 * ((max(xs) - min(xs)) or 1.0)
@@ -111,7 +111,7 @@ def benchmark_figure(rows: Sequence[dict], path=None):
         ax.plot(x, y, label=label, **style)
         above += [(xi, style["color"], style["zorder"]) for xi, yi in zip(x, y) if top is not None and yi > top]
     if above:
-        _edge_markers(ax, above, top)
+        edge_markers(ax, above, top)
         ax.plot([], [], ls="none", marker=6, ms=7, color="0.4",
                 label=f"above {top:.0f} ({DENSE_MULTIPLE:g}\u00d7 dense)")
     ax.set_yscale("log")
