@@ -228,7 +228,9 @@ def test_latency_target_smoke(tmp_path):
     doc = json.loads((tmp_path / "latency_target_smoke.json").read_text())
     rows = doc["records"]
     assert [r["target_fraction"] for r in rows] == [1.0, 0.8, 0.6, 0.4]
-    assert all(r["measured_ms"] > 0 for r in rows)
+    # a tiny model's timings are noise (decode can time at 0 ms); each cut is timed and compared with its target
+    assert all(r["measured_ms"] >= 0 for r in rows)
+    assert all(r["relative_error"] == pytest.approx(r["measured_ms"] / r["target_ms"] - 1) for r in rows[1:])
     # each cut's predicted latency is within its target (the table's fill never overshoots), and smaller cuts keep less
     assert all(r["predicted_ms"] <= r["target_ms"] * (1 + 1e-9) for r in rows[1:])
     assert [r["kept_fraction"] for r in rows] == sorted((r["kept_fraction"] for r in rows), reverse=True)
