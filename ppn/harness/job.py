@@ -140,8 +140,7 @@ def load_inputs(source: str, dtype: str = "float32", smoke: bool = False, random
 def _train_tokens(specs: tuple[str, ...], tokenize) -> np.ndarray:
     """The training tokens of one or several "SOURCE[=WEIGHT]" specs, mixed by weight."""
     sources = [data.text_source(spec) for spec in specs]
-    named = {"shakespeare": lambda: data.shakespeare("train"), "general": data.general_training}
-    streams = [tokenize(named[source]() if source in named else data.load_text(source)) for source, _ in sources]
+    streams = [tokenize(data.training_text(source)) for source, _ in sources]
     return streams[0] if len(streams) == 1 else data.mix_tokens(streams, [w for _, w in sources])
 
 
