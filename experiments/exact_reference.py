@@ -11,7 +11,8 @@ with 12 gates whose every mask's likelihood is enumerated.
    Jensen bound (the fit's objective): rank histograms and χ² tests.
 
 Writes <out-dir>/exact_reference.json (comparison), exact_reference_sbc.json
-(+ .md, and exact_reference_sbc.png, the rank histograms).
+(+ .md, and exact_reference_sbc.png, the rank histograms). The SBC ranks are saved
+after every replicate in <state-dir>/sbc_<method>_<settings>.npy: a killed run resumes there.
 """
 
 import argparse
@@ -40,7 +41,7 @@ def reference_network():
 
 
 def main(replicates: int = 100, steps: int = 1500, draws: int = 99, smoke: bool = False,
-         out_dir: str = "results/posterior") -> dict:
+         out_dir: str = "results/posterior", state_dir: str = "runs/exact_reference") -> dict:
     model, units = reference_network()
     sizes = jnp.asarray(SIZES)
     nuts_kw = dict(num_warmup=50 if smoke else 400)
@@ -68,7 +69,9 @@ def main(replicates: int = 100, steps: int = 1500, draws: int = 99, smoke: bool 
     # 2. simulation-based calibration
     sbc, ranks = [], {}
     for method, kw in (("nuts", nuts_kw), ("svi", {"steps": steps})):
-        ranks[method] = ref.sbc_ranks(model, units, sizes, replicates, method=method, num_draws=draws, **kw)
+        settings = "_".join(f"{k}{v}" for k, v in kw.items())  # a rerun resumes only the same settings
+        ranks[method] = ref.sbc_ranks(model, units, sizes, replicates, method=method, num_draws=draws,
+                                      checkpoint=f"{state_dir}/sbc_{method}_draws{draws}_{settings}.npy", **kw)
         sbc.append({"method": method, "replicates": replicates, **ref.rank_uniformity(ranks[method], draws)})
     write_results("exact_reference_sbc", sbc, list(sbc[0]), out_dir=out_dir, config=config,
                   title="Simulation-based calibration of the open probabilities (χ² on 10 rank bins)")
@@ -90,7 +93,9 @@ if __name__ == "__main__":
     parser.add_argument("--draws", type=int, default=99, help="posterior draws per replicate")
     parser.add_argument("--smoke", action="store_true", help="a few replicates and steps: checks the wiring")
     parser.add_argument("--out-dir", default="results/posterior")
+    parser.add_argument("--state-dir", default="runs/exact_reference",
+                        help="each method's SBC ranks so far: a rerun resumes after the last replicate")
     a = parser.parse_args()
     if a.smoke:
         a.replicates, a.steps, a.draws = min(a.replicates, 2), 50, 9
-    print(main(a.replicates, a.steps, a.draws, a.smoke, a.out_dir))
+    print(main(a.replicates, a.steps, a.draws, a.smoke, a.out_dir, a.state_dir))

@@ -25,6 +25,7 @@ every size of the data ("p_open", (S, G) per draw).
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,7 @@ from ppn.bayes import gate_logits, push_offset
 from ppn.gates import block_gates, flatten, unflatten
 from ppn.models.llama import Llama
 from ppn.priors import get_prior
+from ppn.runs import atomic_write
 from ppn.units import Units
 
 MAX_GATES = 12
@@ -162,14 +164,16 @@ def _simulate(graphdef, units: Units, state, mask: jax.Array, key: jax.Array, ba
 
 def sbc_ranks(model: Llama, units: Units, sizes, replicates: int = 100, batch: int = 2, length: int = 16,
               method: str = "svi", prior: str = "hierarchical", num_draws: int = 99, seed: int = 0,
-              progress: bool = True, **fit_kwargs) -> np.ndarray:
+              progress: bool = True, checkpoint: str | Path | None = None, **fit_kwargs) -> np.ndarray:
     """Simulation-based calibration of the gate posterior.
 
     Per replicate: parameters from the prior, a Bernoulli mask per size, `batch`
     sequences of `length` tokens per size from the network with that mask; the
     posterior (`method`: "nuts", exact, or "svi", the fit's Jensen bound and
     Gaussian guide) and the rank of the true open probabilities among its
-    `num_draws` draws.
+    `num_draws` draws. With `checkpoint` (an .npy path) the ranks so far are saved
+    after every replicate and a rerun starts after the last one saved: replicate r
+    draws the same data and posterior whether or not the run was interrupted.
 
     Returns:
         (replicates, S, G) int ranks in [0, num_draws]; uniform if the posterior is calibrated.
@@ -182,19 +186,25 @@ def sbc_ranks(model: Llama, units: Units, sizes, replicates: int = 100, batch: i
     make = nuts_sampler if method == "nuts" else svi_sampler
     sample = make(units, sizes, prior, num_samples=num_draws, **fit_kwargs)
     graphdef, state = nnx.split(model)
-    prior_p = Predictive(reference_model, num_samples=replicates, return_sites=["p_open"])
+    prior_p = Predictive(reference_model, num_samples=1, return_sites=["p_open"])
     dummy = jnp.zeros((sizes.size, 2 ** units.num_gates))  # the prior does not read the table
-    truth = np.asarray(prior_p(jax.random.PRNGKey(seed), dummy, units, sizes, prior)["p_open"])  # (R, S, G)
-    key = jax.random.PRNGKey(seed + 1)
-    ranks = []
-    for r in progress_bar(range(replicates), desc=f"SBC ({method})", unit="replicate", enabled=progress):
-        key, k_mask, k_tokens = jax.random.split(key, 3)
-        masks = jax.random.bernoulli(k_mask, truth[r]).astype(jnp.float32)  # (S, G)
+    ranks = list(np.load(checkpoint)) if checkpoint is not None and Path(checkpoint).exists() else []
+    if len(ranks) > replicates or (ranks and ranks[0].shape != dummy.shape[:1] + (units.num_gates,)):
+        raise ValueError(f"{checkpoint} holds {len(ranks)} replicates of shape {ranks[0].shape}, not up to "
+                         f"{replicates} of shape {(sizes.size, units.num_gates)}: another experiment's ranks")
+    for r in progress_bar(range(len(ranks), replicates), desc=f"SBC ({method})", unit="replicate",
+                          enabled=progress):
+        # replicate r's keys depend on r alone, so a resumed run draws what an unbroken one would
+        k_truth, k_mask, k_tokens = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), r), 3)
+        truth = np.asarray(prior_p(k_truth, dummy, units, sizes, prior)["p_open"][0])  # (S, G)
+        masks = jax.random.bernoulli(k_mask, truth).astype(jnp.float32)  # (S, G)
         batches = [_simulate(graphdef, units, state, masks[s], k, batch, length)
                    for s, k in enumerate(jax.random.split(k_tokens, sizes.size))]
         table = mask_log_likelihoods(model, units, batches)
         draws = sample(table, seed + r)
-        ranks.append((draws < truth[r]).sum(0))
+        ranks.append((draws < truth).sum(0))
+        if checkpoint is not None:
+            atomic_write(checkpoint, np.stack(ranks))
     return np.stack(ranks)
 
 

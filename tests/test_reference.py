@@ -68,11 +68,17 @@ def test_svi_on_the_exact_likelihood_recovers_the_nuts_posterior(network):
     assert np.abs(nuts.mean(0) - svi.mean(0)).max() < 0.1
 
 
-def test_sbc_ranks_and_their_uniformity_test():
+def test_sbc_ranks_and_their_uniformity_test(tmp_path):
     model, units = ref_network_small()
-    ranks = ref.sbc_ranks(model, units, SIZES, replicates=2, batch=1, length=8, method="nuts", num_draws=9,
-                          num_warmup=20, progress=False)
+    kw = dict(batch=1, length=8, method="nuts", num_draws=9, num_warmup=20, progress=False)
+    ranks = ref.sbc_ranks(model, units, SIZES, replicates=2, **kw)
     assert ranks.shape == (2, 2, 12) and ranks.min() >= 0 and ranks.max() <= 9
+    # interrupted after one replicate, then resumed: the same ranks as one unbroken run
+    ckpt = tmp_path / "ranks.npy"
+    np.testing.assert_array_equal(ref.sbc_ranks(model, units, SIZES, replicates=1, checkpoint=ckpt, **kw), ranks[:1])
+    np.testing.assert_array_equal(ref.sbc_ranks(model, units, SIZES, replicates=2, checkpoint=ckpt, **kw), ranks)
+    with pytest.raises(ValueError, match="another experiment's ranks"):
+        ref.sbc_ranks(model, units, SIZES, replicates=1, checkpoint=ckpt, **kw)
     rng = np.random.default_rng(0)
     assert ref.rank_uniformity(rng.integers(0, 100, (200, 2, 12)), 99)["pooled_p"] > 0.01
     skewed = ref.rank_uniformity(np.minimum(rng.integers(0, 100, (200, 2, 12)), 50), 99)
