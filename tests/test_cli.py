@@ -300,3 +300,21 @@ def test_a_command_fills_the_compilation_cache(tmp_path, tiny_checkpoint):
     run = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert any((tmp_path / "cache" / "jax").glob("*-cache"))
+
+
+def test_the_main_jobs_dense_row_is_measured_once_per_weights_and_texts(tmp_path, monkeypatch):
+    from ppn.harness import job
+
+    monkeypatch.setenv("PPN_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = job.perplexity
+    monkeypatch.setattr(job, "perplexity", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model, tokens = tiny_model(), tiny_tokens(2000)
+    measure = job.measurer(tokens, tokens[::-1].copy(), 32, 2, progress=False)
+    first = measure(model, cache=True)
+    assert set(first) == {"perplexity", "general_perplexity"} and len(calls) == 2
+    assert measure(model, cache=True) == first and len(calls) == 2  # read back, not measured
+    assert measure(tiny_model(seed=1), cache=True) != first and len(calls) == 4  # other weights
+    assert job.measurer(tokens[1000:], None, 32, 2, progress=False)(model, cache=True)["perplexity"] != \
+        first["perplexity"] and len(calls) == 5  # another text
+    assert measure(model) == first and len(calls) == 7  # without the cache: measured again

@@ -16,12 +16,14 @@ process 0 alone writes those files.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
@@ -38,6 +40,7 @@ from ppn.prune import prune
 from ppn.harness.report import markdown_table, write_results
 from ppn.runs import atomic_write, mark_done
 from ppn.sharding import addressable, is_main_process, make_mesh
+from ppn.zoo import cache_dir
 
 SIZES = (0.9, 0.7, 0.5, 0.4, 0.3)
 COLUMNS = ["method", "size", "kept_prunable", "kept_fraction", "kept_total", "perplexity", "general_perplexity",
@@ -153,12 +156,26 @@ def general_tokens(tokenizer, vocab_size: int) -> np.ndarray:
 
 
 def measurer(valid, general, seqlen: int, eval_windows: int | None, progress: bool = True, mesh=None):
-    """model -> {"perplexity": on `valid`, "general_perplexity": on `general`, if given}."""
+    """(model, cache=False) -> {"perplexity": on `valid`, "general_perplexity": on
+    `general`, if given}. With `cache`, the result is kept in `<ppn cache>/measurements`
+    under a hash of the model's weights, the texts and the windows: the dense model's
+    row, the same for every fit of a model on the same texts, is measured once."""
     texts = {"perplexity": valid} | ({} if general is None else {"general_perplexity": general})
 
-    def measure(model: Llama) -> dict:
-        return {column: perplexity(model, tokens, seqlen=seqlen, max_windows=eval_windows, progress=progress,
-                                   mesh=mesh).perplexity for column, tokens in texts.items()}
+    def measure(model: Llama, cache: bool = False) -> dict:
+        path = None
+        if cache and jax.process_count() == 1:  # hashing reads every weight on this host
+            digest = hashlib.sha256(json.dumps([seqlen, eval_windows, sorted(texts)]).encode())
+            for leaf in [*jax.tree.leaves(nnx.state(model)), *texts.values()]:
+                digest.update(np.asarray(leaf).tobytes())
+            path = cache_dir() / "measurements" / f"{digest.hexdigest()}.json"
+            if path.exists():
+                return json.loads(path.read_text())
+        measured = {column: perplexity(model, tokens, seqlen=seqlen, max_windows=eval_windows, progress=progress,
+                                       mesh=mesh).perplexity for column, tokens in texts.items()}
+        if path is not None and is_main_process():
+            atomic_write(path, json.dumps(measured))
+        return measured
 
     return measure
 
@@ -176,7 +193,7 @@ def run(cfg: JobConfig, progress: bool = True) -> list[dict]:
     general = general_tokens(tokenizer, model.config.vocab_size) if cfg.general_eval else None
     measure = measurer(valid, general, seqlen, cfg.eval_windows, progress, mesh)
     mode = eval_mode(cfg.eval_windows)
-    dense_measured = measure(model)
+    dense_measured = measure(model, cache=True)
 
     fit_start = time.perf_counter()
     result = fit(model, train, cfg.fit, run_dir=run_dir, progress=progress, mesh=mesh, heldout=valid)
