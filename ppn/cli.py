@@ -18,6 +18,12 @@ and errors only, no progress bars); stdout carries only what a script may read: 
 path of what a command wrote. Exit status: 0 done, 1 failed, 2 bad arguments, 130
 interrupted.
 
+On Linux the command re-executes itself once with tcmalloc preloaded when the system
+has it (`libtcmalloc_minimal`, e.g. Debian's libtcmalloc-minimal4): glibc's malloc maps
+and unmaps the fit's large per-step buffers, and a fit spends a seventh of its CPU
+time in the kernel; tcmalloc keeps them (results/budget/fit_memory_*.json: about a
+fifth less time per step). `PPN_MALLOC=system` keeps glibc's.
+
 JAX's persistent compilation cache is on, in `<ppn cache>/jax` (`PPN_CACHE`,
 else ~/.cache/ppn): a command run a second time loads its compiled programs
 instead of compiling them again (`enable_compilation_cache`). `--no-compilation-cache` or
@@ -240,9 +246,12 @@ def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return version("ppn")
+        number = version("ppn")
     except PackageNotFoundError:  # run from a source tree that pip never installed
-        return "unknown (not installed)"
+        number = "unknown (not installed)"
+    maps = Path("/proc/self/maps")
+    malloc = "tcmalloc" if maps.exists() and "tcmalloc" in maps.read_text() else "system"
+    return f"{number} (malloc: {malloc})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -328,8 +337,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def tcmalloc_environment(environ: dict[str, str]) -> dict[str, str] | None:
+    """`environ` with tcmalloc added to LD_PRELOAD, or None where that is not wanted
+    (PPN_MALLOC=system), not possible (not Linux, no tcmalloc on the system) or done."""
+    import ctypes.util
+
+    preload = environ.get("LD_PRELOAD", "")
+    if sys.platform != "linux" or environ.get("PPN_MALLOC", "tcmalloc") != "tcmalloc" or "tcmalloc" in preload:
+        return None
+    lib = ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
+    return None if lib is None else {**environ, "LD_PRELOAD": f"{lib} {preload}".strip()}
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Runs one `ppn` command.
+    """Runs one `ppn` command (`argv`: the command's arguments; None: this process's,
+    and then, as the `ppn` command, re-executed with tcmalloc where `tcmalloc_environment`
+    says so).
 
     Returns:
         The exit status: 0 done, 1 the command failed (a missing file, a bad
@@ -337,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         usage errors exit with 2 before this returns), 130 interrupted (Ctrl-C).
         Other exceptions are bugs and propagate with their traceback.
     """
+    if argv is None and (env := tcmalloc_environment(dict(os.environ))) is not None:
+        os.execve(sys.executable, [sys.executable, "-m", "ppn.cli", *sys.argv[1:]], env)
     args = build_parser().parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))

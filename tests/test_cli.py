@@ -185,7 +185,7 @@ def test_exit_codes_say_what_went_wrong(tmp_path, capsys, monkeypatch):
 def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["--version"])
-    assert e.value.code == 0 and capsys.readouterr().out == f"ppn {version('ppn')}\n"
+    assert e.value.code == 0 and capsys.readouterr().out.startswith(f"ppn {version('ppn')} (malloc: ")
 
 
 def test_tqdm_disable_turns_the_bars_off(tmp_path):
@@ -318,3 +318,29 @@ def test_the_main_jobs_dense_row_is_measured_once_per_weights_and_texts(tmp_path
     assert job.measurer(tokens[1000:], None, 32, 2, progress=False)(model, cache=True)["perplexity"] != \
         first["perplexity"] and len(calls) == 5  # another text
     assert measure(model) == first and len(calls) == 7  # without the cache: measured again
+
+
+def test_the_command_preloads_tcmalloc_where_the_system_has_it(monkeypatch):
+    import ctypes.util
+
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: f"lib{name}.so.4" if name == "tcmalloc_minimal" else None)
+    assert cli.tcmalloc_environment({"A": "1"}) == {"A": "1", "LD_PRELOAD": "libtcmalloc_minimal.so.4"}
+    assert cli.tcmalloc_environment({"LD_PRELOAD": "x.so"})["LD_PRELOAD"] == "libtcmalloc_minimal.so.4 x.so"
+    assert cli.tcmalloc_environment({"LD_PRELOAD": "libtcmalloc_minimal.so.4"}) is None  # done: no second exec
+    assert cli.tcmalloc_environment({"PPN_MALLOC": "system"}) is None
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    assert cli.tcmalloc_environment({}) is None
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert cli.tcmalloc_environment({}) is None
+
+
+@pytest.mark.skipif(cli.tcmalloc_environment(dict(os.environ)) is None, reason="no tcmalloc here, or preloaded")
+def test_the_ppn_command_runs_with_tcmalloc_mapped():
+    """As a user types it: the console command re-executes itself once, with tcmalloc in its memory map."""
+    script = "import sys; from ppn import cli; sys.argv = ['ppn', '--version']; cli.main()"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.endswith("(malloc: tcmalloc)\n"), out.stdout + out.stderr
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env=os.environ | {"PPN_MALLOC": "system"})
+    assert out.returncode == 0 and out.stdout.endswith("(malloc: system)\n"), out.stdout + out.stderr
