@@ -44,16 +44,19 @@ VARIANTS = {
     "combined_lr3e-4_kl_general25": dict(teacher="start", teacher_weight=1.0, size_sampling="sequence",
                                          sandwich=True, rescale=True, lr_weights=3e-4,
                                          train_text=("shakespeare=3", "general=1")),
-    # the same with half the sampled sizes at the headline's 0.5 and 0.3
+    # the preset with half the sampled sizes at the headline's 0.5 and 0.3
     "combined_lr3e-4_targets": dict(teacher="start", teacher_weight=0.5, size_sampling="sequence", sandwich=True,
                                     rescale=True, lr_weights=3e-4, target_sizes=(0.5, 0.3), target_share=0.5),
-    # the same started from each unit's output energy instead of its Taylor importance
+    # both leaders at once: distillation alone (general English) with half the sizes at 0.5 and 0.3 (in domain)
+    "combined_lr3e-4_kl_targets": dict(teacher="start", teacher_weight=1.0, size_sampling="sequence", sandwich=True,
+                                       rescale=True, lr_weights=3e-4, target_sizes=(0.5, 0.3), target_share=0.5),
+    # the preset started from each unit's output energy instead of its Taylor importance
     "combined_lr3e-4_activation": dict(teacher="start", teacher_weight=0.5, size_sampling="sequence", sandwich=True,
                                        rescale=True, lr_weights=3e-4, init="activation"),
-    # the same fit with the gates' MAP point instead of their posterior (AutoDelta): does the spread change a decision?
+    # the preset with the gates' MAP point instead of their posterior (AutoDelta): does the spread change a decision?
     "combined_lr3e-4_map": dict(teacher="start", teacher_weight=0.5, size_sampling="sequence", sandwich=True,
                                 rescale=True, lr_weights=3e-4, guide="delta"),
-    # the same with the weights anchored at their pretrained values (keeps general ability?)
+    # the preset with the weights anchored at their pretrained values (keeps general ability?)
     "combined_lr3e-4_anchor5e-3": dict(teacher="start", teacher_weight=0.5, size_sampling="sequence", sandwich=True,
                                        rescale=True, lr_weights=3e-4, anchor_sd=5e-3),
 }
