@@ -116,8 +116,7 @@ def frontier(rows: list[dict], path) -> None:
     for (label, value), style in zip(reference.items(), (":", "-.")):
         ax.axhline(value, color="k", ls=style, lw=1, label=label, zorder=1)
     if above:
-        edge_markers(ax, above, top)
-        ax.plot([], [], ls="none", marker=6, ms=7, color="0.4", label=f"above {top:.0f} (1.6\u00d7 dense)")
+        edge_markers(ax, above, top, f"above {top:.0f} (1.6\u00d7 dense)")
     ax.set_ylim(0.97 * min(r["perplexity"] for r in rows), top)
     ax.set(xlabel="kept fraction of prunable parameters", ylabel="validation perplexity",
            title="Compression-quality frontier, trained from scratch")

