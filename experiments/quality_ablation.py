@@ -50,6 +50,11 @@ VARIANTS = {
     # both leaders at once: distillation alone (general English) with half the sizes at 0.5 and 0.3 (in domain)
     "combined_lr3e-4_kl_targets": dict(teacher="start", teacher_weight=1.0, size_sampling="sequence", sandwich=True,
                                        rescale=True, lr_weights=3e-4, target_sizes=(0.5, 0.3), target_share=0.5),
+    # the targets screen with twice the weights' learning rate, warmed up over 10 steps and
+    # cosine-decayed to a tenth (the rate's trend, 1e-4 -> 2e-4 -> 3e-4, had not levelled off)
+    "combined_lr6e-4_cosine_targets": dict(teacher="start", teacher_weight=0.5, size_sampling="sequence",
+                                           sandwich=True, rescale=True, lr_weights=6e-4, lr_decay="cosine",
+                                           warmup_steps=10, target_sizes=(0.5, 0.3), target_share=0.5),
     # the preset started from each unit's output energy instead of its Taylor importance
     "combined_lr3e-4_activation": dict(teacher="start", teacher_weight=0.5, size_sampling="sequence", sandwich=True,
                                        rescale=True, lr_weights=3e-4, init="activation"),
