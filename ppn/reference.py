@@ -33,7 +33,9 @@ import numpy as np
 import numpyro
 import optax
 from flax import nnx
-from numpyro.infer import MCMC, NUTS, SVI, Predictive, Trace_ELBO
+from numpyro.infer import SVI, Predictive, Trace_ELBO
+from numpyro.infer.hmc import hmc
+from numpyro.infer.util import initialize_model
 from numpyro.infer.autoguide import AutoNormal
 
 from ppn.bayes import gate_logits, push_offset
@@ -101,16 +103,32 @@ def reference_model(table: jax.Array, units: Units, sizes: jax.Array, prior: str
 def nuts_sampler(units: Units, sizes, prior: str = "hierarchical", num_samples: int = 500,
                  num_warmup: int = 500):
     """(table, seed) -> (num_samples, S, G) open probabilities under the exact posterior
-    (NUTS); compiled once, reused for every table of the same shape."""
+    (NUTS with step-size and diagonal mass adaptation over `num_warmup`, one chain
+    started uniformly in (-2, 2) on the unconstrained scale); warm-up and sampling one
+    compiled program (numpyro's functional `hmc`), reused for every table of the
+    same shape."""
     model = functools.partial(reference_model, units=units, sizes=jnp.asarray(sizes), prior=prior)
-    mcmc = MCMC(NUTS(model), num_warmup=num_warmup, num_samples=num_samples, progress_bar=False,
-                jit_model_args=True)
+    dummy = jnp.zeros((len(sizes), 2 ** units.num_gates))
+    info = initialize_model(jax.random.PRNGKey(0), model, model_args=(dummy,), dynamic_args=True)
+    init_kernel, sample_kernel = hmc(potential_fn_gen=info.potential_fn, algo="NUTS")
 
-    def draws(table, seed: int = 0) -> np.ndarray:
-        mcmc.run(jax.random.PRNGKey(seed), jnp.asarray(table, jnp.float32))
-        return np.asarray(mcmc.get_samples()["p_open"])
+    @jax.jit
+    def run(table, key):
+        k_start, k_init = jax.random.split(key)
+        leaves, tree = jax.tree.flatten(info.param_info.z)
+        start = [jax.random.uniform(k, x.shape, minval=-2.0, maxval=2.0)
+                 for k, x in zip(jax.random.split(k_start, len(leaves)), leaves)]
+        state = init_kernel(jax.tree.unflatten(tree, start), num_warmup, model_args=(table,), rng_key=k_init)
 
-    return draws
+        def step(s, _):
+            s = sample_kernel(s, model_args=(table,))
+            return s, s.z
+
+        _, zs = jax.lax.scan(step, state, None, length=num_warmup + num_samples)
+        zs = jax.tree.map(lambda z: z[num_warmup:], zs)
+        return jax.vmap(lambda z: info.postprocess_fn(table)(z)["p_open"])(zs)
+
+    return lambda table, seed=0: np.asarray(run(jnp.asarray(table, jnp.float32), jax.random.PRNGKey(seed)))
 
 
 def svi_sampler(units: Units, sizes, prior: str = "hierarchical", jensen: bool = True, steps: int = 2000,
