@@ -1,5 +1,6 @@
 """Every experiment script runs end to end in its --smoke mode (tiny model, seconds)."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -247,3 +248,55 @@ def test_fair_rows_smoke(tmp_path):
     one_shot = rows[1]
     # the mask stays: as many kept weights after fine-tuning as SparseGPT left
     assert masked["kept_prunable"] == one_shot["kept_prunable"] and masked["tokens_used"] > one_shot["tokens_used"]
+
+
+def _fake_run(root, tag, plan, ppl):
+    """A finished quality-study run folder under root/runs/quality/<tag>: its plan,
+    job.json and the results JSON the job wrote (ppn rows at 0.9 ... 0.3)."""
+    run_dir = root / "runs" / "quality" / tag
+    plan.save(run_dir / "plan.json")
+    (run_dir / "job.json").write_text(json.dumps({"run_dir": f"runs/quality/{tag}",
+                                                  "results": f"results/quality/{tag}.json"}))
+    records = [{"method": "ppn", "size": s, "perplexity": ppl * (2 - s)} for s in (0.9, 0.7, 0.5, 0.4, 0.3)]
+    (root / "results" / "quality").mkdir(parents=True, exist_ok=True)
+    (root / "results" / "quality" / f"{tag}.json").write_text(json.dumps({"records": records}))
+    return run_dir
+
+
+def test_map_compare_measures_disagreement_between_guides_and_seeds(tmp_path):
+    from ppn.plan import Plan
+    from ppn.testing import random_plan, tiny_config
+
+    config = tiny_config(num_layers=4, intermediate_size=128)
+    runs = [_fake_run(tmp_path, tag, random_plan(config, seed=seed), ppl) for tag, seed, ppl in
+            (("normal0", 0, 10.0), ("normal1", 1, 11.0), ("map0", 0, 12.0), ("map1", 2, 13.0))]
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "experiments" / "map_compare.py"), "--normal", *map(str, runs[:2]),
+           "--map", *map(str, runs[2:]), "--out-dir", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    doc = json.loads((out / "map_compare.json").read_text())
+    by_run = {Path(r["run"]).name: r for r in doc["records"] if r["kind"] == "run"}
+    assert by_run["map1"]["ppl_0.5"] == pytest.approx(13.0 * 1.5) and by_run["normal0"]["ppl_0.9"] == pytest.approx(11.0)
+    assert all(0 <= r[f"undecided_{s}"] <= 1 for r in by_run.values() for s in (0.9, 0.5, 0.3))
+    sizes = [r for r in doc["records"] if r["kind"] == "size"]
+    assert [r["size"] for r in sizes] == [0.9, 0.7, 0.5, 0.4, 0.3]
+    spec = importlib.util.spec_from_file_location("map_compare", ROOT / "experiments" / "map_compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    plans = [Plan.load(r / "plan.json") for r in runs]
+    for r in sizes:
+        keep = [p.keep(r["size"]) for p in plans]
+        assert module.disagreement(keep[0], keep[0]) == 0
+        assert module.disagreement(keep[1], keep[3]) == pytest.approx(module.disagreement(keep[3], keep[1]))
+        # seed 0's two plans are one plan: the mean over seeds is half of seed 1's (normal) against map1's
+        assert r["normal_vs_map_same_seed"] == pytest.approx(module.disagreement(keep[1], keep[3]) / 2)
+        assert r["normal_seed_to_seed"] == pytest.approx(module.disagreement(keep[0], keep[1]))
+    assert 0 < sizes[2]["normal_seed_to_seed"] < 1 and 0 < sizes[2]["map_seed_to_seed"] < 1
+    assert doc["config"]["normal"] == [str(p) for p in runs[:2]]
+    # the same seeds in both lists, and finished runs only
+    bad = subprocess.run(cmd[:5] + ["--map", str(runs[2])], capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "same number" in bad.stderr
+    (tmp_path / "results" / "quality" / "map1.json").unlink()
+    missing = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert missing.returncode != 0 and "results file" in missing.stderr and "map1" in missing.stderr
