@@ -41,10 +41,11 @@ def disagreement(a: KeepSet, b: KeepSet) -> float:
 
 def run_perplexities(run_dir: Path) -> dict[float, float]:
     """Quick validation perplexity of the run's cut at each size, from the results
-    JSON its job wrote (job.json's `results`, relative to the folder above `runs/`)."""
+    JSON its job wrote (job.json's `results`, relative to the folder above `runs/`;
+    `ppn fit`'s default, results.json in the run folder)."""
     job = json.loads((run_dir / "job.json").read_text())
     depth = len(Path(job["run_dir"]).parts)
-    path = run_dir.resolve().parents[depth - 1] / job["results"]
+    path = run_dir.resolve().parents[depth - 1] / job["results"] if job["results"] else run_dir / "results.json"
     if not path.exists():
         raise FileNotFoundError(f"{run_dir}: its results file {path} is missing; has the job finished?")
     records = json.loads(path.read_text())["records"]
