@@ -52,7 +52,9 @@ def _setup(cfg: Config):
         model = tiny_model()
         return model, random_plan(model.config)
     plan = ppn.Plan.load(Path(cfg.run_dir) / "plan.json")
-    return ppn.load_model(plan.meta.get("checkpoint", str(Path(cfg.run_dir) / "model"))), plan
+    # the run's own fitted weights; the plan's recorded checkpoint is relative to where the fit ran
+    fitted = Path(cfg.run_dir) / "model"
+    return ppn.load_model(str(fitted) if fitted.exists() else plan.meta["checkpoint"]), plan
 
 
 def main(cfg: Config) -> list[dict]:
