@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,10 +97,20 @@ def test_gate_gap_smoke(tmp_path):
 
 
 def test_finetune_dense_smoke(tmp_path):
-    _smoke("finetune_dense.py", "--out-dir", tmp_path)
-    rows = json.loads((tmp_path / "finetune_dense_smoke.json").read_text())["records"]
+    import ppn
+
+    _smoke("finetune_dense.py", "--out-dir", tmp_path, "--save", tmp_path / "tuned")
+    doc = json.loads((tmp_path / "finetune_dense_smoke.json").read_text())
+    rows = doc["records"]
     assert [r["method"] for r in rows] == ["dense", "dense fine-tuned (ppn fit budget)"]
-    assert rows[1]["train_tokens"] == 4 * 2 * 33
+    assert rows[1]["train_tokens"] == 4 * 2 * 33 and doc["config"]["save"] == str(tmp_path / "tuned")
+    # the saved model is the tuned one: its perplexity on the same windows is the row's
+    tuned = ppn.load_model(tmp_path / "tuned")
+    rng = np.random.default_rng(0)  # the script's smoke text: train, then valid
+    rng.integers(0, 97, 10_000)
+    valid = rng.integers(0, 97, 4 * 64)
+    assert ppn.perplexity(tuned, valid, seqlen=64, max_windows=2).perplexity == pytest.approx(rows[1]["perplexity"],
+                                                                                            rel=1e-5)
 
 
 def test_fit_memory_smoke(tmp_path):
