@@ -38,6 +38,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from ppn.console import LOGGER
@@ -222,7 +223,9 @@ def enable_compilation_cache(enabled: bool = True) -> str | None:
     Nothing changes when `enabled` is False, when the environment says
     `PPN_NO_COMPILATION_CACHE=1`, or when a cache folder is already configured
     (`JAX_COMPILATION_CACHE_DIR`, or a `jax.config.update` by the caller): that
-    one is kept.
+    one is kept. JAX's warning that a program could not be written to the cache
+    (some CPU programs cannot be serialised; they are compiled again next time) is
+    silenced.
 
     Returns:
         The cache folder in use, or None when the cache is off.
@@ -237,6 +240,9 @@ def enable_compilation_cache(enabled: bool = True) -> str | None:
         return jax.config.jax_compilation_cache_dir
     folder = str(cache_dir() / "jax")
     jax.config.update("jax_compilation_cache_dir", folder)
+    # some CPU programs cannot be serialised ("Failed to serialize CpuAotCompilationResult"): JAX warns
+    # and compiles them again next time, which is all the cache can do; the user need not read about it
+    warnings.filterwarnings("ignore", message="Error writing persistent compilation cache entry")
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # the user's setting stands
         jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECS)
     return folder
