@@ -12,6 +12,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _script(name):
+    """An experiment script imported as a module (its functions, without running it)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _smoke(script, *args):
     run = subprocess.run([sys.executable, str(ROOT / "experiments" / script), "--smoke", *map(str, args)],
                          capture_output=True, text=True, timeout=600)
@@ -288,13 +296,12 @@ def test_map_compare_measures_disagreement_between_guides_and_seeds(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     doc = json.loads((out / "map_compare.json").read_text())
     by_run = {Path(r["run"]).name: r for r in doc["records"] if r["kind"] == "run"}
-    assert by_run["map1"]["ppl_0.5"] == pytest.approx(13.0 * 1.5) and by_run["normal0"]["ppl_0.9"] == pytest.approx(11.0)
+    assert by_run["map1"]["ppl_0.5"] == pytest.approx(13.0 * 1.5)
+    assert by_run["normal0"]["ppl_0.9"] == pytest.approx(11.0)
     assert all(0 <= r[f"undecided_{s}"] <= 1 for r in by_run.values() for s in (0.9, 0.5, 0.3))
     sizes = [r for r in doc["records"] if r["kind"] == "size"]
     assert [r["size"] for r in sizes] == [0.9, 0.7, 0.5, 0.4, 0.3]
-    spec = importlib.util.spec_from_file_location("map_compare", ROOT / "experiments" / "map_compare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _script("map_compare")
     plans = [Plan.load(r / "plan.json") for r in runs]
     for r in sizes:
         keep = [p.keep(r["size"]) for p in plans]
@@ -311,3 +318,16 @@ def test_map_compare_measures_disagreement_between_guides_and_seeds(tmp_path):
     (tmp_path / "results" / "quality" / "map1.json").unlink()
     missing = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert missing.returncode != 0 and "results file" in missing.stderr and "map1" in missing.stderr
+
+
+def test_fresh_machine_runs_the_readme_commands_and_ci_runs_the_test_one():
+    fresh = _script("fresh_machine")
+    commands = fresh.readme_commands((ROOT / "README.md").read_text())
+    assert commands["main"].endswith("ppn fit") and "pytest" in commands["tests"]
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines()
+          if line and not line.startswith(("#", "set ", "cd "))]
+    assert ci == [commands["tests"]]
+    with pytest.raises(ValueError, match="no section"):
+        fresh.readme_commands("# ppn\n")
+    with pytest.raises(ValueError, match="exactly two one-line bash blocks"):
+        fresh.readme_commands(f"{fresh.SECTION}\n```bash\npip install -e .\n```\n## Next\n```bash\nx\n```\n")
