@@ -60,6 +60,11 @@ VARIANTS = {
     "combined_lr3e-4_ftteacher_targets": dict(teacher="runs/teachers/dense_ft150", teacher_weight=1.0,
                                               size_sampling="sequence", sandwich=True, rescale=True, lr_weights=3e-4,
                                               target_sizes=(0.5, 0.3), target_share=0.5),
+    # the two largest gains together: the fine-tuned teacher with lr 6e-4, warm-up and cosine decay
+    "combined_lr6e-4_cosine_ftteacher_targets": dict(teacher="runs/teachers/dense_ft150", teacher_weight=1.0,
+                                                     size_sampling="sequence", sandwich=True, rescale=True,
+                                                     lr_weights=6e-4, lr_decay="cosine", warmup_steps=10,
+                                                     target_sizes=(0.5, 0.3), target_share=0.5),
     # the preset started from each unit's output energy instead of its Taylor importance
     "combined_lr3e-4_activation": dict(teacher="start", teacher_weight=0.5, size_sampling="sequence", sandwich=True,
                                        rescale=True, lr_weights=3e-4, init="activation"),
