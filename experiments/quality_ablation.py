@@ -15,8 +15,16 @@ has them; experiments/uncertainty.py measures the band).
 import argparse
 import dataclasses
 
-from ppn.fit import FitConfig
+from ppn.fit import RECOMMENDED, FitConfig
 from ppn.harness.job import JobConfig, run
+
+# the pieces the variants combine: the preset (`FitConfig.recommended()`), distillation alone, half the
+# sizes at 0.5 and 0.3, the faster decaying rate, and the dense model fine-tuned first as teacher
+PRESET = RECOMMENDED
+KL = dict(teacher_weight=1.0)
+TARGETS = dict(target_sizes=(0.5, 0.3), target_share=0.5)
+LR6E4_COSINE = dict(lr_weights=6e-4, lr_decay="cosine", warmup_steps=10)
+FT_TEACHER = dict(teacher="runs/teachers/dense_ft150", teacher_weight=1.0)
 
 VARIANTS = {
     "default": {},
@@ -32,48 +40,32 @@ VARIANTS = {
     # with the techniques that protect the large ones: a teacher and the full network in every batch
     "teacher_sizes_lr3e-4": dict(teacher="start", teacher_weight=0.5, size_sampling="sequence", sandwich=True,
                                  lr_weights=3e-4),
-    "combined_lr3e-4": dict(teacher="start", teacher_weight=0.5, size_sampling="sequence", sandwich=True,
-                            rescale=True, lr_weights=3e-4),
+    "combined_lr3e-4": PRESET,
     # the same with distillation alone (forward KL to the frozen start, no token term), as
     # the distillation-based recoveries of pruned models train
-    "combined_lr3e-4_kl": dict(teacher="start", teacher_weight=1.0, size_sampling="sequence", sandwich=True,
-                               rescale=True, lr_weights=3e-4),
+    "combined_lr3e-4_kl": PRESET | KL,
     # distillation alone on Shakespeare mixed with general English (a quarter of the windows,
     # ppn.data.general_training; a JobConfig field): keeps what the model knew? (on the kl
     # variant, which kept the most of it)
-    "combined_lr3e-4_kl_general25": dict(teacher="start", teacher_weight=1.0, size_sampling="sequence",
-                                         sandwich=True, rescale=True, lr_weights=3e-4,
-                                         train_text=("shakespeare=3", "general=1")),
+    "combined_lr3e-4_kl_general25": PRESET | KL | dict(train_text=("shakespeare=3", "general=1")),
     # the preset with half the sampled sizes at the headline's 0.5 and 0.3
-    "combined_lr3e-4_targets": dict(teacher="start", teacher_weight=0.5, size_sampling="sequence", sandwich=True,
-                                    rescale=True, lr_weights=3e-4, target_sizes=(0.5, 0.3), target_share=0.5),
+    "combined_lr3e-4_targets": PRESET | TARGETS,
     # both leaders at once: distillation alone (general English) with half the sizes at 0.5 and 0.3 (in domain)
-    "combined_lr3e-4_kl_targets": dict(teacher="start", teacher_weight=1.0, size_sampling="sequence", sandwich=True,
-                                       rescale=True, lr_weights=3e-4, target_sizes=(0.5, 0.3), target_share=0.5),
+    "combined_lr3e-4_kl_targets": PRESET | KL | TARGETS,
     # the targets screen with twice the weights' learning rate, warmed up over 10 steps and
     # cosine-decayed to a tenth (the rate's trend, 1e-4 -> 2e-4 -> 3e-4, had not levelled off)
-    "combined_lr6e-4_cosine_targets": dict(teacher="start", teacher_weight=0.5, size_sampling="sequence",
-                                           sandwich=True, rescale=True, lr_weights=6e-4, lr_decay="cosine",
-                                           warmup_steps=10, target_sizes=(0.5, 0.3), target_share=0.5),
+    "combined_lr6e-4_cosine_targets": PRESET | TARGETS | LR6E4_COSINE,
     # kl_targets distilling from the dense model fine-tuned on the same batches' budget first (150 steps, made by
     # `python experiments/finetune_dense.py --save runs/teachers/dense_ft150`): a teacher that knows the text
-    "combined_lr3e-4_ftteacher_targets": dict(teacher="runs/teachers/dense_ft150", teacher_weight=1.0,
-                                              size_sampling="sequence", sandwich=True, rescale=True, lr_weights=3e-4,
-                                              target_sizes=(0.5, 0.3), target_share=0.5),
+    "combined_lr3e-4_ftteacher_targets": PRESET | FT_TEACHER | TARGETS,
     # the two largest gains together: the fine-tuned teacher with lr 6e-4, warm-up and cosine decay
-    "combined_lr6e-4_cosine_ftteacher_targets": dict(teacher="runs/teachers/dense_ft150", teacher_weight=1.0,
-                                                     size_sampling="sequence", sandwich=True, rescale=True,
-                                                     lr_weights=6e-4, lr_decay="cosine", warmup_steps=10,
-                                                     target_sizes=(0.5, 0.3), target_share=0.5),
+    "combined_lr6e-4_cosine_ftteacher_targets": PRESET | FT_TEACHER | TARGETS | LR6E4_COSINE,
     # the preset started from each unit's output energy instead of its Taylor importance
-    "combined_lr3e-4_activation": dict(teacher="start", teacher_weight=0.5, size_sampling="sequence", sandwich=True,
-                                       rescale=True, lr_weights=3e-4, init="activation"),
+    "combined_lr3e-4_activation": PRESET | dict(init="activation"),
     # the preset with the gates' MAP point instead of their posterior (AutoDelta): does the spread change a decision?
-    "combined_lr3e-4_map": dict(teacher="start", teacher_weight=0.5, size_sampling="sequence", sandwich=True,
-                                rescale=True, lr_weights=3e-4, guide="delta"),
+    "combined_lr3e-4_map": PRESET | dict(guide="delta"),
     # the preset with the weights anchored at their pretrained values (keeps general ability?)
-    "combined_lr3e-4_anchor5e-3": dict(teacher="start", teacher_weight=0.5, size_sampling="sequence", sandwich=True,
-                                       rescale=True, lr_weights=3e-4, anchor_sd=5e-3),
+    "combined_lr3e-4_anchor5e-3": PRESET | dict(anchor_sd=5e-3),
 }
 
 

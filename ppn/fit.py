@@ -37,6 +37,11 @@ from ppn.units import SIZE_CURRENCIES, Units
 log = logging.getLogger(LOGGER)
 
 
+# `FitConfig.recommended()`'s fields on top of the defaults (experiments/quality_ablation.py's preset)
+RECOMMENDED = dict(teacher="start", teacher_weight=0.5, size_sampling="sequence", sandwich=True, rescale=True,
+                   lr_weights=3e-4)
+
+
 @dataclasses.dataclass(frozen=True)
 class FitConfig:
     """Every knob of a fit. Defaults suit SmolLM2-135M on a 2-core CPU (about 20 minutes).
@@ -243,9 +248,7 @@ class FitConfig:
         (results/quality/combined_lr3e-4_steps150_seed*.json); a step costs about a
         third more (the teacher's forward pass). `ppn fit` uses it; `overrides` are
         FitConfig fields."""
-        fields = dict(teacher="start", teacher_weight=0.5, size_sampling="sequence", sandwich=True, rescale=True,
-                      lr_weights=3e-4)
-        return cls(**(fields | overrides))
+        return cls(**(RECOMMENDED | overrides))
 
     @property
     def train_tokens(self) -> int:
