@@ -52,9 +52,7 @@ def _setup(cfg: Config):
         model = tiny_model()
         return model, random_plan(model.config)
     plan = ppn.Plan.load(Path(cfg.run_dir) / "plan.json")
-    # the run's own fitted weights; the plan's recorded checkpoint is relative to where the fit ran
-    fitted = Path(cfg.run_dir) / "model"
-    return ppn.load_model(str(fitted) if fitted.exists() else plan.meta["checkpoint"]), plan
+    return ppn.load_model(plan.meta["checkpoint"]), plan
 
 
 def main(cfg: Config) -> list[dict]:

@@ -93,6 +93,11 @@ class Plan(Posterior):
     def load(cls, path: str | os.PathLike) -> Plan:
         """Reads a plan file.
 
+        A relative `meta["checkpoint"]` that names something beside the plan (the main job
+        writes `"model"`, its run folder's fitted weights) becomes that absolute path, so
+        the plan finds its checkpoint from any working directory; any other value (a zoo
+        name, a path relative to where the fit ran) is kept as written.
+
         Raises:
             FileNotFoundError: no such file.
             ValueError: the file is not a valid plan (names the file and the problem).
@@ -121,7 +126,7 @@ class Plan(Posterior):
                      for k, v in doc["sites"].items()}
             rescale = doc.get("rescale")
             rescale = None if rescale is None else {k: np.asarray(v, np.float32) for k, v in rescale.items()}
-            plan = cls(units, doc["prior"], sites, rescale=rescale, meta=doc.get("meta", {}))
+            plan = cls(units, doc["prior"], sites, rescale=rescale, meta=_resolve_checkpoint(doc.get("meta", {}), path))
             plan.check()
         # A hand-edited config can fail deep in LlamaConfig (an attribute of a wrong
         # type, a zero head count); all of it is the file's fault, named as such.
@@ -273,6 +278,14 @@ class Plan(Posterior):
         if config.replace(layers=None) != self.units.config or config.layers is not None:
             raise ValueError("the plan was fitted on another architecture than this model's "
                              f"(plan: {self.units.config}; model: {config})")
+
+
+def _resolve_checkpoint(meta: dict, plan_path: Path) -> dict:
+    """`meta` with a checkpoint relative to the plan's folder made absolute (see `Plan.load`)."""
+    checkpoint = meta.get("checkpoint")
+    if isinstance(checkpoint, str) and not os.path.isabs(checkpoint) and (plan_path.parent / checkpoint).exists():
+        return meta | {"checkpoint": str((plan_path.parent / checkpoint).resolve())}
+    return meta
 
 
 def _expect_dicts(value, what: str, nested: bool = False) -> None:

@@ -100,6 +100,18 @@ def test_plan_round_trips_and_resizes_without_a_model(tiny_plan, tmp_path):
     assert np.asarray(doc["gates"]["alpha_head"]["mean"]).shape == (2, 4)
 
 
+def test_a_checkpoint_beside_the_plan_is_found_from_any_working_directory(tmp_path, monkeypatch):
+    run = tmp_path / "runs" / "a"
+    (run / "model").mkdir(parents=True)
+    named = {"model": str((run / "model").resolve()), "smollm2-135m": "smollm2-135m",  # a zoo name stays
+             "runs/a/model": "runs/a/model"}  # relative to where an older fit ran: kept as written
+    for written, resolved in named.items():
+        path = Plan(PLAN.units, PLAN.prior, PLAN.sites, rescale=PLAN.rescale,
+                              meta={"checkpoint": written}).save(run / "plan.json")
+        monkeypatch.chdir(tmp_path / "runs")  # neither the run folder nor where the fit ran
+        assert Plan.load(path).meta["checkpoint"] == resolved
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.floats(0.02, 1.0))
 def test_keep_lands_within_one_unit_of_the_target(tiny_plan, size):

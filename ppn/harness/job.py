@@ -198,7 +198,7 @@ def run(cfg: JobConfig, progress: bool = True) -> list[dict]:
     fit_start = time.perf_counter()
     result = fit(model, train, cfg.fit, run_dir=run_dir, progress=progress, mesh=mesh, heldout=valid)
     fit_seconds = time.perf_counter() - fit_start
-    plan = Plan.from_fit(result, meta={"model": cfg.model, "checkpoint": str(run_dir / "model")})
+    plan = Plan.from_fit(result, meta={"model": cfg.model, "checkpoint": "model"})  # beside plan.json
     graphdef, state = nnx.split(result.model)
     fitted = nnx.merge(graphdef, addressable(state))  # gathered for process 0 to write: a collective
     if main:
