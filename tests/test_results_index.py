@@ -71,3 +71,24 @@ def test_every_committed_results_file_parses_and_has_records():
     for path in files:
         doc = json.loads(path.read_text(encoding="utf-8"))
         assert isinstance(doc.get("records"), list), f"{path.relative_to(ROOT)} has no list of records"
+
+
+def test_headline_rows_come_from_the_named_records(results):
+    spec = {"sizes": [0.5], "row": [
+        {"label": "**ours**", "file": "bench/quick.json", "method": "ppn", "bold": True},
+        {"label": "dense", "file": "bench/quick.json", "method": "dense", "size": 1.0}]}
+    table = results_index.headline(spec, results)
+    assert table.splitlines()[0] == "| method | training tokens | ppl 0.5 | speed-up 0.5 |"
+    assert "| **ours** |  | **41.43** |  |" in table  # no decode ratio recorded: no speed-up shown
+    assert "| dense |  | 31.54 |  |" in table
+    with pytest.raises(ValueError, match="bench/quick.json has no record of method 'ppn' at size 0.3"):
+        results_index.headline({"sizes": [0.3], "row": spec["row"][:1]}, results)
+    readme = "intro\n" + results_index.HEADLINE_START + "\nold\n" + results_index.HEADLINE_END + "\nafter\n"
+    assert results_index.render_headline(readme, table, "R") == ("intro\n" + results_index.HEADLINE_START + "\n"
+                                                                  + table + results_index.HEADLINE_END + "\nafter\n")
+    with pytest.raises(ValueError, match="lacks the headline markers"):
+        results_index.render_headline("no markers", table, "R")
+
+
+def test_the_committed_index_and_readme_headline_are_current():
+    assert results_index.main(["--check"]) == 0, "run python experiments/results_index.py"
