@@ -91,12 +91,8 @@ class Plan(Posterior):
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
-        """Reads a plan file.
-
-        A relative `meta["checkpoint"]` that names something beside the plan (the main job
-        writes `"model"`, its run folder's fitted weights) becomes that absolute path, so
-        the plan finds its checkpoint from any working directory; any other value (a zoo
-        name, a path relative to where the fit ran) is kept as written.
+        """Reads a plan file. A relative `meta["checkpoint"]` found beside the plan (the
+        main job writes "model") becomes absolute: found from any working directory.
 
         Raises:
             FileNotFoundError: no such file.
@@ -282,10 +278,9 @@ class Plan(Posterior):
 
 def _resolve_checkpoint(meta: dict, plan_path: Path) -> dict:
     """`meta` with a checkpoint relative to the plan's folder made absolute (see `Plan.load`)."""
-    checkpoint = meta.get("checkpoint")
-    if isinstance(checkpoint, str) and not os.path.isabs(checkpoint) and (plan_path.parent / checkpoint).exists():
-        return meta | {"checkpoint": str((plan_path.parent / checkpoint).resolve())}
-    return meta
+    found = plan_path.parent / str(meta.get("checkpoint"))
+    ok = isinstance(meta.get("checkpoint"), str) and not os.path.isabs(meta["checkpoint"]) and found.exists()
+    return meta | {"checkpoint": str(found.resolve())} if ok else meta
 
 
 def _expect_dicts(value, what: str, nested: bool = False) -> None:
