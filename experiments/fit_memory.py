@@ -26,7 +26,10 @@ The allocator is the process's: run the script under different ones and compare,
 (MALLOC_MMAP_MAX_=0, like a MALLOC_MMAP_THRESHOLD_ above the largest buffer, keeps the
 step's buffers of hundreds of MB in the heap instead of mapping fresh pages every step.)
 It measures the recommended preset (`FitConfig.recommended()`, what `ppn fit` runs);
-`--plain` measures `FitConfig()`.
+`--variant NAME` measures a variant of the quality study instead (`default` is
+`FitConfig()`), so each technique's cost per step is measured alone:
+
+    python experiments/fit_memory.py --variant teacher --steps 20 --name step_cost_teacher
 
 Writes results/budget/<name>.json and .md (default fit_memory, fit_memory_smoke with
 --smoke), recording the allocator settings. Run it alone: its times are
@@ -49,6 +52,7 @@ import psutil
 import ppn
 from ppn import data
 from ppn.harness.report import write_results
+from quality_ablation import VARIANTS  # experiments/ is the script's folder
 
 COLUMNS = ["phase", "seconds", "peak_gib", "median_gib", "median_step_seconds", "step_per_forward",
            "system_cpu_share", "minor_faults_per_second", "allocator"]
@@ -164,12 +168,13 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--out-dir", default="results/budget")
     parser.add_argument("--name", help="results file name (default fit_memory, or fit_memory_smoke)")
-    parser.add_argument("--plain", action="store_true",
-                        help="measure FitConfig() (no teacher, one size per step) instead of the "
-                             "recommended preset that `ppn fit` runs")
+    parser.add_argument("--variant", default="combined_lr3e-4", choices=[k for k, v in VARIANTS.items()
+                                                                          if "train_text" not in v],
+                        help="the quality study's variant to measure (default: the recommended preset, "
+                             "what `ppn fit` runs; `default` is FitConfig())")
     a = parser.parse_args()
-    make = ppn.FitConfig if a.plain else ppn.FitConfig.recommended
-    fit = (make(steps=4, batch_size=3, seqlen=32, group_width=16, checkpoint_every=2) if a.smoke
-           else make(steps=a.steps))
+    overrides = VARIANTS[a.variant] | (dict(steps=4, batch_size=3, seqlen=32, group_width=16, checkpoint_every=2)
+                                       if a.smoke else dict(steps=a.steps))
+    fit = ppn.FitConfig(**overrides)
     for row in main(Config(fit=fit, out_dir=a.out_dir, smoke=a.smoke, name=a.name)):
         print(row)

@@ -122,8 +122,10 @@ def test_finetune_dense_smoke(tmp_path):
 
 
 def test_fit_memory_smoke(tmp_path):
-    _smoke("fit_memory.py", "--out-dir", tmp_path)
-    rows = json.loads((tmp_path / "fit_memory_smoke.json").read_text())["records"]
+    _smoke("fit_memory.py", "--out-dir", tmp_path, "--variant", "sizes")
+    doc = json.loads((tmp_path / "fit_memory_smoke.json").read_text())
+    assert doc["config"]["fit"]["size_sampling"] == "sequence" and doc["config"]["fit"]["teacher"] is None  # the variant
+    rows = doc["records"]
     assert [r["phase"] for r in rows] == ["model and data loaded", "fit start (init, compile)", "fit steps"]
     loaded = rows[0]["peak_gib"]
     assert all(0.05 < r["median_gib"] <= r["peak_gib"] < 64 for r in rows)
