@@ -64,6 +64,9 @@ VARIANTS = {
     "combined_lr6e-4_cosine_targets": PRESET | TARGETS | LR6E4_COSINE,
     # the general-purpose screen (kl_targets) with the faster decaying rate
     "combined_lr6e-4_cosine_kl_targets": PRESET | KL | TARGETS | LR6E4_COSINE,
+    # the same on Shakespeare mixed with general English (a quarter of the windows): the general-purpose candidate
+    "combined_lr6e-4_cosine_kl_targets_general25": PRESET | KL | TARGETS | LR6E4_COSINE
+    | dict(train_text=("shakespeare=3", "general=1")),
     # the rate's trend again (3e-4 -> 6e-4 with cosine decay gained 13.6% at 0.5): does 1e-3 gain more?
     "combined_lr1e-3_cosine_targets": PRESET | TARGETS | cosine(1e-3),
     # kl_targets distilling from the dense model fine-tuned on the same batches' budget first (150 steps, made by
