@@ -51,8 +51,7 @@ def _setup(cfg: Config):
 
         model = tiny_model()
         return model, random_plan(model.config)
-    plan = ppn.Plan.load(Path(cfg.run_dir) / "plan.json")
-    return ppn.load_model(plan.meta["checkpoint"]), plan
+    return ppn.load_model(Path(cfg.run_dir) / "model"), ppn.Plan.load(Path(cfg.run_dir) / "plan.json")
 
 
 def main(cfg: Config) -> list[dict]:

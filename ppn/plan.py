@@ -278,9 +278,10 @@ class Plan(Posterior):
 
 def _resolve_checkpoint(meta: dict, plan_path: Path) -> dict:
     """`meta` with a checkpoint relative to the plan's folder made absolute (see `Plan.load`)."""
-    found = plan_path.parent / str(meta.get("checkpoint"))
-    ok = isinstance(meta.get("checkpoint"), str) and not os.path.isabs(meta["checkpoint"]) and found.exists()
-    return meta | {"checkpoint": str(found.resolve())} if ok else meta
+    checkpoint = meta.get("checkpoint")
+    if not isinstance(checkpoint, str) or os.path.isabs(checkpoint) or not (plan_path.parent / checkpoint).exists():
+        return meta
+    return meta | {"checkpoint": str((plan_path.parent / checkpoint).resolve())}
 
 
 def _expect_dicts(value, what: str, nested: bool = False) -> None:

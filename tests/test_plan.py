@@ -105,10 +105,10 @@ def test_a_checkpoint_beside_the_plan_is_found_from_any_working_directory(tmp_pa
     (run / "model").mkdir(parents=True)
     named = {"model": str((run / "model").resolve()), "smollm2-135m": "smollm2-135m",  # a zoo name stays
              "runs/a/model": "runs/a/model"}  # relative to where an older fit ran: kept as written
+    monkeypatch.chdir(tmp_path / "runs")  # neither the run folder nor where the fit ran
     for written, resolved in named.items():
-        path = Plan(PLAN.units, PLAN.prior, PLAN.sites, rescale=PLAN.rescale,
-                              meta={"checkpoint": written}).save(run / "plan.json")
-        monkeypatch.chdir(tmp_path / "runs")  # neither the run folder nor where the fit ran
+        path = Plan(PLAN.units, PLAN.prior, PLAN.sites, rescale=PLAN.rescale, meta={"checkpoint": written}).save(
+            run / "plan.json")
         assert Plan.load(path).meta["checkpoint"] == resolved
 
 
