@@ -78,6 +78,15 @@ def _generate(graphdef, state, prompt, key, *, max_new_tokens, temperature, top_
     logits, cache = model.forward_with_cache(prompt, cache)
     keys = jax.random.split(key, max_new_tokens)
     first = sample_logits(logits[:, -1], keys[0], temperature, top_k, top_p)
+    rest, _ = decode_loop(model, first, cache, keys[1:], temperature, top_k, top_p)
+    return jnp.concatenate([prompt, first[:, None], rest], axis=1)
+
+
+def decode_loop(model: Llama, token: jax.Array, cache: KVCache, keys: jax.Array, temperature: float = 0.0,
+                top_k: int | None = None, top_p: float | None = None) -> tuple[jax.Array, KVCache]:
+    """Feeds `token` (B,) after the cache and samples one token per key (keys (n,)):
+    the n new tokens (B, n) and the cache with n more positions. A `lax.scan`, for
+    use inside a jitted function."""
 
     def step(carry, k):
         token, cache = carry
@@ -85,8 +94,8 @@ def _generate(graphdef, state, prompt, key, *, max_new_tokens, temperature, top_
         nxt = sample_logits(logits[:, -1], k, temperature, top_k, top_p)
         return (nxt, cache), nxt
 
-    _, rest = jax.lax.scan(step, (first, cache), keys[1:])
-    return jnp.concatenate([prompt, first[:, None], rest.T], axis=1)
+    (_, cache), tokens = jax.lax.scan(step, (token, cache), keys)
+    return tokens.T, cache
 
 
 def generate(model: Llama, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0,

@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ppn.generate import generate
+from ppn.generate import decode_loop, generate
 from ppn.models.config import LlamaConfig
-from ppn.models.llama import Llama
+from ppn.models.llama import KVCache, Llama
 from ppn.units import Costs, KeepSet, Units
 
 
@@ -155,11 +155,15 @@ PHASES = ("prefill", "decode")
 LATENCY_TERMS = ("base", "attn_layer", "head", "kv_head", "mlp_layer", "channel")
 
 
-def _profile_keeps(units: Units) -> list[KeepSet]:
-    """Pruned variants of the dense model, the same in every block, whose counts of
-    sub-layers, query heads, KV heads and channels vary independently enough to
-    separate their latencies: whole KV groups and one head per KV group, every,
-    half and a quarter of the MLP groups, no attention, no MLP."""
+def _profile_keeps(units: Units, random_cuts: int = 8, seed: int = 0) -> list[KeepSet]:
+    """Pruned variants of the dense model whose counts of sub-layers, query heads, KV
+    heads and channels vary independently enough to separate their latencies.
+
+    First nine the same in every block: whole KV groups and one head per KV group,
+    every, half and a quarter of the MLP groups, no attention, no MLP. Then
+    `random_cuts` that differ from block to block as a plan's cuts do (each sub-layer
+    kept with probability 0.8, a uniform number of its heads and MLP groups, chosen
+    at random), so the table is fitted on the kind of model it will price."""
     L, N, K, M = units.num_layers, units.num_heads, units.config.num_kv_heads, units.num_groups
     group = units.head_kv
     heads = {"all": np.ones(N, bool), "half_groups": group < max(K // 2, 1),
@@ -170,8 +174,16 @@ def _profile_keeps(units: Units) -> list[KeepSet]:
              (heads["all"], groups[0.25], True, True), (heads["quarter_groups"], groups[0.25], True, True),
              (heads["all"], groups[1.0], False, True), (heads["all"], groups[0.5], True, False),
              (heads["one_per_group"], groups[0.5], False, True)]
-    return [KeepSet(units, np.full(L, a), np.full(L, m), np.tile(h, (L, 1)), np.tile(g, (L, 1)))
-            for h, g, a, m in specs]
+    uniform = [KeepSet(units, np.full(L, a), np.full(L, m), np.tile(h, (L, 1)), np.tile(g, (L, 1)))
+               for h, g, a, m in specs]
+    rng = np.random.default_rng(seed)
+
+    def some(n: int) -> np.ndarray:
+        """(L, n) each row a random subset of 1..n of the n units."""
+        return np.stack([rng.permutation(n) < rng.integers(1, n + 1) for _ in range(L)])
+
+    return uniform + [KeepSet(units, rng.random(L) < 0.8, rng.random(L) < 0.8, some(N), some(M))
+                      for _ in range(random_cuts)]
 
 
 def latency_terms(keep: KeepSet) -> np.ndarray:
@@ -181,13 +193,33 @@ def latency_terms(keep: KeepSet) -> np.ndarray:
                      keep.channels().sum()], np.float64)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _prefilled(graphdef, state, prompt, capacity):
+    """The greedy next token (B,) after `prompt` (B, T) and a cache of `capacity` positions holding it."""
+    model = nnx.merge(graphdef, state)
+    cache = KVCache.init(model.config, prompt.shape[0], capacity, model.dtype)
+    logits, cache = model.forward_with_cache(prompt, cache)
+    return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode_steps(graphdef, state, token, cache, keys):
+    return decode_loop(nnx.merge(graphdef, state), token, cache, keys)[0]
+
+
 def measure_latency(model: Llama, context: int = 512, new_tokens: int = 32, repeats: int = 3) -> dict[str, float]:
     """Milliseconds at batch 1: "prefill", one forward pass over `context` tokens; "decode",
-    one new token after a `context`-token prompt (generation of `new_tokens` less the
-    prefill, per token)."""
+    one new token after a `context`-token prompt: greedy decoding of `new_tokens` from a
+    cache filled beforehand (the prefill is not in the timed call, so its noise is not
+    either), per token."""
     prefill = time_call(_prefill_call(model, batch=1, seqlen=context)[0], 1, repeats).seconds
-    generated = time_call(_decode_call(model, prompt_len=context, new_tokens=new_tokens)[0], 1, repeats).seconds
-    return {"prefill": 1e3 * prefill, "decode": 1e3 * max(generated - prefill, 0.0) / new_tokens}
+    graphdef, state = nnx.split(model)
+    prompt = jnp.asarray(np.random.default_rng(0).integers(0, model.config.vocab_size, (1, context)), jnp.int32)
+    token, cache = _prefilled(graphdef, state, prompt, context + new_tokens)
+    keys = jax.random.split(jax.random.key(0), new_tokens)
+    decode = time_call(lambda: _decode_steps(graphdef, state, token, cache, keys).block_until_ready(), new_tokens,
+                       repeats).seconds
+    return {"prefill": 1e3 * prefill, "decode": 1e3 * decode / new_tokens}
 
 
 def profile_costs(model: Llama, group_width: int = 64, context: int = 512, repeats: int = 3, measure=None,

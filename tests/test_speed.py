@@ -109,3 +109,30 @@ def test_cost_tables_refuse_another_model_a_bad_phase_and_a_corrupt_file(tmp_pat
 def test_measured_latency_is_positive_for_both_phases():
     ms = speed.measure_latency(tiny_model(), context=16, new_tokens=4, repeats=1)
     assert set(ms) == set(speed.PHASES) and ms["prefill"] > 0 and ms["decode"] >= 0
+
+
+def test_timed_decode_runs_the_generation_loop_from_a_filled_cache():
+    import jax
+    from flax import nnx
+
+    from ppn.generate import generate
+
+    model = tiny_model()
+    prompt = np.random.default_rng(1).integers(0, model.config.vocab_size, (1, 12)).astype(np.int32)
+    graphdef, state = nnx.split(model)
+    token, cache = speed._prefilled(graphdef, state, prompt, 12 + 5)
+    rest = speed._decode_steps(graphdef, state, token, cache, jax.random.split(jax.random.key(0), 4))
+    np.testing.assert_array_equal(np.r_[np.asarray(token), np.asarray(rest)[0]], generate(model, prompt, 5)[0, 12:])
+
+
+def test_profile_variants_include_cuts_that_differ_from_block_to_block():
+    from ppn.units import Units
+
+    units = Units(tiny_config(), 16)
+    keeps = speed._profile_keeps(units, random_cuts=6)
+    assert len(keeps) == 9 + 6
+    differ = [len({tuple(row) for row in np.c_[k.effective().heads.sum(1), k.channels().sum(1)]}) > 1
+              for k in keeps[9:]]
+    assert sum(differ) >= 4, differ  # of 6 random cuts of a 2-block model
+    terms = np.stack([speed.latency_terms(k) for k in keeps])
+    assert np.linalg.matrix_rank(terms) == len(speed.LATENCY_TERMS)
