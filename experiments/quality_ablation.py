@@ -8,12 +8,15 @@ study alone and combined, at one budget, every variant from the same seed.
 Each variant is a set of `FitConfig` overrides on top of the main job's defaults
 (`VARIANTS`; "train_text" is the job's training text instead). Writes the run folder runs/quality/<tag> and the size table
 results/quality/<tag>.json (+ .md), tag = <variant>_steps<N>_seed<S>; the JSON
-records the whole JobConfig. No random-structure rows and no quality band (the main job
+records the whole JobConfig. The run's plan is copied beside it (<tag>.plan.json, small and
+committed, so a later session can cut, time or compare it without the run folder). No random-structure rows and no quality band (the main job
 has them; experiments/uncertainty.py measures the band).
 """
 
 import argparse
 import dataclasses
+import shutil
+from pathlib import Path
 
 from ppn.fit import RECOMMENDED, FitConfig
 from ppn.harness.job import JobConfig, run
@@ -106,4 +109,7 @@ if __name__ == "__main__":
         for name, overrides in VARIANTS.items():
             print(f"{name}: {overrides}")
     else:
-        run(job(a.variant, a.steps, a.seed))
+        cfg = job(a.variant, a.steps, a.seed)
+        run(cfg)
+        # the plan beside its results (small, committed): a later session can cut, time or compare it
+        shutil.copyfile(Path(cfg.run_dir) / "plan.json", Path(cfg.results).with_suffix(".plan.json"))

@@ -35,10 +35,11 @@ HEADLINE_START, HEADLINE_END = "<!-- headline -->", "<!-- /headline -->"
 
 
 def results_files(results_dir: str | Path) -> list[Path]:
-    """Every results JSON under `results_dir`, recursively, in path order (hidden files skipped)."""
+    """Every results JSON under `results_dir`, recursively, in path order (hidden files and
+    the plans kept beside results, *.plan.json, skipped)."""
     root = Path(results_dir)
-    return sorted(p for p in root.rglob("*.json")
-                  if not any(part.startswith(".") for part in p.relative_to(root).parts))
+    return sorted(p for p in root.rglob("*.json") if not p.name.endswith(".plan.json")
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
 def study(path: Path, results_dir: Path) -> str:

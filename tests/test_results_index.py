@@ -26,6 +26,7 @@ def results(tmp_path):
              "prefill_ratio": 1.6478597779554038, "decode_ratio": None, "seconds": 3.0},
         ]}))
     (tmp_path / "bench" / "quick.md").write_text("# Benchmark on a tiny model\n\n| table |\n")
+    (tmp_path / "bench" / "quick.plan.json").write_text('{"format": "a plan, not a results file"}')
     (tmp_path / "memory_peak.json").write_text(json.dumps({
         "experiment": "memory_peak", "git_commit": "def456", "command": "experiments/memory.py --steps 5",
         "config": {"steps": 5}, "records": [{"phase": "load", "peak_gib": 0.8004837036132812},
@@ -37,6 +38,7 @@ def test_build_index_has_a_section_per_file_grouped_by_study(results):
     index = results_index.build_index(results)
     # groups: the subfolder, and the top-level file's name up to the first "_", alphabetical
     assert index.index("## bench\n") < index.index("## memory\n")
+    assert "plan" not in index  # plans kept beside results are not results
     assert "- [bench](#bench): 1 file" in index and "- [memory](#memory): 1 file" in index
     bench = index[index.index("## bench\n"):index.index("## memory\n")]
     assert "### [bench/quick.json](bench/quick.json): Benchmark on a tiny model" in bench
