@@ -34,6 +34,7 @@ environment sets is used as it is.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -146,7 +147,8 @@ def _resize(args) -> int:
         raise ValueError("the plan names no checkpoint; pass --from CHECKPOINT")
     start = time.perf_counter()
     size = args.size if args.max_perplexity is None else _smallest_size(args, plan, source).size
-    pruned = ppn.load_pruned(source, plan.keep(size, uniform=args.uniform, cost=args.cost))
+    keep = _measured_cut(args, plan, source) if args.measure else plan.keep(size, uniform=args.uniform, cost=args.cost)
+    pruned = ppn.load_pruned(source, keep)
     try:
         tokenizer = ppn.load_tokenizer(source)
     except (ValueError, OSError):
@@ -159,6 +161,22 @@ def _resize(args) -> int:
              f"{c.num_params():,} in all, {kind}, in {time.perf_counter() - start:.1f} s")
     print(args.out)
     return 0
+
+
+def _measured_cut(args, plan, source):
+    """`ppn.speed.cut_to_latency` to --size in decode milliseconds per token, timed on this machine, logged."""
+    import ppn
+    from ppn import speed
+
+    if not (args.cost or "").endswith(".json") or args.size is None or args.uniform:
+        raise UsageError("--measure needs --cost COSTS.json and --size, and no --uniform")
+    costs = speed.load_costs(args.cost, plan.units)
+    target = costs.base + costs.budget(plan.units, args.size)  # --size is in ms with a latency table
+    context = json.loads(Path(args.cost).read_text())["context"]
+    cut = speed.cut_to_latency(ppn.load_model(source), plan, target, costs,
+                               measure=lambda m: speed.measure_latency(m, context)["decode"])
+    log.info(f"measured {cut.measured_ms:.4g} ms per token against {target:.4g} after {cut.rounds} cut(s)")
+    return cut.keep
 
 
 def _smallest_size(args, plan, source):
@@ -315,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--set cost=flops): params, flops (per token at 2048 keys), bytes (bfloat16), "
                         "or a latency table COSTS.json from ppn profile (decode ms per token); a fraction of the "
                         "blocks' cost, or above 1 an amount for the whole model (params: a count of prunable ones)")
+    p.add_argument("--measure", action="store_true", help="with --cost COSTS.json: time the cut "
+                                                          "and correct it until within 5%% (loads the dense model)")
     p.add_argument("--prob", type=float, default=0.95, help="with --max-perplexity: the probability (0.95)")
     p.add_argument("--text", help="with --max-perplexity: a text file or folder to measure on "
                                   "(default: the Shakespeare validation split)")

@@ -124,6 +124,13 @@ def test_profile_writes_a_latency_table_that_resize_cuts_to(tmp_path, tiny_check
     assert cli.main(["resize", "--plan", str(tmp_path / "plan.json"), "--size", str(target), "--cost", str(costs),
                      "--from", str(path), "--out", str(tmp_path / "fast")]) == 0
     assert ppn.load_model(tmp_path / "fast").config.num_prunable_params() == plan.keep(target, cost=str(costs)).num_params()
+    # --measure times the cut and corrects it (a tiny model's timings are noise: it runs and writes a model)
+    assert cli.main(["resize", "--plan", str(tmp_path / "plan.json"), "--size", str(target), "--cost", str(costs),
+                     "--from", str(path), "--measure", "--out", str(tmp_path / "timed")]) == 0
+    assert 0 < ppn.load_model(tmp_path / "timed").config.num_prunable_params() <= plan.units.total
+    assert cli.main(["resize", "--plan", str(tmp_path / "plan.json"), "--size", "0.7", "--measure",
+                     "--from", str(path), "--out", str(tmp_path / "none")]) == 2
+    assert "--measure needs --cost COSTS.json" in capsys.readouterr().err and not (tmp_path / "none").exists()
     with pytest.raises(SystemExit) as e:
         cli.main(["resize", "--plan", "p.json", "--size", "0.5", "--cost", "watts", "--out", "o"])
     assert e.value.code == 2 and "COSTS.json" in capsys.readouterr().err

@@ -257,6 +257,9 @@ def test_latency_target_smoke(tmp_path):
     assert all(r["predicted_ms"] <= r["target_ms"] * (1 + 1e-9) for r in rows[1:])
     assert [r["kept_fraction"] for r in rows] == sorted((r["kept_fraction"] for r in rows), reverse=True)
     assert doc["config"]["costs_table"]["format"] == "ppn-costs/1" and (tmp_path / "costs_smoke.json").exists()
+    # the measured refinement: at most 4 cuts, its error against the same target
+    assert all(1 <= r["refined_rounds"] <= 4 for r in rows[1:])
+    assert all(r["refined_error"] == pytest.approx(r["refined_ms"] / r["target_ms"] - 1) for r in rows[1:])
 
 
 def test_fair_rows_smoke(tmp_path):

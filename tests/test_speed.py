@@ -136,3 +136,25 @@ def test_profile_variants_include_cuts_that_differ_from_block_to_block():
     assert sum(differ) >= 4, differ  # of 6 random cuts of a 2-block model
     terms = np.stack([speed.latency_terms(k) for k in keeps])
     assert np.linalg.matrix_rank(terms) == len(speed.LATENCY_TERMS)
+
+
+def test_cut_to_latency_corrects_a_table_that_underestimates_the_blocks(tmp_path):
+    model = tiny_model()
+    path = speed.save_costs(speed.profile_costs(model, group_width=16, measure=_linear_latency, progress=False),
+                            tmp_path / "costs.json")
+    plan = random_plan(model.config, group_width=16)
+    costs = speed.load_costs(path, plan.units)
+    base = costs.base
+
+    def slow_blocks(pruned):  # the blocks really take twice what the table says
+        return base + 2.0 * (_linear_latency(pruned)["decode"] - base)
+
+    target = base + 0.6 * costs.of(plan.units.full())
+    first = slow_blocks(prune(model, plan.keep(target, cost=costs)))
+    cut = speed.cut_to_latency(model, plan, target, costs, tolerance=0.02, measure=slow_blocks)
+    unit = 2.0 * max(costs.head + costs.kv + costs.attn_fixed, costs.groups.max() + costs.mlp_fixed)
+    assert first > target + unit  # the table alone misses by more than a unit
+    assert cut.rounds > 1 and abs(cut.measured_ms - target) <= unit and cut.asked_ms < target
+    assert cut.measured_ms == slow_blocks(prune(model, cut.keep))
+    with pytest.raises(ValueError, match="outside the blocks alone"):
+        speed.cut_to_latency(model, plan, 0.5 * base, costs, measure=slow_blocks)
