@@ -7,7 +7,7 @@
             [--train-text PATH] [--valid-text PATH] [--target-sizes 0.5,0.3] [--teacher SOURCE]
             [--dtype bfloat16] [--mesh data=D,fsdp=F] [--distributed]
     ppn resize --plan runs/smollm2-135m/plan.json --size 0.4 --out DIR [--from CHECKPOINT] [--uniform]
-               [--cost flops|bytes]
+               [--cost flops|bytes|COSTS.json [--measure]]
     ppn resize --plan ... --max-perplexity 60 [--prob 0.95] [--text PATH] --out DIR
     ppn profile [--model smollm2-135m] [--context 512] --out costs.json
     ppn bench [--quick] [--plan PLAN] [--methods ppn,wanda,...] [--sizes 0.5,0.3] [--nm 2:4]
