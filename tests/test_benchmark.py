@@ -96,10 +96,15 @@ def test_a_row_cut_by_a_kill_is_recomputed(tmp_path):
 
 
 def test_a_state_folder_of_other_settings_is_refused(tmp_path):
-    benchmark.run(BenchConfig.smoke_test(tmp_path, methods=("dense",), speed=False), progress=False)
-    with pytest.raises(ValueError, match="other settings"):
-        benchmark.run(BenchConfig.smoke_test(tmp_path, methods=("dense",), speed=False, eval_windows=3),
-                      progress=False)
+    (dense,) = benchmark.run(BenchConfig.smoke_test(tmp_path, methods=("dense",), speed=False), progress=False)
+    for other in (dict(eval_windows=3), dict(split="reserved")):
+        with pytest.raises(ValueError, match="other settings"):
+            benchmark.run(BenchConfig.smoke_test(tmp_path, methods=("dense",), speed=False, **other), progress=False)
+    # the reserved split is other text: the same model, another perplexity, its title saying so
+    (reserved,) = benchmark.run(BenchConfig.smoke_test(tmp_path / "r", methods=("dense",), speed=False,
+                                                       split="reserved"), progress=False)
+    assert reserved["perplexity"] != pytest.approx(dense["perplexity"], rel=1e-6)
+    assert "reserved perplexity" in (tmp_path / "r" / "benchmark_smoke.md").read_text()
 
 
 @pytest.mark.parametrize("fields, message", [
@@ -108,6 +113,7 @@ def test_a_state_folder_of_other_settings_is_refused(tmp_path):
     (dict(sizes=(0.5, 1.5)), r"\(0, 1\]"),
     (dict(unstructured_sizes=(0.0,)), r"\(0, 1\]"),
     (dict(finetune_steps=0), "positive number of steps"),
+    (dict(split="test"), "'validation' or 'reserved'"),
 ])
 def test_bad_settings_are_refused(fields, message):
     with pytest.raises(ValueError, match=message):

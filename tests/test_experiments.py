@@ -66,6 +66,14 @@ def test_main_job_smoke(tmp_path):
     assert [r["method"] for r in again] == ["dense", "ppn (fitted weights, unpruned)"] + ["ppn"] * 5
     assert [r["kept_prunable"] for r in again[2:]] == [r["kept_prunable"] for r in ppn_rows]
     assert all(r["eval"] == "3 windows" and r["perplexity"] > 1 and r["general_perplexity"] > 1 for r in again)
+    # the final numbers' split: the same cuts on other text
+    subprocess.run([sys.executable, str(ROOT / "experiments" / "evaluate_run.py"), "--run-dir", str(run_dir),
+                    "--out-dir", str(tmp_path), "--windows", "3", "--split", "reserved"], check=True,
+                   capture_output=True, timeout=600)
+    reserved = json.loads((tmp_path / "run_3windows_reserved.json").read_text())
+    assert reserved["config"]["split"] == "reserved"
+    assert [r["kept_prunable"] for r in reserved["records"]] == [r["kept_prunable"] for r in again]
+    assert all(r["perplexity"] != pytest.approx(a["perplexity"], rel=1e-6) for r, a in zip(reserved["records"], again))
     # decisions under uncertainty on the run folder: the band, a second run against it, ensembles, a bar
     subprocess.run([sys.executable, str(ROOT / "experiments" / "uncertainty.py"), "--run-dir", str(run_dir),
                     "--second", str(run_dir), "--bar", "1e9", "--samples", "2", "--windows", "2", "--ablations", "4",

@@ -153,6 +153,7 @@ def bench_config(args):
                                     out=args.out, mesh=args.mesh,
                                     finetune_steps=args.finetune_steps).items() if v is not None}
     fields["dtype"] = args.dtype
+    fields["split"] = args.split
     if args.methods:
         fields["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     if args.no_speed:
@@ -201,6 +202,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="sizes of the one-shot unstructured rows (default: the preset's)")
     p.add_argument("--nm", type=_patterns, help="N:M patterns, e.g. 2:4,4:8; empty for none (default: the preset's)")
     p.add_argument("--state-dir", help="folder of finished rows, for resuming")
+    p.add_argument("--split", default="validation", choices=("validation", "reserved"),
+                   help="where perplexity is measured; reserved: final numbers only, never for choosing")
     p.add_argument("--finetune-steps", type=int, metavar="N",
                    help="fine-tuned rows with the budget of `ppn fit --steps N` (default: the plan's budget; "
                         "no plan needed with this flag)")

@@ -97,6 +97,8 @@ class BenchConfig:
             fit config.
         general_eval: also measure every row's perplexity on general English
             (`ppn.data.general_english`), out of the fitting text's domain.
+        split: the Shakespeare split every perplexity is measured on: "validation"
+            (for choosing) or "reserved" (final numbers only, BENCHMARK.md).
     """
 
     model: str = "smollm2-135m"
@@ -117,6 +119,7 @@ class BenchConfig:
     mesh: str | None = None
     finetune_steps: int | None = None
     general_eval: bool = True
+    split: str = "validation"
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in METHODS]
@@ -128,6 +131,8 @@ class BenchConfig:
         for n, m in self.nm:
             if not 0 < n < m:
                 raise ValueError(f"N:M needs 0 < N < M, got {n}:{m}")
+        if self.split not in ("validation", "reserved"):
+            raise ValueError(f"split must be 'validation' or 'reserved', got {self.split!r}")
         if self.finetune_steps is not None and self.finetune_steps < 1:
             raise ValueError(f"finetune_steps must be a positive number of steps, got {self.finetune_steps}")
 
@@ -162,7 +167,7 @@ class _State:
         # their old defaults are left out so state folders made before they existed still resume.
         skip = ("methods", "out", "mesh") + (("dtype",) if cfg.dtype == "float32" else ()) + (
             ("finetune_steps",) if cfg.finetune_steps is None else ()) + (
-            ("general_eval",) if not cfg.general_eval else ())
+            ("general_eval",) if not cfg.general_eval else ()) + (("split",) if cfg.split == "validation" else ())
         settings = json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip},
                               sort_keys=True, default=list)
         cfg_path = self.dir / "config.json"
@@ -194,7 +199,8 @@ class _Bench:
     def inputs(self):
         """(dense model, tokenizer or None, train tokens, validation tokens, eval seqlen)."""
         def make():
-            return (*load_inputs(self.cfg.model, self.cfg.dtype, self.cfg.smoke), 64 if self.cfg.smoke else 512)
+            return (*load_inputs(self.cfg.model, self.cfg.dtype, self.cfg.smoke, split=self.cfg.split),
+                    64 if self.cfg.smoke else 512)
         return self._once("inputs", make)
 
     @property
@@ -407,7 +413,7 @@ def run(cfg: BenchConfig, progress: bool = True) -> list[dict]:
     out = Path(cfg.out)
     name = out.stem
     write_results(name, rows, COLUMNS, out_dir=out.parent,
-                  title=f"Benchmark on {cfg.model if not cfg.smoke else 'a tiny model'}: validation perplexity "
+                  title=f"Benchmark on {cfg.model if not cfg.smoke else 'a tiny model'}: {cfg.split} perplexity "
                         f"by kept size")
     md = out.parent / f"{name}.md"
     atomic_write(md, md.read_text() + "\n## Wall time per method, all sizes\n\n"

@@ -112,14 +112,18 @@ def load_job(run_dir: str | os.PathLike) -> JobConfig:
 
 
 def load_inputs(source: str, dtype: str = "float32", smoke: bool = False, random_weights: bool = False,
-                train_text: str | tuple[str, ...] | None = None, valid_text: str | None = None):
+                train_text: str | tuple[str, ...] | None = None, valid_text: str | None = None,
+                split: str = "validation"):
     """(model, tokenizer or None, train tokens, validation tokens) of a job: the model
     at `source` (with `random_weights`, its architecture randomly initialised) and
     the Shakespeare splits, or with `smoke` a tiny random model and random tokens.
     `train_text` (one source or several weighted ones, see `JobConfig`) and
     `valid_text` (a file or a folder, `ppn.data.load_text`) replace the splits; with
     `smoke`, which has no tokenizer, a text's UTF-8 bytes modulo the vocabulary stand
-    in for its tokens."""
+    in for its tokens. `split="reserved"` evaluates on Shakespeare's reserved split
+    instead of validation: final numbers only, never for choosing (BENCHMARK.md)."""
+    if split not in ("validation", "reserved"):
+        raise ValueError(f"split must be 'validation' or 'reserved', got {split!r}")
     specs = (train_text,) if isinstance(train_text, str) else tuple(train_text or ())
     if smoke:
         from ppn.testing import tiny_model
@@ -131,12 +135,13 @@ def load_inputs(source: str, dtype: str = "float32", smoke: bool = False, random
             return np.frombuffer(text.encode(), np.uint8).astype(np.int32) % model.config.vocab_size
 
         train = (_train_tokens(specs, tokenize) if specs else rng.integers(0, model.config.vocab_size, 20_000))
-        valid = tokenize(data.load_text(valid_text)) if valid_text else rng.integers(0, model.config.vocab_size, 2048)
+        valid = (tokenize(data.load_text(valid_text)) if valid_text else
+                 (rng if split == "validation" else np.random.default_rng(1)).integers(0, model.config.vocab_size, 2048))
         return model, None, train, valid
     model = random_model(source, dtype=dtype) if random_weights else load_model(source, dtype=dtype)
     tokenizer = load_tokenizer(source)
     train = _train_tokens(specs or ("shakespeare",), lambda text: data.tokenize(text, tokenizer))
-    valid = data.load_text(valid_text) if valid_text else data.shakespeare("validation")
+    valid = data.load_text(valid_text) if valid_text else data.shakespeare(split)
     return model, tokenizer, train, data.tokenize(valid, tokenizer)
 
 
