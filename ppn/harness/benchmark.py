@@ -97,8 +97,7 @@ class BenchConfig:
             fit config.
         general_eval: also measure every row's perplexity on general English
             (`ppn.data.general_english`), out of the fitting text's domain.
-        split: the Shakespeare split every perplexity is measured on: "validation"
-            (for choosing) or "reserved" (final numbers only, BENCHMARK.md).
+        split: where perplexity is measured: "validation", or "reserved" for final numbers only.
     """
 
     model: str = "smollm2-135m"
@@ -165,9 +164,8 @@ class _State:
         self.dir.mkdir(parents=True, exist_ok=True)
         # The mesh changes where rows are computed, not what they mean; fields at
         # their old defaults are left out so state folders made before they existed still resume.
-        skip = ("methods", "out", "mesh") + (("dtype",) if cfg.dtype == "float32" else ()) + (
-            ("finetune_steps",) if cfg.finetune_steps is None else ()) + (
-            ("general_eval",) if not cfg.general_eval else ()) + (("split",) if cfg.split == "validation" else ())
+        old = dict(dtype="float32", finetune_steps=None, general_eval=False, split="validation")
+        skip = ("methods", "out", "mesh") + tuple(k for k, v in old.items() if getattr(cfg, k) == v)
         settings = json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip},
                               sort_keys=True, default=list)
         cfg_path = self.dir / "config.json"
@@ -198,10 +196,9 @@ class _Bench:
     # ------------------------------------------------------------- inputs
     def inputs(self):
         """(dense model, tokenizer or None, train tokens, validation tokens, eval seqlen)."""
-        def make():
-            return (*load_inputs(self.cfg.model, self.cfg.dtype, self.cfg.smoke, split=self.cfg.split),
-                    64 if self.cfg.smoke else 512)
-        return self._once("inputs", make)
+        cfg = self.cfg
+        return self._once("inputs", lambda: (*load_inputs(cfg.model, cfg.dtype, cfg.smoke, split=cfg.split),
+                                             64 if cfg.smoke else 512))
 
     @property
     def mesh(self):
