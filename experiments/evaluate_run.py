@@ -17,7 +17,7 @@ import argparse
 from pathlib import Path
 
 from ppn.checkpoint import load_model
-from ppn.harness.job import COLUMNS, eval_mode, general_tokens, load_inputs, load_job, measurer, size_rows
+from ppn.harness.job import COLUMNS, EVAL_SPLITS, eval_mode, general_tokens, load_inputs, load_job, measurer, size_rows
 from ppn.plan import Plan
 from ppn.harness.report import write_results
 
@@ -46,7 +46,7 @@ if __name__ == "__main__":
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--windows", type=int, default=None, help="validation windows (default: all of them)")
     parser.add_argument("--out-dir", default="results/ablations")
-    parser.add_argument("--split", default="validation", choices=("validation", "reserved"),
+    parser.add_argument("--split", default="validation", choices=EVAL_SPLITS,
                         help="reserved: Shakespeare's reserved split, for final numbers only (BENCHMARK.md)")
     a = parser.parse_args()
     for row in main(a.run_dir, a.windows, a.out_dir, a.split):

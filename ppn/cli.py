@@ -147,8 +147,8 @@ def _resize(args) -> int:
         raise ValueError("the plan names no checkpoint; pass --from CHECKPOINT")
     start = time.perf_counter()
     size = args.size if args.max_perplexity is None else _smallest_size(args, plan, source).size
-    keep = _measured_cut(args, plan, source) if args.measure else plan.keep(size, uniform=args.uniform, cost=args.cost)
-    pruned = ppn.load_pruned(source, keep)
+    pruned = (_measured_cut(args, plan, source) if args.measure
+              else ppn.load_pruned(source, plan.keep(size, uniform=args.uniform, cost=args.cost)))
     try:
         tokenizer = ppn.load_tokenizer(source)
     except (ValueError, OSError):
@@ -164,7 +164,7 @@ def _resize(args) -> int:
 
 
 def _measured_cut(args, plan, source):
-    """`ppn.speed.cut_to_latency` to --size in decode milliseconds per token, timed on this machine, logged."""
+    """The model cut by `ppn.speed.cut_to_latency` to --size in decode milliseconds per token, timed here."""
     import ppn
     from ppn import speed
 
@@ -173,10 +173,11 @@ def _measured_cut(args, plan, source):
     costs = speed.load_costs(args.cost, plan.units)
     target = costs.base + costs.budget(plan.units, args.size)  # --size is in ms with a latency table
     context = json.loads(Path(args.cost).read_text())["context"]
-    cut = speed.cut_to_latency(ppn.load_model(source), plan, target, costs,
+    model = ppn.load_model(source)
+    cut = speed.cut_to_latency(model, plan, target, costs,
                                measure=lambda m: speed.measure_latency(m, context)["decode"])
     log.info(f"measured {cut.measured_ms:.4g} ms per token against {target:.4g} after {cut.rounds} cut(s)")
-    return cut.keep
+    return ppn.prune(model, cut.keep)
 
 
 def _smallest_size(args, plan, source):

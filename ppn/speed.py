@@ -208,13 +208,15 @@ def _decode_steps(graphdef, state, token, cache, keys):
 
 
 def measure_latency(model: Llama, context: int = 512, new_tokens: int = 32, repeats: int = 3) -> dict[str, float]:
-    """Milliseconds at batch 1: "prefill", one forward pass over `context` tokens; "decode",
+    """Milliseconds at batch 1: "prefill", one forward pass over `context` tokens filling
+    a key/value cache; "decode",
     one new token after a `context`-token prompt: greedy decoding of `new_tokens` from a
     cache filled beforehand (the prefill is not in the timed call, so its noise is not
     either), per token."""
-    prefill = time_call(_prefill_call(model, batch=1, seqlen=context)[0], 1, repeats).seconds
     graphdef, state = nnx.split(model)
     prompt = jnp.asarray(np.random.default_rng(0).integers(0, model.config.vocab_size, (1, context)), jnp.int32)
+    prefill = time_call(lambda: jax.block_until_ready(_prefilled(graphdef, state, prompt, context + new_tokens)), 1,
+                        repeats).seconds
     token, cache = _prefilled(graphdef, state, prompt, context + new_tokens)
     keys = jax.random.split(jax.random.key(0), new_tokens)
     decode = time_call(lambda: _decode_steps(graphdef, state, token, cache, keys).block_until_ready(), new_tokens,
@@ -300,14 +302,20 @@ class LatencyCut:
     Attributes:
         keep: the units kept.
         measured_ms: its measured milliseconds.
-        asked_ms: the amount last asked of the table (the target corrected by the measurements).
-        rounds: cuts measured (1 when the table alone met the tolerance).
+        asked_ms: the amount asked of the table for it (the target corrected by the measurements).
+        measured_each: the milliseconds of every cut measured, in order; the first is the
+            table's own cut of the target.
     """
 
     keep: KeepSet
     measured_ms: float
     asked_ms: float
-    rounds: int
+    measured_each: tuple[float, ...]
+
+    @property
+    def rounds(self) -> int:
+        """Cuts measured (1 when the table's own cut met the tolerance)."""
+        return len(self.measured_each)
 
 
 def cut_to_latency(model: Llama, plan, target_ms: float, costs: Costs, *, tolerance: float = 0.05,
@@ -334,14 +342,14 @@ def cut_to_latency(model: Llama, plan, target_ms: float, costs: Costs, *, tolera
     if not costs.base < target_ms <= full:
         raise ValueError(f"a target of {target_ms:.3g} ms: the table puts the dense model at {full:.3g} ms and its "
                          f"parts outside the blocks alone at {costs.base:.3g} ms")
-    asked, best = target_ms, None
-    for rounds in range(1, max_rounds + 1):
+    asked, best, each = target_ms, None, []
+    for _ in range(max_rounds):
         keep = plan.keep(asked, cost=costs)
-        ms = float(measure(prune(model, keep)))
-        if best is None or abs(ms - target_ms) < abs(best.measured_ms - target_ms):
-            best = LatencyCut(keep, ms, asked, rounds)
+        each.append(ms := float(measure(prune(model, keep))))
+        if best is None or abs(ms - target_ms) < abs(best[1] - target_ms):
+            best = (keep, ms, asked)
         if abs(ms / target_ms - 1.0) <= tolerance or ms <= costs.base:
             break
         blocks = (asked - costs.base) * (target_ms - costs.base) / (ms - costs.base)
         asked = float(np.clip(costs.base + blocks, costs.base + 1e-6 * (full - costs.base), full))
-    return dataclasses.replace(best, rounds=rounds)
+    return LatencyCut(*best, tuple(each))

@@ -202,6 +202,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="sizes of the one-shot unstructured rows (default: the preset's)")
     p.add_argument("--nm", type=_patterns, help="N:M patterns, e.g. 2:4,4:8; empty for none (default: the preset's)")
     p.add_argument("--state-dir", help="folder of finished rows, for resuming")
+    # ppn.harness.job.EVAL_SPLITS, written out: the parser stays free of jax imports
     p.add_argument("--split", default="validation", choices=("validation", "reserved"),
                    help="where perplexity is measured; reserved: final numbers only, never for choosing")
     p.add_argument("--finetune-steps", type=int, metavar="N",

@@ -41,7 +41,7 @@ from ppn.harness.baselines.unstructured import METHODS as UNSTRUCTURED_METHODS
 from ppn.harness.baselines.unstructured import prune_unstructured
 from ppn.harness.figures import benchmark_figure
 from ppn.harness.finetune import finetune
-from ppn.harness.job import JobConfig, eval_mode, general_tokens, load_inputs, measurer
+from ppn.harness.job import EVAL_SPLITS, JobConfig, eval_mode, general_tokens, load_inputs, measurer
 from ppn.harness.job import run as run_job
 from ppn.fit import FitConfig
 from ppn.units import Units
@@ -130,7 +130,7 @@ class BenchConfig:
         for n, m in self.nm:
             if not 0 < n < m:
                 raise ValueError(f"N:M needs 0 < N < M, got {n}:{m}")
-        if self.split not in ("validation", "reserved"):
+        if self.split not in EVAL_SPLITS:
             raise ValueError(f"split must be 'validation' or 'reserved', got {self.split!r}")
         if self.finetune_steps is not None and self.finetune_steps < 1:
             raise ValueError(f"finetune_steps must be a positive number of steps, got {self.finetune_steps}")

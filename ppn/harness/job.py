@@ -111,6 +111,10 @@ def load_job(run_dir: str | os.PathLike) -> JobConfig:
     return JobConfig(**(d | {"fit": FitConfig(**d["fit"]), "sizes": tuple(d["sizes"]), "train_text": train_text}))
 
 
+# The Shakespeare splits a job or benchmark may evaluate on (the reserved one for final numbers only).
+EVAL_SPLITS = ("validation", "reserved")
+
+
 def load_inputs(source: str, dtype: str = "float32", smoke: bool = False, random_weights: bool = False,
                 train_text: str | tuple[str, ...] | None = None, valid_text: str | None = None,
                 split: str = "validation"):
@@ -122,7 +126,7 @@ def load_inputs(source: str, dtype: str = "float32", smoke: bool = False, random
     `smoke`, which has no tokenizer, a text's UTF-8 bytes modulo the vocabulary stand
     in for its tokens. `split="reserved"` evaluates on Shakespeare's reserved split
     instead of validation: final numbers only, never for choosing (BENCHMARK.md)."""
-    if split not in ("validation", "reserved"):
+    if split not in EVAL_SPLITS:
         raise ValueError(f"split must be 'validation' or 'reserved', got {split!r}")
     specs = (train_text,) if isinstance(train_text, str) else tuple(train_text or ())
     if smoke:
@@ -135,8 +139,8 @@ def load_inputs(source: str, dtype: str = "float32", smoke: bool = False, random
             return np.frombuffer(text.encode(), np.uint8).astype(np.int32) % model.config.vocab_size
 
         train = (_train_tokens(specs, tokenize) if specs else rng.integers(0, model.config.vocab_size, 20_000))
-        valid = (tokenize(data.load_text(valid_text)) if valid_text else
-                 (rng if split == "validation" else np.random.default_rng(1)).integers(0, model.config.vocab_size, 2048))
+        draw = rng if split == "validation" else np.random.default_rng(1)
+        valid = tokenize(data.load_text(valid_text)) if valid_text else draw.integers(0, model.config.vocab_size, 2048)
         return model, None, train, valid
     model = random_model(source, dtype=dtype) if random_weights else load_model(source, dtype=dtype)
     tokenizer = load_tokenizer(source)
