@@ -109,10 +109,10 @@ def training_curves(metrics: Sequence[dict], path=None):
     diag = [m for m in metrics if "heldout_elbo" in m]
     fig, axes = plt.subplots(1, 4 if diag else 2, figsize=(20 if diag else 10, 3.5))
     axes[0].plot(steps, [m["nll_per_token"] for m in metrics], lw=0.8)
-    axes[0].set(xlabel="step", ylabel="NLL per token (gated, at the step's size)", title="likelihood")
+    axes[0].set(xlabel="step", ylabel="NLL per token (gated, at the step's sizes)", title="likelihood")
     axes[1].scatter([m["rho"] for m in metrics], [m["expected_size"] for m in metrics], s=6)
     axes[1].plot([0, 1], [0, 1], color="grey", lw=0.8)
-    axes[1].set(xlabel="target size rho", ylabel="expected kept size E[S]/S_total", title="size constraint")
+    axes[1].set(xlabel="target size rho (batch mean)", ylabel="expected kept size E[S]/S_total (mean)", title="size constraint")
     if diag:
         at = [m["step"] for m in diag]
         by_size = np.asarray([m["heldout_elbo_by_size"] for m in diag])
