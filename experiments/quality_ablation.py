@@ -85,6 +85,8 @@ VARIANTS = {
     "combined_lr3e-4_map": PRESET | dict(guide="delta"),
     # the recommended fit with the point guide (AutoDelta, MAP): does the posterior change a decision?
     "combined_lr6e-4_cosine_targets_map": PRESET | TARGETS | LR6E4_COSINE | dict(guide="delta"),
+    # the same at lr 1e-3, should that rate become the recommended fit
+    "combined_lr1e-3_cosine_targets_map": PRESET | TARGETS | cosine(1e-3) | dict(guide="delta"),
     # the preset with the weights anchored at their pretrained values (keeps general ability?)
     "combined_lr3e-4_anchor5e-3": PRESET | dict(anchor_sd=5e-3),
 }
