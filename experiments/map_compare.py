@@ -1,11 +1,11 @@
 """Does the posterior change a decision? Fits with the Normal guide (AutoNormal)
 against fits with the point guide (AutoDelta, MAP) of the same config, two seeds
-each (the quality study's `combined_lr6e-4_cosine_targets`, the recommended fit, and its
-`combined_lr6e-4_cosine_targets_map`).
+each (the quality study's `combined_lr1e-3_cosine_targets`, the recommended fit, and its
+`combined_lr1e-3_cosine_targets_map`).
 
     python experiments/map_compare.py \\
-        --normal runs/quality/combined_lr6e-4_cosine_targets_steps150_seed{0,1} \\
-        --map runs/quality/combined_lr6e-4_cosine_targets_map_steps150_seed{0,1}
+        --normal runs/quality/combined_lr1e-3_cosine_targets_steps150_seed{0,1} \\
+        --map runs/quality/combined_lr1e-3_cosine_targets_map_steps150_seed{0,1}
 
 Per run: quick validation perplexity at each size (the results JSON its job.json
 names, found beside the run's `runs/` folder) and the undecided share at each size

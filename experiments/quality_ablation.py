@@ -23,7 +23,7 @@ from ppn.harness.job import JobConfig, run
 
 # the pieces the variants combine: the first preset (teacher, sizes per sequence, rescaling, lr 3e-4),
 # distillation alone, half the sizes at 0.5 and 0.3, the faster decaying rate, and the dense model
-# fine-tuned first as teacher. `FitConfig.recommended()` is now `combined_lr6e-4_cosine_targets`.
+# fine-tuned first as teacher. `FitConfig.recommended()` is now `combined_lr1e-3_cosine_targets`.
 PRESET = dict(teacher="start", teacher_weight=0.5, size_sampling="sequence", sandwich=True, rescale=True,
               lr_weights=3e-4)
 KL = dict(teacher_weight=1.0)
@@ -83,9 +83,9 @@ VARIANTS = {
     "combined_lr3e-4_activation": PRESET | dict(init="activation"),
     # the preset with the gates' MAP point instead of their posterior (AutoDelta): does the spread change a decision?
     "combined_lr3e-4_map": PRESET | dict(guide="delta"),
-    # the recommended fit with the point guide (AutoDelta, MAP): does the posterior change a decision?
+    # the previous recommended fit (lr 6e-4) with the point guide (AutoDelta, MAP)
     "combined_lr6e-4_cosine_targets_map": PRESET | TARGETS | LR6E4_COSINE | dict(guide="delta"),
-    # the same at lr 1e-3, should that rate become the recommended fit
+    # the recommended fit with the point guide (AutoDelta, MAP): does the posterior change a decision?
     "combined_lr1e-3_cosine_targets_map": PRESET | TARGETS | cosine(1e-3) | dict(guide="delta"),
     # the preset with the weights anchored at their pretrained values (keeps general ability?)
     "combined_lr3e-4_anchor5e-3": PRESET | dict(anchor_sd=5e-3),

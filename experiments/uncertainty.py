@@ -1,8 +1,8 @@
 """Decisions under uncertainty on a finished run: the quality band, the second
 seed's refit against it, sub-network ensembles, and the smallest size meeting a bar.
 
-    python experiments/uncertainty.py --run-dir runs/quality/combined_lr6e-4_cosine_targets_steps150_seed0 \
-        --second runs/quality/combined_lr6e-4_cosine_targets_steps150_seed1 --bar 60
+    python experiments/uncertainty.py --run-dir runs/quality/combined_lr1e-3_cosine_targets_steps150_seed0 \
+        --second runs/quality/combined_lr1e-3_cosine_targets_steps150_seed1 --bar 60
 
 1. The band (`Plan.quality_band`: --samples keep-sets x 200 window resamples per
    size, on the first --windows validation windows) at the run's sizes.

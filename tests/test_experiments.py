@@ -347,10 +347,11 @@ def test_fresh_machine_runs_the_readme_commands_and_ci_runs_the_test_one():
 
 
 def test_the_recommended_fit_is_the_quality_study_variant_it_was_chosen_from():
-    """`FitConfig.recommended()` was chosen on results/quality/combined_lr6e-4_cosine_targets_*:
+    """`FitConfig.recommended()` was chosen on results/quality/combined_lr1e-3_cosine_targets_*:
     the variant's config must be exactly it, and the older variants must keep their meaning."""
     from ppn.fit import FitConfig
 
     quality = _script("quality_ablation")
-    assert quality.job("combined_lr6e-4_cosine_targets").fit == FitConfig.recommended()
+    assert quality.job("combined_lr1e-3_cosine_targets").fit == FitConfig.recommended()
+    assert quality.job("combined_lr1e-3_cosine_targets_map").fit == FitConfig.recommended(guide="delta")
     assert quality.job("combined_lr3e-4").fit.lr_weights == 3e-4 and not quality.job("combined_lr3e-4").fit.target_sizes
