@@ -110,7 +110,7 @@ def keep_calibration(plan, fitted, valid, ablations, seqlen, stem: Path, config,
     write_results(stem.name + "_keep_calibration", rows, list(rows[0]), out_dir=stem.parent, config=config,
                   title=f"Keep decisions of {run_dir} at 0.5 against single-unit ablations "
                         f"(Spearman of margin and damage: {rho:.3f})")
-    fig, ax = plt.subplots(figsize=(4.5, 4))
+    fig, ax = plt.subplots(figsize=(4.5, 4), layout="constrained")
     ax.scatter([u["margin"] for u in units], damage, s=8)
     ax.set(xlabel="keep margin (posterior-median score minus the cut's)", ylabel="NLL increase when removed",
            title=f"Spearman {rho:.2f} over {len(units)} units")
