@@ -37,7 +37,7 @@ from ppn.units import SIZE_CURRENCIES, Units
 log = logging.getLogger(LOGGER)
 
 
-# `FitConfig.recommended()`'s fields on top of the defaults (experiments/quality_ablation.py's preset)
+# `FitConfig.recommended()`'s fields on top of the defaults (the quality study's combined_lr1e-3_cosine_targets)
 RECOMMENDED = dict(teacher="start", teacher_weight=0.5, size_sampling="sequence", sandwich=True, rescale=True,
                    target_sizes=(0.5, 0.3), target_share=0.5, lr_weights=1e-3, lr_decay="cosine", warmup_steps=10)
 

@@ -131,7 +131,7 @@ class BenchConfig:
             if not 0 < n < m:
                 raise ValueError(f"N:M needs 0 < N < M, got {n}:{m}")
         if self.split not in EVAL_SPLITS:
-            raise ValueError(f"split must be 'validation' or 'reserved', got {self.split!r}")
+            raise ValueError(f"split must be {' or '.join(map(repr, EVAL_SPLITS))}, got {self.split!r}")
         if self.finetune_steps is not None and self.finetune_steps < 1:
             raise ValueError(f"finetune_steps must be a positive number of steps, got {self.finetune_steps}")
 

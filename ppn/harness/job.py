@@ -127,7 +127,7 @@ def load_inputs(source: str, dtype: str = "float32", smoke: bool = False, random
     in for its tokens. `split="reserved"` evaluates on Shakespeare's reserved split
     instead of validation: final numbers only, never for choosing (BENCHMARK.md)."""
     if split not in EVAL_SPLITS:
-        raise ValueError(f"split must be 'validation' or 'reserved', got {split!r}")
+        raise ValueError(f"split must be {' or '.join(map(repr, EVAL_SPLITS))}, got {split!r}")
     specs = (train_text,) if isinstance(train_text, str) else tuple(train_text or ())
     if smoke:
         from ppn.testing import tiny_model
