@@ -16,10 +16,13 @@ seed's refit against it, sub-network ensembles, and the smallest size meeting a 
    the median network (`ppn.decisions.ablation_damage`, 4 windows), the Spearman
    correlation of their keep margin with the damage, and P(keep) against "removing
    it costs more than the median unit" in bins (a reliability table and figure).
+6. With --second: how far that run's keep-sets lie from the first's, against the
+   first posterior's own spread (`ppn.decisions.keep_disagreement`, plans only).
 
-Writes <out-dir>/<run>_band.json (+ .md, .png), <run>_ensembles.json,
-<run>_smallest_size.json and <run>_keep_calibration.json (+ .png), each with its
-config and command.
+--parts runs some of these (band, ensembles, smallest_size, keep_calibration,
+disagreement; default all). Writes <out-dir>/<run>_band.json (+ .md, .png),
+<run>_ensembles.json, <run>_smallest_size.json, <run>_keep_calibration.json (+ .png)
+and <run>_seed_disagreement.json, each with its config and command.
 """
 
 import argparse
@@ -31,12 +34,14 @@ import numpy as np
 
 from ppn import data, plots
 from ppn.checkpoint import load_model
-from ppn.decisions import ablation_damage, ensemble_metrics
+from ppn.decisions import ablation_damage, ensemble_metrics, keep_disagreement
 from ppn.evaluate import perplexity
 from ppn.harness.job import load_inputs, load_job
 from ppn.harness.report import write_results
 from ppn.plan import Plan
 from ppn.prune import prune
+
+PARTS = ("band", "ensembles", "smallest_size", "keep_calibration", "disagreement")
 
 
 def _run(run_dir: str):
@@ -48,12 +53,52 @@ def _run(run_dir: str):
 
 
 def main(run_dir: str, second: str | None = None, bar: float | None = None, samples: int = 8, windows: int = 16,
-         ablations: int = 200, out_dir: str = "results/decisions") -> dict:
-    job, tokenizer, valid, fitted, plan = _run(run_dir)
-    seqlen = 64 if job.smoke else 512
+         ablations: int = 200, out_dir: str = "results/decisions", parts=PARTS) -> dict:
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
     name = Path(run_dir).name
     config = {"run_dir": run_dir, "second": second, "bar": bar, "samples": samples, "windows": windows,
-              "ablations": ablations, "job": dataclasses.asdict(job)}
+              "ablations": ablations, "parts": list(parts), "job": dataclasses.asdict(load_job(run_dir))}
+    out = {}
+    if "disagreement" in parts and second:
+        out["disagreement"] = keep_disagreement(Plan.load(Path(run_dir) / "plan.json"),
+                                                Plan.load(Path(second) / "plan.json"), load_job(run_dir).sizes)
+        write_results(f"{name}_seed_disagreement", out["disagreement"], list(out["disagreement"][0]),
+                      out_dir=out_dir, config=config,
+                      title=f"Keep-sets of {second} against the posterior of {run_dir} (share of heads and MLP "
+                            "groups kept by one of the two)")
+    if not set(parts) - {"disagreement"}:
+        return out
+    job, tokenizer, valid, fitted, plan = _run(run_dir)
+    seqlen = 64 if job.smoke else 512
+    if "band" in parts:
+        out["band"] = band_part(plan, fitted, valid, job, second, samples, windows, seqlen, name, config, out_dir,
+                                run_dir)
+    if "ensembles" in parts:
+        out["ensembles"] = ensemble_metrics(plan, fitted, valid, 0.5, seqlen=seqlen, max_windows=windows)
+        write_results(f"{name}_ensembles", out["ensembles"], list(out["ensembles"][0]), out_dir=out_dir,
+                      config=config, title=f"Sub-network ensembles at 0.5 of {run_dir} ({windows} validation windows)")
+    if bar is not None and "smallest_size" in parts:
+        choice = plan.smallest_size(bar, 0.95, model=fitted, tokens=valid, num_samples=4, max_windows=8,
+                                    seqlen=seqlen)
+        reserved = (np.random.default_rng(2).integers(0, fitted.config.vocab_size, 4096) if tokenizer is None
+                    else data.tokenize(data.shakespeare("reserved"), tokenizer))
+        measured = perplexity(prune(fitted, plan, choice.size), reserved, seqlen=seqlen, max_windows=64).perplexity
+        out["smallest_size"] = [{"bar": bar, "prob": 0.95, "size": choice.size, "probability": choice.probability,
+                                 "sizes_searched": len(choice.band.sizes), "reserved_perplexity": measured,
+                                 "meets_bar_on_reserved": bool(measured <= bar)}]
+        write_results(f"{name}_smallest_size", out["smallest_size"], list(out["smallest_size"][0]),
+                      out_dir=out_dir, config=config,
+                      title=f"The smallest size of {run_dir} with validation perplexity <= {bar} at 95%")
+    if ablations and "keep_calibration" in parts:
+        out["keep_calibration"] = keep_calibration(plan, fitted, valid, ablations, seqlen, Path(out_dir) / name,
+                                                   config, run_dir)
+    return out
+
+
+def band_part(plan, fitted, valid, job, second, samples, windows, seqlen, name, config, out_dir, run_dir):
+    """Steps 1-2: the band at the run's sizes, and the second seed's own cuts against it."""
     band = plan.quality_band(fitted, valid, job.sizes, samples, seqlen=seqlen, max_windows=windows)
     q = band.quantiles()
     rows = [{"size": float(s), "q05": q[i, 0], "q50": q[i, 1], "q95": q[i, 2],
@@ -67,27 +112,7 @@ def main(run_dir: str, second: str | None = None, bar: float | None = None, samp
     write_results(f"{name}_band", rows, list(rows[0]), out_dir=out_dir, config=config,
                   title=f"Quality band of {run_dir}: {samples} keep-sets x 200 resamples of {windows} windows")
     plt.close(plots.quality_band(band, path=Path(out_dir) / f"{name}_band.png"))
-
-    ensembles = ensemble_metrics(plan, fitted, valid, 0.5, seqlen=seqlen, max_windows=windows)
-    write_results(f"{name}_ensembles", ensembles, list(ensembles[0]), out_dir=out_dir, config=config,
-                  title=f"Sub-network ensembles at 0.5 of {run_dir} ({windows} validation windows)")
-    out = {"band": rows, "ensembles": ensembles}
-    if bar is not None:
-        choice = plan.smallest_size(bar, 0.95, model=fitted, tokens=valid, num_samples=4, max_windows=8,
-                                    seqlen=seqlen)
-        reserved = (np.random.default_rng(2).integers(0, fitted.config.vocab_size, 4096) if tokenizer is None
-                    else data.tokenize(data.shakespeare("reserved"), tokenizer))
-        measured = perplexity(prune(fitted, plan, choice.size), reserved, seqlen=seqlen, max_windows=64).perplexity
-        out["smallest_size"] = [{"bar": bar, "prob": 0.95, "size": choice.size, "probability": choice.probability,
-                                 "sizes_searched": len(choice.band.sizes), "reserved_perplexity": measured,
-                                 "meets_bar_on_reserved": bool(measured <= bar)}]
-        write_results(f"{name}_smallest_size", out["smallest_size"], list(out["smallest_size"][0]),
-                      out_dir=out_dir, config=config,
-                      title=f"The smallest size of {run_dir} with validation perplexity <= {bar} at 95%")
-    if ablations:
-        out["keep_calibration"] = keep_calibration(plan, fitted, valid, ablations, seqlen, Path(out_dir) / name,
-                                                   config, run_dir)
-    return out
+    return rows
 
 
 def keep_calibration(plan, fitted, valid, ablations, seqlen, stem: Path, config, run_dir) -> list[dict]:
@@ -128,5 +153,6 @@ if __name__ == "__main__":
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--ablations", type=int, default=200, help="units removed one at a time at 0.5 (0: none)")
     parser.add_argument("--out-dir", default="results/decisions")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {','.join(PARTS)}")
     a = parser.parse_args()
-    print(main(a.run_dir, a.second, a.bar, a.samples, a.windows, a.ablations, a.out_dir))
+    print(main(a.run_dir, a.second, a.bar, a.samples, a.windows, a.ablations, a.out_dir, a.parts.split(",")))

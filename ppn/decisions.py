@@ -17,6 +17,9 @@ a bar with a stated probability (the share of the band's draws within it).
 and measures their accuracy and calibration (ECE, Brier) against the median
 network and the dense model, and the members' disagreement as a signal for
 setting aside the least certain predictions.
+
+`keep_disagreement` compares a refit's keep-sets (another seed) with what the
+first posterior predicted about them.
 """
 
 from __future__ import annotations
@@ -344,4 +347,59 @@ def ablation_damage(plan: Plan, model: Llama, tokens, size: float, num_units: in
         ablated = dataclasses.replace(keep, heads=heads, groups=groups, attn=heads.any(1), mlp=groups.any(1))
         rows.append({"kind": kind, "layer": int(l), "index": int(i), "margin": float(margins[kind][l, i]),
                      "keep_frequency": float(frequency[kind][l, i]), "damage_nll": nll(ablated) - base})
+    return rows
+
+
+# ------------------------------------------------------ a refit against the posterior
+def mismatch(a, b) -> float:
+    """The share of heads and MLP groups kept by exactly one of keep-sets `a` and `b`
+    (hierarchy resolved: a unit of a closed layer counts as dropped)."""
+    a, b = a.effective(), b.effective()
+    differ = int((a.heads != b.heads).sum() + (a.groups != b.groups).sum())
+    return differ / (a.heads.size + a.groups.size)
+
+
+def keep_disagreement(plan: Plan, other: Plan, sizes: Sequence[float] = (0.9, 0.7, 0.5, 0.4, 0.3),
+                      num_samples: int = 200, seed: int = 0) -> list[dict]:
+    """How far a refit's keep-set (`other`, the same fit with another seed) lies from
+    `plan`'s, against how far `plan`'s posterior says a keep-set could lie.
+
+    If the posterior described the uncertainty a refit resolves differently, the
+    refit's median network would look like one more posterior draw. Per size:
+    "observed" is `mismatch(plan.keep(size), other.keep(size))`; "predicted_q05/q50/q95"
+    are the quantiles of `mismatch(plan.keep(size), draw)` over `num_samples` draws at the
+    guide's parameters (`Plan.sample_keep(..., gate_noise=False)`), and "noisy_q50/q95" the
+    same with the gates' hard-concrete noise (the keep-sets of the quality band).
+    "brier" scores each unit's keep frequency over the parameter draws as a forecast
+    of whether the refit keeps it; "refit_keeps_if_p_below_0.05" / "..._between" /
+    "..._above_0.95" are the shares the refit keeps among units the posterior calls
+    dropped, undecided and kept ("units_..." count them): a coarse reliability table.
+
+    Raises:
+        ValueError: the plans index different units (another model or unit layout).
+    """
+    if plan.units != other.units:
+        raise ValueError("the two plans index different units: a refit must prune the same model the same way")
+    rows = []
+    for size in sizes:
+        median, refit = plan.keep(size), other.keep(size).effective()
+        draws = plan.sample_keep(size, num_samples, seed, gate_noise=False)
+        noisy = plan.sample_keep(size, num_samples, seed)
+        predicted = np.quantile([mismatch(median, d) for d in draws], QUANTILES)
+        noisy_q = np.quantile([mismatch(median, d) for d in noisy], QUANTILES)
+        effective = [d.effective() for d in draws]
+        p = np.concatenate([np.mean([d.heads for d in effective], 0).ravel(),
+                            np.mean([d.groups for d in effective], 0).ravel()])
+        kept = np.concatenate([refit.heads.ravel(), refit.groups.ravel()]).astype(float)
+        observed = mismatch(median, refit)
+        row = {"size": float(size), "observed": observed, "predicted_q05": float(predicted[0]),
+               "predicted_q50": float(predicted[1]), "predicted_q95": float(predicted[2]),
+               "observed_inside_90": bool(predicted[0] <= observed <= predicted[2]),
+               "noisy_q50": float(noisy_q[1]), "noisy_q95": float(noisy_q[2]),
+               "brier": float(np.mean((p - kept) ** 2))}
+        for name, inside in (("below_0.05", p < 0.05), ("between", (p >= 0.05) & (p <= 0.95)),
+                             ("above_0.95", p > 0.95)):
+            row[f"units_{name}"] = int(inside.sum())
+            row[f"refit_keeps_if_p_{name}"] = float(kept[inside].mean()) if inside.any() else None
+        rows.append(row)
     return rows

@@ -182,7 +182,8 @@ class Plan(Posterior):
         budget, total = costs.budget(self.units, size), costs.of(self.units.full())
         return costs, budget, 1.0 if budget >= total else float(np.clip(budget / total, 1e-6, 1 - 1e-6))
 
-    def sample_keep(self, size: float | int, num_samples: int = 8, seed: int = 0) -> list[KeepSet]:
+    def sample_keep(self, size: float | int, num_samples: int = 8, seed: int = 0,
+                    gate_noise: bool = True) -> list[KeepSet]:
         """Keep-sets drawn from the posterior at `size`, each at the exact size of `keep(size)`.
 
         Each draw takes the gate parameters from the guide (`logit_draws`) and a
@@ -192,6 +193,10 @@ class Plan(Posterior):
         fill the budget like `keep` (`fill_budget`). `ppn.prune` and
         `ppn.load_pruned` accept each keep-set; `ppn.gates.hard_gates` runs one
         in the dense model without cutting it.
+
+        gate_noise: False fills at the drawn parameters alone: the spread of the
+            decision from the posterior's uncertainty about the parameters, without
+            the gates' own randomness (`keep_frequency`).
         """
         if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
@@ -203,7 +208,7 @@ class Plan(Posterior):
         scales = self._scales_at(rho)
         draws = []
         for s in range(num_samples):
-            noisy = {k: v[s] + noise.logistic(size=v[s].shape) for k, v in logits.items()}
+            noisy = {k: v[s] + (noise.logistic(size=v[s].shape) if gate_noise else 0) for k, v in logits.items()}
             keep = fill_budget(self.units, noisy, budget, costs)
             draws.append(keep if scales is None else dataclasses.replace(keep, scales=scales))
         return draws
@@ -260,14 +265,9 @@ class Plan(Posterior):
         Returns:
             {"attn_layer": (L,), "mlp_layer": (L,), "head": (L, N), "mlp_group": (L, M)}.
         """
-        costs, budget, rho = self._target(size)
-        logits = self.logit_draws(min(rho, 1 - 1e-6), num_samples, seed)
-        total = {k: 0.0 for k in KINDS}
-        for s in range(num_samples):
-            keep = fill_budget(self.units, {k: v[s] for k, v in logits.items()}, budget, costs).effective()
-            for k, v in zip(KINDS, (keep.attn, keep.mlp, keep.heads, keep.groups)):
-                total[k] = total[k] + v
-        return {k: np.asarray(v, np.float64) / num_samples for k, v in total.items()}
+        draws = [k.effective() for k in self.sample_keep(size, num_samples, seed, gate_noise=False)]
+        return {k: np.mean([getattr(d, f) for d in draws], axis=0, dtype=np.float64)
+                for k, f in zip(KINDS, ("attn", "mlp", "heads", "groups"))}
 
     def check_model(self, config: LlamaConfig) -> None:
         """Raises ValueError unless `config` is the dense architecture this plan was fitted on."""

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from ppn import plots
-from ppn.decisions import (ablation_damage, calibration_error, ensemble_metrics, keep_margins, quality_band,
-                           selective_accuracy, smallest_size)
+from ppn.decisions import (ablation_damage, calibration_error, ensemble_metrics, keep_disagreement, keep_margins,
+                           mismatch, quality_band, selective_accuracy, smallest_size)
 from ppn.evaluate import perplexity
 from ppn.gates import hard_gates
 from ppn.plan import Plan
@@ -156,3 +156,33 @@ def test_keep_margins_split_kept_from_dropped_and_ablation_damage_is_the_pruned_
     ppl = [perplexity(prune(model, k), tokens, seqlen=SEQLEN, max_windows=WINDOWS, progress=False).nll
            for k in (ablated, keep)]
     assert r["damage_nll"] == pytest.approx(ppl[0] - ppl[1], rel=1e-4, abs=1e-5)
+
+
+def test_keep_disagreement_counts_a_refits_differences_against_the_posteriors_own_spread():
+    plan, refit = random_plan(tiny_config(), seed=0), random_plan(tiny_config(), seed=1)
+    keep = plan.keep(0.5).effective()
+    heads = keep.heads.copy()
+    heads[np.argwhere(heads)[0][0], np.argwhere(heads)[0][1]] = False
+    one_off = dataclasses.replace(keep, heads=heads)
+    assert mismatch(keep, one_off) == pytest.approx(1 / (keep.heads.size + keep.groups.size))
+    assert mismatch(keep, keep) == 0.0
+
+    sizes = (0.7, 0.4)
+    rows = keep_disagreement(plan, refit, sizes, num_samples=40, seed=2)
+    for size, row in zip(sizes, rows):
+        assert row["observed"] == pytest.approx(mismatch(plan.keep(size), refit.keep(size)))
+        assert row["predicted_q05"] <= row["predicted_q50"] <= row["predicted_q95"]
+        assert row["observed_inside_90"] == (row["predicted_q05"] <= row["observed"] <= row["predicted_q95"])
+        assert row["units_below_0.05"] + row["units_between"] + row["units_above_0.95"] == keep.heads.size + keep.groups.size
+        frequency = plan.keep_frequency(size, num_samples=40, seed=2)
+        p = np.concatenate([frequency["head"].ravel(), frequency["mlp_group"].ravel()])
+        kept = refit.keep(size).effective()
+        kept = np.concatenate([kept.heads.ravel(), kept.groups.ravel()])
+        assert row["brier"] == pytest.approx(np.mean((p - kept) ** 2))
+
+    sharp = _sharpened(plan, 1e4)  # no spread: every draw is the median network, so a refit identical to it agrees
+    row, = keep_disagreement(sharp, sharp, (0.5,), num_samples=5)
+    assert row["observed"] == row["predicted_q95"] == row["noisy_q95"] == row["brier"] == 0.0
+    assert row["observed_inside_90"] and row["units_between"] == 0
+    with pytest.raises(ValueError, match="different units"):
+        keep_disagreement(plan, random_plan(tiny_config(num_layers=3)), (0.5,))

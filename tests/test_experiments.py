@@ -89,6 +89,8 @@ def test_main_job_smoke(tmp_path):
     assert bar["size"] == 0.1 and bar["meets_bar_on_reserved"]
     calibration = json.loads((tmp_path / "dec" / "run_keep_calibration.json").read_text())["records"]
     assert sum(r["units"] for r in calibration) == 4 and (tmp_path / "dec" / "run_keep_calibration.png").exists()
+    seeds = json.loads((tmp_path / "dec" / "run_seed_disagreement.json").read_text())["records"]
+    assert sorted(r["size"] for r in seeds) == [0.3, 0.4, 0.5, 0.7, 0.9] and all(r["observed"] == 0 for r in seeds)
 
 
 def test_scratch_smoke(tmp_path):
