@@ -13,7 +13,7 @@ names, found beside the run's `runs/` folder) and the undecided share at each si
 Per size: how much the two guides' cuts of one seed disagree (same batches, same
 sizes), against how much the two seeds of one guide disagree (what a refit moves
 anyway). Disagreement is the share of kept prunable parameters that only one of two
-cuts keeps: (|a| + |b| - 2|a and b|) / (|a| + |b|). Reads plans and results only,
+cuts keeps (`ppn.decisions.mismatch`). Reads plans and results only,
 no model; writes results/posterior/map_compare.json (+ .md).
 """
 
@@ -25,19 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ppn.decisions import mismatch
 from ppn.harness.report import write_results
 from ppn.plan import Plan
-from ppn.units import KeepSet
 
 SIZES = (0.9, 0.7, 0.5, 0.4, 0.3)
-
-
-def disagreement(a: KeepSet, b: KeepSet) -> float:
-    """Share of the kept prunable parameters that only one of the two cuts keeps."""
-    a, b = a.effective(), b.effective()
-    both = KeepSet(a.units, a.attn & b.attn, a.mlp & b.mlp, a.heads & b.heads, a.groups & b.groups).effective()
-    na, nb = a.num_params(), b.num_params()
-    return (na + nb - 2 * both.num_params()) / (na + nb)
 
 
 def run_perplexities(run_dir: Path) -> dict[float, float]:
@@ -71,10 +63,10 @@ def compare(normal: list[Path], point: list[Path], sizes=SIZES) -> list[dict]:
     for s in sizes:
         keep = {g: [p.keep(s) for p in ps] for g, ps in plans.items()}
         row = {"kind": "size", "size": s,
-               "normal_vs_map_same_seed": float(np.mean([disagreement(a, b) for a, b in zip(keep["normal"],
+               "normal_vs_map_same_seed": float(np.mean([mismatch(a, b) for a, b in zip(keep["normal"],
                                                                                             keep["map"])])),
-               "normal_seed_to_seed": disagreement(keep["normal"][0], keep["normal"][1]),
-               "map_seed_to_seed": disagreement(keep["map"][0], keep["map"][1])}
+               "normal_seed_to_seed": mismatch(keep["normal"][0], keep["normal"][1]),
+               "map_seed_to_seed": mismatch(keep["map"][0], keep["map"][1])}
         records.append(row)
     return records
 

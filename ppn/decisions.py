@@ -39,6 +39,7 @@ from ppn.console import progress_bar
 from ppn.data import eval_windows
 from ppn.evaluate import perplexity
 from ppn.gates import hard_gates
+from ppn.units import KeepSet
 
 if TYPE_CHECKING:
     from ppn.models.llama import Llama
@@ -352,11 +353,13 @@ def ablation_damage(plan: Plan, model: Llama, tokens, size: float, num_units: in
 
 # ------------------------------------------------------ a refit against the posterior
 def mismatch(a, b) -> float:
-    """The share of heads and MLP groups kept by exactly one of keep-sets `a` and `b`
-    (hierarchy resolved: a unit of a closed layer counts as dropped)."""
+    """How much two keep-sets disagree: the share of their kept prunable parameters that
+    only one of them keeps, (|a| + |b| - 2|a and b|) / (|a| + |b|); 0 for equal sets, 1
+    for disjoint ones (hierarchy resolved: a unit of a closed layer counts as dropped)."""
     a, b = a.effective(), b.effective()
-    differ = int((a.heads != b.heads).sum() + (a.groups != b.groups).sum())
-    return differ / (a.heads.size + a.groups.size)
+    both = KeepSet(a.units, a.attn & b.attn, a.mlp & b.mlp, a.heads & b.heads, a.groups & b.groups).effective()
+    na, nb = a.num_params(), b.num_params()
+    return (na + nb - 2 * both.num_params()) / (na + nb)
 
 
 def keep_disagreement(plan: Plan, other: Plan, sizes: Sequence[float] = (0.9, 0.7, 0.5, 0.4, 0.3),
@@ -365,7 +368,8 @@ def keep_disagreement(plan: Plan, other: Plan, sizes: Sequence[float] = (0.9, 0.
     `plan`'s, against how far `plan`'s posterior says a keep-set could lie.
 
     If the posterior described the uncertainty a refit resolves differently, the
-    refit's median network would look like one more posterior draw. Per size:
+    refit's median network would look like one more posterior draw. Per size (disagreement
+    measured by `mismatch`, in kept parameters):
     "observed" is `mismatch(plan.keep(size), other.keep(size))`; "predicted_q05/q50/q95"
     are the quantiles of `mismatch(plan.keep(size), draw)` over `num_samples` draws at the
     guide's parameters (`Plan.sample_keep(..., gate_noise=False)`), and "noisy_q50/q95" the

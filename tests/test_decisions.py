@@ -164,7 +164,9 @@ def test_keep_disagreement_counts_a_refits_differences_against_the_posteriors_ow
     heads = keep.heads.copy()
     heads[np.argwhere(heads)[0][0], np.argwhere(heads)[0][1]] = False
     one_off = dataclasses.replace(keep, heads=heads)
-    assert mismatch(keep, one_off) == pytest.approx(1 / (keep.heads.size + keep.groups.size))
+    na, nb = keep.num_params(), one_off.num_params()
+    assert mismatch(keep, one_off) == mismatch(one_off, keep) == pytest.approx((na - nb) / (na + nb)) and na > nb
+    assert mismatch(plan.keep(0.3), plan.keep(0.9)) > 0
     assert mismatch(keep, keep) == 0.0
 
     sizes = (0.7, 0.4)
