@@ -298,6 +298,7 @@ def _fake_run(root, tag, plan, ppl):
 
 
 def test_map_compare_measures_disagreement_between_guides_and_seeds(tmp_path):
+    from ppn.decisions import mismatch
     from ppn.plan import Plan
     from ppn.testing import random_plan, tiny_config
 
@@ -316,15 +317,14 @@ def test_map_compare_measures_disagreement_between_guides_and_seeds(tmp_path):
     assert all(0 <= r[f"undecided_{s}"] <= 1 for r in by_run.values() for s in (0.9, 0.5, 0.3))
     sizes = [r for r in doc["records"] if r["kind"] == "size"]
     assert [r["size"] for r in sizes] == [0.9, 0.7, 0.5, 0.4, 0.3]
-    module = _script("map_compare")
     plans = [Plan.load(r / "plan.json") for r in runs]
     for r in sizes:
         keep = [p.keep(r["size"]) for p in plans]
-        assert module.disagreement(keep[0], keep[0]) == 0
-        assert module.disagreement(keep[1], keep[3]) == pytest.approx(module.disagreement(keep[3], keep[1]))
+        assert mismatch(keep[0], keep[0]) == 0
+        assert mismatch(keep[1], keep[3]) == pytest.approx(mismatch(keep[3], keep[1]))
         # seed 0's two plans are one plan: the mean over seeds is half of seed 1's (normal) against map1's
-        assert r["normal_vs_map_same_seed"] == pytest.approx(module.disagreement(keep[1], keep[3]) / 2)
-        assert r["normal_seed_to_seed"] == pytest.approx(module.disagreement(keep[0], keep[1]))
+        assert r["normal_vs_map_same_seed"] == pytest.approx(mismatch(keep[1], keep[3]) / 2)
+        assert r["normal_seed_to_seed"] == pytest.approx(mismatch(keep[0], keep[1]))
     assert 0 < sizes[2]["normal_seed_to_seed"] < 1 and 0 < sizes[2]["map_seed_to_seed"] < 1
     assert doc["config"]["normal"] == [str(p) for p in runs[:2]]
     # the same seeds in both lists, and finished runs only
