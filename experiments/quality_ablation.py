@@ -56,10 +56,6 @@ VARIANTS = {
     # the same with distillation alone (forward KL to the frozen start, no token term), as
     # the distillation-based recoveries of pruned models train
     "combined_lr3e-4_kl": PRESET | KL,
-    # distillation alone on Shakespeare mixed with general English (a quarter of the windows,
-    # ppn.data.general_training; a JobConfig field): keeps what the model knew? (on the kl
-    # variant, which kept the most of it)
-    "combined_lr3e-4_kl_general25": PRESET | KL | dict(train_text=("shakespeare=3", "general=1")),
     # the preset with half the sampled sizes at the headline's 0.5 and 0.3
     "combined_lr3e-4_targets": PRESET | TARGETS,
     # both leaders at once: distillation alone (general English) with half the sizes at 0.5 and 0.3 (in domain)
@@ -67,24 +63,19 @@ VARIANTS = {
     # the targets screen with twice the weights' learning rate, warmed up over 10 steps and
     # cosine-decayed to a tenth (the rate's trend, 1e-4 -> 2e-4 -> 3e-4, had not levelled off)
     "combined_lr6e-4_cosine_targets": PRESET | TARGETS | LR6E4_COSINE,
-    # the general-purpose screen (kl_targets) with the faster decaying rate
-    "combined_lr6e-4_cosine_kl_targets": PRESET | KL | TARGETS | LR6E4_COSINE,
-    # the same on Shakespeare mixed with general English (a quarter of the windows): the general-purpose candidate
-    "combined_lr6e-4_cosine_kl_targets_general25": PRESET | KL | TARGETS | LR6E4_COSINE
-    | dict(train_text=("shakespeare=3", "general=1")),
     # the rate's trend again (3e-4 -> 6e-4 with cosine decay gained 13.6% at 0.5): does 1e-3 gain more?
     "combined_lr1e-3_cosine_targets": PRESET | TARGETS | cosine(1e-3),
+    # the general-purpose screen (kl_targets) at the recommended fit's rate
+    "combined_lr1e-3_cosine_kl_targets": PRESET | KL | TARGETS | cosine(1e-3),
+    # the same on Shakespeare mixed with general English (a quarter of the windows, ppn.data.general_training;
+    # a JobConfig field): the general-purpose candidate
+    "combined_lr1e-3_cosine_kl_targets_general25": PRESET | KL | TARGETS | cosine(1e-3)
+    | dict(train_text=("shakespeare=3", "general=1")),
     # kl_targets distilling from the dense model fine-tuned on the same batches' budget first (150 steps, made by
     # `python experiments/finetune_dense.py --save runs/teachers/dense_ft150`): a teacher that knows the text
     "combined_lr3e-4_ftteacher_targets": PRESET | FT_TEACHER | TARGETS,
-    # the two largest gains together: the fine-tuned teacher with lr 6e-4, warm-up and cosine decay
-    "combined_lr6e-4_cosine_ftteacher_targets": PRESET | FT_TEACHER | TARGETS | LR6E4_COSINE,
-    # the preset started from each unit's output energy instead of its Taylor importance
-    "combined_lr3e-4_activation": PRESET | dict(init="activation"),
-    # the preset with the gates' MAP point instead of their posterior (AutoDelta): does the spread change a decision?
-    "combined_lr3e-4_map": PRESET | dict(guide="delta"),
-    # the previous recommended fit (lr 6e-4) with the point guide (AutoDelta, MAP)
-    "combined_lr6e-4_cosine_targets_map": PRESET | TARGETS | LR6E4_COSINE | dict(guide="delta"),
+    # the recommended fit started from each unit's output energy instead of its Taylor importance
+    "combined_lr1e-3_cosine_targets_activation": PRESET | TARGETS | cosine(1e-3) | dict(init="activation"),
     # the recommended fit with the point guide (AutoDelta, MAP): does the posterior change a decision?
     "combined_lr1e-3_cosine_targets_map": PRESET | TARGETS | cosine(1e-3) | dict(guide="delta"),
     # the preset with the weights anchored at their pretrained values (keeps general ability?)
