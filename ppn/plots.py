@@ -122,7 +122,9 @@ def training_curves(metrics: Sequence[dict], path=None):
         axes[2].set(xlabel="step", ylabel="held-out ELBO per token", title="convergence (final temperature)")
         for q, style in (("q05", ":"), ("q50", "-"), ("q95", ":")):
             axes[3].plot(at, [m[f"guide_scale_{q}"] for m in diag], style, color="C0", label=q)
-        axes[3].set(xlabel="step", ylabel="guide scale (unconstrained)", yscale="log", title="guide scales")
+        spread = any(m["guide_scale_q95"] > 0 for m in diag)  # a point guide (MAP) has none
+        axes[3].set(xlabel="step", ylabel="guide scale (unconstrained)", yscale="log" if spread else "linear",
+                    title="guide scales" if spread else "guide scales (a point guide: none)")
         axes[3].legend(fontsize=8)
     return _finish(fig, path)
 

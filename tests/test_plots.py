@@ -85,3 +85,16 @@ def test_benchmark_figure_caps_the_axis_and_marks_points_beyond_it():
 def test_benchmark_figure_writes_the_png_atomically(tmp_path):
     figures.benchmark_figure(ROWS, tmp_path / "bench.png")
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG" and [p.name for p in tmp_path.iterdir()] == ["bench.png"]
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.3])
+def test_training_curves_draw_the_guide_scales_of_a_point_guide_without_a_log_axis(scale, recwarn):
+    metrics = [{"step": i, "nll_per_token": 3.0, "rho": 0.5, "expected_size": 0.5} for i in range(4)]
+    for m in metrics[1::2]:
+        m.update(heldout_elbo=-3.0, heldout_elbo_by_size=[-3.0] * 4, guide_scale_q05=scale / 2,
+                 guide_scale_q50=scale, guide_scale_q95=2 * scale)
+    fig = plots.training_curves(metrics)
+    axis = fig.axes[3]
+    assert axis.get_yscale() == ("log" if scale else "linear") and ("point guide" in axis.get_title()) == (not scale)
+    assert not [w for w in recwarn if "log-scaled" in str(w.message)]
+    plt.close(fig)
