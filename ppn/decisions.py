@@ -391,9 +391,8 @@ def keep_disagreement(plan: Plan, other: Plan, sizes: Sequence[float] = (0.9, 0.
         noisy = plan.sample_keep(size, num_samples, seed)
         predicted = np.quantile([mismatch(median, d) for d in draws], QUANTILES)
         noisy_q = np.quantile([mismatch(median, d) for d in noisy], QUANTILES)
-        effective = [d.effective() for d in draws]
-        p = np.concatenate([np.mean([d.heads for d in effective], 0).ravel(),
-                            np.mean([d.groups for d in effective], 0).ravel()])
+        frequency = plan.keep_frequency(size, num_samples, seed)  # over the same parameter draws
+        p = np.concatenate([frequency["head"].ravel(), frequency["mlp_group"].ravel()])
         kept = np.concatenate([refit.heads.ravel(), refit.groups.ravel()]).astype(float)
         observed = mismatch(median, refit)
         row = {"size": float(size), "observed": observed, "predicted_q05": float(predicted[0]),
