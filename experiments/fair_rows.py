@@ -6,6 +6,7 @@ and FLAP at 0.5 fine-tuned (experiments/BENCHMARK.md, "fair rows"). Fine-tunes u
 (quality study).
 
     python experiments/fair_rows.py --steps 150        # the main job's budget
+    python experiments/fair_rows.py --steps 600 --methods dense,sparsegpt,finetuned   # no FLAP rows
     python experiments/fair_rows.py --smoke            # tiny model, seconds
 
 Rows resume from runs/fair/steps<N>; writes results/benchmark/fair_rows_steps<N>.json
@@ -22,9 +23,12 @@ from ppn.fit import FitConfig
 from ppn.harness.benchmark import BenchConfig, run
 
 
-def config(steps: int, smoke: bool = False) -> BenchConfig:
-    fields = dict(methods=("dense", "sparsegpt", "flap", "finetuned"), unstructured_sizes=(0.5,), nm=(), speed=False,
-                  finetune_steps=steps)
+METHODS = ("dense", "sparsegpt", "flap", "finetuned")
+
+
+def config(steps: int, smoke: bool = False, methods: tuple[str, ...] = METHODS) -> BenchConfig:
+    """"finetuned" fine-tunes the dense model, and SparseGPT's and FLAP's cuts at 0.5 where they run."""
+    fields = dict(methods=methods, unstructured_sizes=(0.5,), nm=(), speed=False, finetune_steps=steps)
     if smoke:
         root = tempfile.mkdtemp(prefix="ppn-fair-")
         return BenchConfig.smoke_test(root, **fields)
@@ -36,9 +40,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=FitConfig.steps)
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of the default")
     parser.add_argument("--out", help="results JSON (default results/benchmark/fair_rows_steps<N>.json)")
     a = parser.parse_args()
-    cfg = config(2 if a.smoke else a.steps, a.smoke)
+    methods = tuple(m for m in a.methods.split(",") if m)
+    if not set(methods) <= set(METHODS):
+        parser.error(f"--methods: choose from {','.join(METHODS)}, got {a.methods}")
+    cfg = config(2 if a.smoke else a.steps, a.smoke, methods)
     if a.out:
         cfg = dataclasses.replace(cfg, out=a.out)
     for row in run(cfg):

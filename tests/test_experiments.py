@@ -284,6 +284,12 @@ def test_fair_rows_smoke(tmp_path):
     assert masked["kept_prunable"] == one_shot["kept_prunable"] and masked["tokens_used"] > one_shot["tokens_used"]
 
 
+def test_fair_rows_without_flap_runs_no_flap_row(tmp_path):
+    _smoke("fair_rows.py", "--methods", "dense,sparsegpt,finetuned", "--out", tmp_path / "fair.json")
+    methods = [r["method"] for r in json.loads((tmp_path / "fair.json").read_text())["records"]]
+    assert methods == ["dense", "sparsegpt", "dense fine-tuned (fit budget)", "sparsegpt masked fine-tuned (fit budget)"]
+
+
 def _fake_run(root, tag, plan, ppl):
     """A finished quality-study run folder under root/runs/quality/<tag>: its plan,
     job.json and the results JSON the job wrote (ppn rows at 0.9 ... 0.3)."""
