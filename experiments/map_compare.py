@@ -14,7 +14,8 @@ Per size: how much the two guides' cuts of one seed disagree (same batches, same
 sizes), against how much the two seeds of one guide disagree (what a refit moves
 anyway). Disagreement is the share of kept prunable parameters that only one of two
 cuts keeps (`ppn.decisions.mismatch`). Reads plans and results only,
-no model; writes results/posterior/map_compare.json (+ .md).
+no model; writes results/posterior/map_compare.json (+ .md, and .png: perplexity and
+disagreement against size).
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ import argparse
 import json
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 
+from ppn import plots
 from ppn.decisions import mismatch
 from ppn.harness.report import write_results
 from ppn.plan import Plan
@@ -71,12 +74,38 @@ def compare(normal: list[Path], point: list[Path], sizes=SIZES) -> list[dict]:
     return records
 
 
+def figure(records: list[dict], path: Path) -> None:
+    """Left: perplexity against size, one line per run (Normal solid, MAP dashed, a
+    colour per seed). Right: the three disagreements against size."""
+    runs = [r for r in records if r["kind"] == "run"]
+    rows = sorted((r for r in records if r["kind"] == "size"), key=lambda r: r["size"])
+    sizes = [r["size"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6), layout="constrained")
+    seen: dict[str, int] = {}
+    for r in runs:
+        seed = seen[r["guide"]] = seen.get(r["guide"], -1) + 1
+        left.plot(sizes, [r[f"ppl_{s}"] for s in sizes], "-" if r["guide"] == "normal" else "--", marker="o",
+                  color=f"C{seed}", label=f"{r['guide']}, seed {seed}")
+    left.set(xlabel="size (share of prunable parameters)", ylabel="perplexity", yscale="log",
+             title="Cut perplexity by guide and seed")
+    left.legend(fontsize=8)
+    for key, label in (("normal_vs_map_same_seed", "Normal vs MAP, same seed"),
+                       ("normal_seed_to_seed", "Normal, seed 0 vs 1"), ("map_seed_to_seed", "MAP, seed 0 vs 1")):
+        right.plot(sizes, [r[key] for r in rows], marker="o", label=label)
+    right.set(xlabel="size (share of prunable parameters)", ylabel="share of kept parameters in one cut only",
+              title="Keep-set disagreement", ylim=(0, None))
+    right.legend(fontsize=8)
+    plots.save_figure(fig, path)
+    plt.close(fig)
+
+
 def main(normal: list[str], point: list[str], out_dir: str = "results/posterior") -> list[dict]:
     records = compare([Path(r) for r in normal], [Path(r) for r in point])
     columns = sorted({k for r in records for k in r}, key=lambda k: (k not in ("kind", "guide", "run", "size"), k))
     write_results("map_compare", records, columns, out_dir=out_dir,
                   config={"normal": normal, "map": point, "sizes": SIZES},
                   title="Normal guide against MAP: perplexity, undecided share and keep-set disagreement by size")
+    figure(records, Path(out_dir) / "map_compare.png")
     return records
 
 

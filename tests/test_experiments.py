@@ -332,7 +332,7 @@ def test_map_compare_measures_disagreement_between_guides_and_seeds(tmp_path):
         assert r["normal_vs_map_same_seed"] == pytest.approx(mismatch(keep[1], keep[3]) / 2)
         assert r["normal_seed_to_seed"] == pytest.approx(mismatch(keep[0], keep[1]))
     assert 0 < sizes[2]["normal_seed_to_seed"] < 1 and 0 < sizes[2]["map_seed_to_seed"] < 1
-    assert doc["config"]["normal"] == [str(p) for p in runs[:2]]
+    assert doc["config"]["normal"] == [str(p) for p in runs[:2]] and (out / "map_compare.png").stat().st_size > 0
     # the same seeds in both lists, and finished runs only
     bad = subprocess.run(cmd[:5] + ["--map", str(runs[2])], capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "same number" in bad.stderr
