@@ -86,12 +86,13 @@ def figure(records: list[dict], path: Path) -> None:
         seed = seen[r["guide"]] = seen.get(r["guide"], -1) + 1
         left.plot(sizes, [r[f"ppl_{s}"] for s in sizes], "-" if r["guide"] == "normal" else "--", marker="o",
                   color=f"C{seed}", label=f"{r['guide']}, seed {seed}")
-    left.set(xlabel="size (share of prunable parameters)", ylabel="perplexity", yscale="log",
+    left.set(xlabel="size (share of prunable parameters)", ylabel="perplexity",
              title="Cut perplexity by guide and seed")
     left.legend(fontsize=8)
-    for key, label in (("normal_vs_map_same_seed", "Normal vs MAP, same seed"),
-                       ("normal_seed_to_seed", "Normal, seed 0 vs 1"), ("map_seed_to_seed", "MAP, seed 0 vs 1")):
-        right.plot(sizes, [r[key] for r in rows], marker="o", label=label)
+    for key, label, colour in (("normal_vs_map_same_seed", "Normal vs MAP, same seed", "C2"),
+                               ("normal_seed_to_seed", "Normal, seed 0 vs 1", "C3"),
+                               ("map_seed_to_seed", "MAP, seed 0 vs 1", "C4")):
+        right.plot(sizes, [r[key] for r in rows], marker="o", color=colour, label=label)
     right.set(xlabel="size (share of prunable parameters)", ylabel="share of kept parameters in one cut only",
               title="Keep-set disagreement", ylim=(0, None))
     right.legend(fontsize=8)
