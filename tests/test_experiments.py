@@ -363,3 +363,36 @@ def test_the_recommended_fit_is_the_quality_study_variant_it_was_chosen_from():
     assert quality.job("combined_lr1e-3_cosine_targets").fit == FitConfig.recommended()
     assert quality.job("combined_lr1e-3_cosine_targets_map").fit == FitConfig.recommended(guide="delta")
     assert quality.job("combined_lr3e-4").fit.lr_weights == 3e-4 and not quality.job("combined_lr3e-4").fit.target_sizes
+
+
+def test_quality_overview_gathers_each_fit_and_takes_general_english_from_a_reevaluation(tmp_path):
+    overview = _script("quality_overview")
+    folder = tmp_path / "quality"
+    folder.mkdir()
+
+    def write(name, general):
+        records = [{"method": "ppn (fitted weights, unpruned)", "size": 1.0, "perplexity": 9.0}]
+        records += [{"method": "ppn", "size": s, "perplexity": 10 / s, "fit_seconds": 5.0,
+                     **({"general_perplexity": 20 / s} if general else {})} for s in overview.SIZES]
+        (folder / f"{name}.json").write_text(json.dumps({"git_commit": "abcdef0123", "records": records}))
+
+    write("kl_steps150_seed1", general=False)
+    write("kl_steps150_seed1_quick", general=True)  # the re-evaluation with general English
+    write("targets_steps600_seed0", general=True)
+    (folder / "targets_steps600_seed0.plan.json").write_text("{}")  # a plan beside a fit is not a fit
+    fair = tmp_path / "fair.json"
+    fair.write_text(json.dumps({"records": [
+        {"method": "dense", "size": 1.0, "perplexity": 8.0, "general_perplexity": 7.0},
+        {"method": "flap", "size": 0.5, "perplexity": 900.0, "general_perplexity": 2000.0},
+        {"method": "sparsegpt masked fine-tuned (fit budget)", "size": 0.5, "perplexity": 9.0,
+         "general_perplexity": None}]}))
+    rows = overview.main(str(folder), str(fair))
+    assert [(r["variant"], r["steps"], r["seed"]) for r in rows] == [("kl", 150, 1), ("targets", 600, 0)]
+    assert rows[0]["ppl_0.5"] == pytest.approx(20.0) and rows[0]["general_0.5"] == pytest.approx(40.0)
+    assert rows[0]["unpruned"] == 9.0 and rows[0]["commit"] == "abcdef0"
+    doc = json.loads((folder / "quality_overview.json").read_text())
+    assert len(doc["records"]) == 2 and (folder / "quality_overview.png").stat().st_size > 0
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no quality-study results"):
+        overview.fits(empty)
