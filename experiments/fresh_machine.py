@@ -45,17 +45,18 @@ def readme_commands(readme: str) -> dict[str, str]:
 
 
 def timed(command: str, cwd: Path, env: dict[str, str]) -> dict:
-    """Runs `command` in bash; its exit status, wall seconds, peak RSS (GiB) and output tail."""
+    """Runs `command` in bash; its exit status, wall seconds, peak RSS (GiB) and the tails of its
+    stdout and stderr, kept apart (pip's warnings on stderr must not push out pytest's summary)."""
     probe = ("import resource, subprocess, sys; r = subprocess.run(['bash', '-c', sys.argv[1]]); "
              "print('PEAK_KIB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
     start = time.perf_counter()
     run = subprocess.run([sys.executable, "-c", probe, command], cwd=cwd, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     peak = [line for line in run.stdout.splitlines() if line.startswith("PEAK_KIB")]
-    output = (run.stdout + run.stderr).splitlines()
+    stdout = "\n".join(line for line in run.stdout.splitlines() if not line.startswith("PEAK_KIB"))
     return {"command": command, "returncode": run.returncode, "seconds": seconds,
             "peak_rss_gib": int(peak[-1].split()[1]) / 2**20 if peak else None,
-            "output_tail": "\n".join(line for line in output if not line.startswith("PEAK_KIB"))[-2000:]}
+            "stdout_tail": stdout[-3000:], "stderr_tail": run.stderr[-2000:]}
 
 
 def main(only: str | None = None, out_dir: str = "results/budget") -> list[dict]:
@@ -75,7 +76,7 @@ def main(only: str | None = None, out_dir: str = "results/budget") -> list[dict]
         for name, command in commands.items():
             if only in (None, name):
                 rows.append({"name": name, **timed(command, clone, env)})
-                print({k: v for k, v in rows[-1].items() if k != "output_tail"}, flush=True)
+                print({k: v for k, v in rows[-1].items() if not k.endswith("_tail")}, flush=True)
     write_results("fresh_machine", rows, ["name", "command", "returncode", "seconds", "peak_rss_gib"],
                   out_dir=out_dir, config={"commit": commit, "only": only, "python": sys.version.split()[0]},
                   title="The README's two commands in a new venv from a clean clone, empty ppn cache")
