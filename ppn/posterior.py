@@ -142,8 +142,8 @@ class Posterior:
         for k, s in sites.items():
             if s.loc.shape != shapes[k] or s.scale.shape != shapes[k]:
                 raise ValueError(f"site {k!r} has shape {s.loc.shape}, expected {shapes[k]}")
-            if not (np.all(np.isfinite(s.loc)) and np.all(s.scale >= 0)):  # 0: a MAP posterior's point mass
-                raise ValueError(f"site {k!r} has non-finite locations or negative scales")
+            if not (np.all(np.isfinite(s.loc)) and np.all(np.isfinite(s.scale) & (s.scale >= 0))):  # 0: MAP
+                raise ValueError(f"site {k!r} has non-finite locations or scales, or negative scales")
             if s.factor is not None and (s.factor.shape[:-1] != shapes[k] or len(ranks) > 1
                                          or not np.all(np.isfinite(s.factor))):
                 raise ValueError(f"site {k!r} has a low-rank factor of shape {s.factor.shape} (expected "

@@ -76,6 +76,11 @@ def test_nan_and_wrong_shapes_are_named(tmp_path):
     except ValueError as e:
         assert "delta" in str(e) or "non-finite" in str(e)
     doc = json.loads(TEXT)
+    doc["sites"]["delta"]["scale"][0][0] = 1e300  # beyond float32: read back as an infinite scale
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="site 'delta' has non-finite"), np.errstate(over="ignore"):
+        Plan.load(path)
+    doc = json.loads(TEXT)
     doc["rescale"]["head"] = np.zeros((3, 3)).tolist()
     path.write_text(json.dumps(doc))
     try:
