@@ -332,6 +332,7 @@ def test_the_main_jobs_dense_row_is_measured_once_per_weights_and_texts(tmp_path
     assert job.measurer(tokens[1000:], None, 32, 2, progress=False)(model, cache=True)["perplexity"] != \
         first["perplexity"] and len(calls) == 5  # another text
     assert measure(model) == first and len(calls) == 7  # without the cache: measured again
+    assert measure(model, general=False) == {"perplexity": first["perplexity"]} and len(calls) == 8  # in domain only
 
 
 def test_the_command_preloads_tcmalloc_where_the_system_has_it(monkeypatch):

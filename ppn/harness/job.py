@@ -165,13 +165,14 @@ def general_tokens(tokenizer, vocab_size: int) -> np.ndarray:
 
 
 def measurer(valid, general, seqlen: int, eval_windows: int | None, progress: bool = True, mesh=None):
-    """(model, cache=False) -> {"perplexity": on `valid`, "general_perplexity": on
-    `general`, if given}. With `cache`, the result is kept in `<ppn cache>/measurements`
+    """(model, cache=False, general=True) -> {"perplexity": on `valid`, "general_perplexity":
+    on `general`, if given and asked for}. With `cache`, the result is kept in `<ppn cache>/measurements`
     under a hash of the model's weights, the texts and the windows: the dense model's
     row, the same for every fit of a model on the same texts, is measured once."""
-    texts = {"perplexity": valid} | ({} if general is None else {"general_perplexity": general})
+    every = {"perplexity": valid} | ({} if general is None else {"general_perplexity": general})
 
-    def measure(model: Llama, cache: bool = False) -> dict:
+    def measure(model: Llama, cache: bool = False, general: bool = True) -> dict:
+        texts = every if general else {"perplexity": valid}
         path = None
         if cache and jax.process_count() == 1:  # hashing reads every weight on this host
             digest = hashlib.sha256(json.dumps([seqlen, eval_windows, sorted(texts)]).encode())
@@ -258,7 +259,8 @@ def size_rows(dense: Llama, fitted: Llama, plan: Plan, measure: Callable[[Llama]
               dense_measured: dict | None = None) -> list[dict]:
     """The main job's table: the dense model, the fitted one unpruned, and at each
     size the fitted model cut by `plan` (with its resize time) and, with
-    `random_floor`, cut to a random structure of that size.
+    `random_floor`, cut to a random structure of that size (measured in domain only:
+    its general-English perplexity would say nothing and cost a pass per size).
 
     Args:
         dense, fitted: the model before and after the fit.
@@ -285,7 +287,7 @@ def size_rows(dense: Llama, fitted: Llama, plan: Plan, measure: Callable[[Llama]
             kept = rand.config.num_prunable_params()
             rows.append({"method": "random structure (same weights)", "size": size, "kept_prunable": kept,
                          "kept_fraction": kept / prunable, "kept_total": rand.config.num_params(),
-                         **measure(rand), "eval": mode, "train_tokens": train_tokens})
+                         **measure(rand, general=False), "eval": mode, "train_tokens": train_tokens})
     return rows
 
 
