@@ -258,9 +258,9 @@ class Plan(Posterior):
                                 None if scales is None else {k: jnp.asarray(v) for k, v in scales.items()})
 
     def keep_frequency(self, size: float | int, num_samples: int = 200, seed: int = 0) -> dict[str, np.ndarray]:
-        """The share of posterior draws whose fill (`fill_budget` at `size`) keeps each
-        unit: how stable the keep decision is under the posterior. Not P(z > 0), the
-        open probability of the unit's gate in the gated network (`open_probability`).
+        """The share of posterior draws whose fill (`fill_budget` at `size`) keeps each unit: how
+        stable the keep decision is given the fitted weights (a refit moves it more, METHOD.md).
+        Not P(z > 0), the open probability of the unit's gate (`open_probability`).
 
         Returns:
             {"attn_layer": (L,), "mlp_layer": (L,), "head": (L, N), "mlp_group": (L, M)}.
