@@ -60,10 +60,10 @@ def fits(folder: Path) -> list[dict]:
 
 
 def references(path: Path) -> list[dict]:
-    """The fair rows as points: method, size, in-domain and general-English perplexity."""
+    """The fair rows as points: method, size, in-domain and general-English perplexity, tokens read."""
     doc = json.loads(path.read_text())
-    return [{"method": r["method"], "size": r["size"], "ppl": r["perplexity"], "general": r.get("general_perplexity")}
-            for r in doc["records"]]
+    return [{"method": r["method"], "size": r["size"], "ppl": r["perplexity"], "general": r.get("general_perplexity"),
+             "tokens": r.get("tokens_used", 0)} for r in doc["records"]]
 
 
 def figure(rows: list[dict], refs: list[dict], path: Path) -> None:
@@ -83,7 +83,7 @@ def figure(rows: list[dict], refs: list[dict], path: Path) -> None:
         for ref in refs:
             if ref["size"] in (size, 1.0):
                 ax.scatter(ref["ppl"], ref["general"], marker="x", color="C3", s=30, zorder=3)
-                ax.annotate(ref["method"].replace(" (fit budget)", ", 150 steps"), (ref["ppl"], ref["general"]),
+                ax.annotate(ref["method"].replace(" (fit budget)", f", {ref['tokens']:,} tokens"), (ref["ppl"], ref["general"]),
                             fontsize=7, color="C3", xytext=(4, -9), textcoords="offset points")
         if size == 0.5:
             ax.axhline(GENERAL_AIM * dense["general"], color="grey", ls="--", lw=0.8)
