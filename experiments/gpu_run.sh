@@ -21,6 +21,9 @@
 # PEAK_TFLOPS (989: H200 dense bf16 tensor-core peak, the MFU denominator; for
 # float32 fits XLA's default TF32 matmuls peak at about half of it).
 #
+# PPN_STUDIES="quality fair_rows" runs those studies' missing runs instead (experiments/studies/),
+# PPN_PARALLEL (8) processes at a time sharing the GPU, each run's log in runs/logs/.
+#
 # Each phase runs under a timeout inside the budget. Both phases resume: run the
 # same command again to finish what a timeout cut (the fit from its checkpoints,
 # the benchmark from its finished rows).
@@ -96,6 +99,17 @@ nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used,power.draw --format
     > "$OUT/nvidia-smi-trace.csv" 2>/dev/null &
 TRACE_PID=$!
 trap 'kill $TRACE_PID 2>/dev/null' EXIT
+
+# ---------------------------------------------------------------- studies instead of the main job
+if [ -n "${PPN_STUDIES:-}" ]; then
+    export XLA_PYTHON_CLIENT_PREALLOCATE=false  # the processes share the GPU's memory
+    say "studies: $PPN_STUDIES, ${PPN_PARALLEL:-8} runs at a time, timeout $(left)s"
+    # shellcheck disable=SC2086  # the names are separate arguments
+    timeout "$(left)" "$PY" experiments/run_study.py $PPN_STUDIES --parallel "${PPN_PARALLEL:-8}" 2>&1 | tee -a "$LOG"
+    nvidia-smi > "$OUT/nvidia-smi-end.txt" 2>&1
+    say "studies ended after $((SECONDS - START))s; each run's log in runs/logs/"
+    exit 0
+fi
 
 # ---------------------------------------------------------------- the main job
 RUN="$OUT/run"

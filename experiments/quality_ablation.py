@@ -71,6 +71,12 @@ VARIANTS = {
     # a JobConfig field): the general-purpose candidate
     "combined_lr1e-3_cosine_kl_targets_general25": PRESET | KL | TARGETS | cosine(1e-3)
     | dict(train_text=("shakespeare=3", "general=1")),
+    # half the windows general English: how far does more general text move the trade?
+    "combined_lr1e-3_cosine_kl_targets_general50": PRESET | KL | TARGETS | cosine(1e-3)
+    | dict(train_text=("shakespeare=1", "general=1")),
+    # general English mixed in without distillation: which of the two keeps general ability?
+    "combined_lr1e-3_cosine_targets_general25": PRESET | TARGETS | cosine(1e-3)
+    | dict(train_text=("shakespeare=3", "general=1")),
     # kl_targets distilling from the dense model fine-tuned on the same batches' budget first (150 steps, made by
     # `python experiments/finetune_dense.py --save runs/teachers/dense_ft150`): a teacher that knows the text
     "combined_lr3e-4_ftteacher_targets": PRESET | FT_TEACHER | TARGETS,

@@ -15,6 +15,11 @@ command that made it; tests/test_experiments.py checks that it is the study's.
 
     python experiments/run_study.py quality            # every missing run, in order
     python experiments/run_study.py quality --list     # what is done and what is not
+    python experiments/run_study.py quality fair_rows --parallel 8   # on one GPU: 8 processes at once
+
+With `--parallel N` the missing runs of every named study start N at a time, each
+writing its output to runs/logs/<results file's stem>.log; the command fails
+naming every run that failed, after the others finish.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -58,18 +64,49 @@ def command(study: dict, run: dict) -> str:
     return " ".join([study["script"], *run["args"]])
 
 
-def main(name: str, list_only: bool = False) -> None:
-    study = load_study(name)
-    for run in study["run"]:
-        done = (ROOT / run["results"]).exists()
-        print(f"{'done' if done else 'todo'}  {command(study, run)}  -> {run['results']}")
-        if not done and not list_only:
-            subprocess.run([sys.executable, study["script"], *run["args"]], cwd=ROOT, check=True)
+def log_path(run: dict) -> Path:
+    """Where a run started by `--parallel` writes its output."""
+    return ROOT / "runs" / "logs" / f"{Path(run['results']).stem}.log"
+
+
+def main(names: list[str], list_only: bool = False, parallel: int = 1) -> None:
+    todo = []
+    for name in names:
+        study = load_study(name)
+        for run in study["run"]:
+            done = (ROOT / run["results"]).exists()
+            print(f"{'done' if done else 'todo'}  {command(study, run)}  -> {run['results']}")
+            if not done:
+                todo.append(([sys.executable, study["script"], *run["args"]], run))
+    if list_only:
+        return
+    if parallel <= 1:
+        for argv, _ in todo:
+            subprocess.run(argv, cwd=ROOT, check=True)
+        return
+    waiting, running, failed = list(todo), [], []
+    while waiting or running:
+        while waiting and len(running) < parallel:
+            argv, run = waiting.pop(0)
+            log_path(run).parent.mkdir(parents=True, exist_ok=True)
+            with open(log_path(run), "w") as log:
+                running.append((subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), argv, run))
+        time.sleep(1)
+        for item in [r for r in running if r[0].poll() is not None]:
+            running.remove(item)
+            proc, argv, run = item
+            print(f"{'done' if proc.returncode == 0 else f'FAILED ({proc.returncode})'}  {' '.join(argv[1:])}"
+                  f"  (log {log_path(run).relative_to(ROOT)})", flush=True)
+            if proc.returncode:
+                failed.append(" ".join(argv[1:]))
+    if failed:
+        sys.exit("failed runs: " + "; ".join(failed))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("study", help="a name in experiments/studies/ or a .toml path")
+    parser.add_argument("study", nargs="+", help="names in experiments/studies/ or .toml paths")
     parser.add_argument("--list", action="store_true", help="show each run's state, run nothing")
+    parser.add_argument("--parallel", type=int, default=1, help="runs at once (default 1: in order, stop at a failure)")
     a = parser.parse_args()
-    main(a.study, a.list)
+    main(a.study, a.list, a.parallel)

@@ -113,6 +113,9 @@ class FitConfig:
             alternative, kept for comparison).
         data_tokens: tokens the likelihood is scaled to; None = len(tokens).
         checkpoint_every: steps between checkpoints of the run folder.
+        checkpoint_min_seconds: a checkpoint falling due sooner than this after
+            the last one is skipped (the last step always writes one); keeps fast
+            accelerators from spending their time writing checkpoints.
         diagnostics_every: steps between diagnostics (0 = none): the held-out
             ELBO per token at sizes `ppn.diagnostics.DIAGNOSTIC_SIZES`, at the final
             temperature, with `diagnostic_particles` particles, and quantiles of
@@ -160,6 +163,7 @@ class FitConfig:
     constraint: str = "offset"
     data_tokens: int | None = None
     checkpoint_every: int = 25
+    checkpoint_min_seconds: float = 60.0
     diagnostics_every: int = 25
     diagnostic_particles: int = 2
     max_nonfinite: int = 20
@@ -180,8 +184,8 @@ class FitConfig:
             raise ValueError("temperatures must be positive")
         if self.diagnostics_every < 0 or self.diagnostic_particles < 1:
             raise ValueError("diagnostics_every must be >= 0 and diagnostic_particles >= 1")
-        if self.checkpoint_every < 1:
-            raise ValueError("checkpoint_every must be >= 1")
+        if self.checkpoint_every < 1 or self.checkpoint_min_seconds < 0:
+            raise ValueError("checkpoint_every must be >= 1 and checkpoint_min_seconds >= 0")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.lr_decay not in ("constant", "cosine"):
             raise ValueError(f"warmup_steps and weight_decay must be >= 0 and lr_decay 'constant' or 'cosine', got "
                              f"{self.warmup_steps}, {self.weight_decay}, {self.lr_decay!r}")
@@ -336,7 +340,7 @@ def fit(model: Llama, tokens, config: FitConfig = FitConfig(), run_dir: str | os
                 f"{state.consecutive} consecutive steps with a non-finite loss or update (last loss {row['loss']}) "
                 f"at step {step}; the last checkpoint in {run.dir} is intact. Lower lr_weights/lr_gates "
                 "or check the data.")
-        if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
+        if run.due(state.step, cfg):
             run.write_metrics(history)
             run.save(state.step, state.svi, state.nonfinite)
 

@@ -141,6 +141,7 @@ class RunFolder:
     def __init__(self, run_dir: Path | None, cfg: FitConfig, model: Llama):
         self.dir = run_dir
         self.manager = None
+        self.saved_at = time.monotonic()  # the start counts as the last checkpoint for `due`
         if run_dir is None:
             return
         if (run_dir / "DONE").exists():
@@ -183,6 +184,13 @@ class RunFolder:
         restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
         return step, restored["state"], int(restored["nonfinite"])
 
+    def due(self, step: int, cfg: FitConfig) -> bool:
+        """Whether to checkpoint once `step` steps are done: always at the last step, else every
+        `cfg.checkpoint_every` steps unless the last checkpoint is under `cfg.checkpoint_min_seconds` old
+        (on a GPU 25 steps take seconds, and writing a checkpoint as long)."""
+        return step == cfg.steps or (step % cfg.checkpoint_every == 0
+                                     and time.monotonic() - self.saved_at >= cfg.checkpoint_min_seconds)
+
     def save(self, step: int, state, nonfinite: int):
         """Checkpoints `state` (any pytree of arrays) and the count of skipped steps as of `step` steps done."""
         if self.manager is None:
@@ -191,6 +199,7 @@ class RunFolder:
 
         self.manager.save(step, args=ocp.args.StandardSave({"state": state, "nonfinite": np.asarray(nonfinite)}))
         self.manager.wait_until_finished()
+        self.saved_at = time.monotonic()
 
     def metrics(self, upto: int) -> list[dict]:
         """Logged metrics of steps < upto (a resumed run drops lines past its checkpoint)."""

@@ -37,7 +37,7 @@ def smoke_fit_config(**overrides):
     FitConfig fields."""
     from ppn.fit import FitConfig
 
-    fields = dict(steps=6, batch_size=2, seqlen=16, group_width=16, checkpoint_every=3)
+    fields = dict(steps=6, batch_size=2, seqlen=16, group_width=16, checkpoint_every=3, checkpoint_min_seconds=0)
     return FitConfig(**(fields | overrides))
 
 

@@ -257,6 +257,25 @@ def test_a_malformed_or_unknown_study_is_named(tmp_path):
         run_study.load_study("no-such-study")
 
 
+def test_parallel_runs_finish_the_others_and_name_the_failure(tmp_path):
+    run_study = _studies()
+    script = tmp_path / "write.py"
+    script.write_text("import sys, pathlib\nprint('hello from', sys.argv[1])\n"
+                      "pathlib.Path(sys.argv[1]).write_text('{}')\nsys.exit(int(sys.argv[2]))\n")
+    outs = [tmp_path / f"ppn_parallel_test_{i}.json" for i in range(3)]
+    runs = "".join(f'[[run]]\nargs = ["{o}", "{int(i == 1)}"]\nresults = "{o}"\n' for i, o in enumerate(outs))
+    study = tmp_path / "par.toml"
+    study.write_text(f'study = "par"\nscript = "{script}"\nabout = "test"\n{runs}')
+    try:
+        with pytest.raises(SystemExit, match=f"failed runs: {script} {outs[1]} 1$"):
+            run_study.main([str(study)], parallel=2)
+        assert all(o.exists() for o in outs)  # the failing run wrote its file before it failed; the others ran on
+        assert f"hello from {outs[2]}" in run_study.log_path({"results": str(outs[2])}).read_text()
+    finally:
+        for o in outs:
+            run_study.log_path({"results": str(o)}).unlink(missing_ok=True)
+
+
 def test_latency_target_smoke(tmp_path):
     _smoke("latency_target.py", "--out-dir", tmp_path)
     doc = json.loads((tmp_path / "latency_target_smoke.json").read_text())

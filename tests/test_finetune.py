@@ -39,7 +39,7 @@ def test_masked_finetune_keeps_the_zeros_of_a_sparse_model():
 
 
 def test_finetune_killed_and_resumed_equals_an_unbroken_run(tmp_path):
-    cfg = FitConfig(steps=7, batch_size=2, seqlen=16, lr_weights=3e-3, checkpoint_every=3)
+    cfg = FitConfig(steps=7, batch_size=2, seqlen=16, lr_weights=3e-3, checkpoint_every=3, checkpoint_min_seconds=0)
     unbroken = finetune(tiny_model(), TOKENS, cfg, progress=False)
     run_killed_at(5, lambda: finetune(tiny_model(), TOKENS, cfg, progress=False, run_dir=tmp_path))
     assert read_metrics(tmp_path)[-1]["step"] == 2

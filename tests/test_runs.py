@@ -131,3 +131,15 @@ def test_metrics_are_written_whole_and_read_back_up_to_a_step(tmp_path):
     assert read_metrics(tmp_path) == rows
     assert run.metrics(3) == rows[:3]
     assert RunFolder(None, SMALL, tiny_model()).metrics(3) == []
+
+
+def test_checkpoints_fall_due_every_n_steps_but_never_sooner_than_min_seconds():
+    cfg = FitConfig(steps=10, checkpoint_every=2, checkpoint_min_seconds=0)
+    folder = RunFolder(None, cfg, tiny_model())
+    assert [s for s in range(1, 11) if folder.due(s, cfg)] == [2, 4, 6, 8, 10]
+    slow = dataclasses.replace(cfg, checkpoint_min_seconds=3600)
+    assert [s for s in range(1, 11) if folder.due(s, slow)] == [10]  # only the last step: the start was just now
+    folder.saved_at -= 3600  # an hour since the last checkpoint: the next due step writes
+    assert [s for s in range(1, 11) if folder.due(s, slow)] == [2, 4, 6, 8, 10]
+    with pytest.raises(ValueError, match="checkpoint_min_seconds"):
+        FitConfig(checkpoint_min_seconds=-1)

@@ -57,7 +57,8 @@ def job_config(args):
 
     fit_fields = {}
     if args.smoke:
-        fit_fields = dict(steps=8, batch_size=3, seqlen=32, group_width=16, checkpoint_every=4)
+        fit_fields = dict(steps=8, batch_size=3, seqlen=32, group_width=16, checkpoint_every=4,
+                          checkpoint_min_seconds=0)
     if args.full:
         fit_fields["steps"] = FULL_STEPS
     if args.steps is not None:

@@ -52,7 +52,7 @@ def finetune(model: Llama, tokens, config: FitConfig = FitConfig(), progress: bo
             checkpoint_every).
         progress: show a progress bar with the NLL per token.
         run_dir: folder for config, metrics and an orbax checkpoint every
-            `checkpoint_every` steps; a run killed there resumes from its last
+            `checkpoint_every` steps (`RunFolder.due`); a run killed there resumes from its last
             checkpoint with the same result as an unbroken one. None keeps
             nothing on disk.
         keep_zeros: weights that are exactly zero get no update, so the mask
@@ -105,7 +105,7 @@ def finetune(model: Llama, tokens, config: FitConfig = FitConfig(), progress: bo
             raise FloatingPointError(f"non-finite loss {float(value)} at fine-tuning step {i}"
                                      + (f"; the last checkpoint in {run.dir} is intact" if run.dir else ""))
         bar.set_postfix(nll=f"{float(value):.3f}")
-        if (i + 1) % config.checkpoint_every == 0 or i + 1 == config.steps:
+        if run.due(i + 1, config):
             run.write_metrics(history)
             run.save(i + 1, jax.tree.leaves(state), 0)
     return FinetuneResult(nnx.merge(graphdef, state[0]), [r["nll_per_token"] for r in history],

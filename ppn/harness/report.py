@@ -36,7 +36,10 @@ def machine() -> dict[str, Any]:
 
 
 def git_commit() -> str | None:
-    """The commit of the working tree (suffixed "-dirty" with uncommitted changes), if any."""
+    """The commit of the working tree (suffixed "-dirty" with uncommitted changes), if any.
+
+    A copy without its git folder (a tree sent to another machine) reports `$PPN_COMMIT`
+    when set, as the sender's commit."""
     try:
         here = Path(__file__).parent
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
@@ -45,7 +48,7 @@ def git_commit() -> str | None:
                                capture_output=True, text=True, check=True).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return None
+        return os.environ.get("PPN_COMMIT")
 
 
 def markdown_table(records: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
