@@ -22,7 +22,10 @@
 # float32 fits XLA's default TF32 matmuls peak at about half of it).
 #
 # PPN_STUDIES="quality fair_rows" runs those studies' missing runs instead (experiments/studies/),
-# PPN_PARALLEL (8) processes at a time sharing the GPU, each run's log in runs/logs/.
+# PPN_PARALLEL (2) processes at a time sharing the GPU, each run's log in runs/logs/. Compiling, not
+# stepping, bounds them there: on an H200 with 16 cores, ten at once left every fit still compiling
+# after 7 minutes, while the dense fine-tune beside them did its 2000 steps in 206 s in all
+# (results/benchmark/fair_rows_steps2000.json).
 #
 # Each phase runs under a timeout inside the budget. Both phases resume: run the
 # same command again to finish what a timeout cut (the fit from its checkpoints,
@@ -103,9 +106,9 @@ trap 'kill $TRACE_PID 2>/dev/null' EXIT
 # ---------------------------------------------------------------- studies instead of the main job
 if [ -n "${PPN_STUDIES:-}" ]; then
     export XLA_PYTHON_CLIENT_PREALLOCATE=false  # the processes share the GPU's memory
-    say "studies: $PPN_STUDIES, ${PPN_PARALLEL:-8} runs at a time, timeout $(left)s"
+    say "studies: $PPN_STUDIES, ${PPN_PARALLEL:-2} runs at a time, timeout $(left)s"
     # shellcheck disable=SC2086  # the names are separate arguments
-    timeout "$(left)" "$PY" experiments/run_study.py $PPN_STUDIES --parallel "${PPN_PARALLEL:-8}" 2>&1 | tee -a "$LOG"
+    timeout "$(left)" "$PY" experiments/run_study.py $PPN_STUDIES --parallel "${PPN_PARALLEL:-2}" 2>&1 | tee -a "$LOG"
     nvidia-smi > "$OUT/nvidia-smi-end.txt" 2>&1
     say "studies ended after $((SECONDS - START))s; each run's log in runs/logs/"
     exit 0

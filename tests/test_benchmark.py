@@ -1,6 +1,7 @@
 """The benchmark end to end on a tiny model: every method's rows, the results
 schema, resuming, and bad settings."""
 
+import dataclasses
 import json
 
 import pytest
@@ -36,6 +37,7 @@ def test_results_match_the_schema(smoke):
     cfg, rows = smoke
     doc = json.loads(open(cfg.out).read())
     assert doc["experiment"] == "benchmark_smoke" and doc["machine"]["cpu_count"] >= 1
+    assert doc["config"] == json.loads(json.dumps(dataclasses.asdict(cfg)))  # the whole config, enough to rerun it
     assert len(doc["records"]) == len(rows)
     dense = next(r for r in doc["records"] if r["method"] == "dense")
     for r in doc["records"]:

@@ -409,7 +409,7 @@ def run(cfg: BenchConfig, progress: bool = True) -> list[dict]:
     totals = wall_time_per_method(rows)
     out = Path(cfg.out)
     name = out.stem
-    write_results(name, rows, COLUMNS, out_dir=out.parent,
+    write_results(name, rows, COLUMNS, out_dir=out.parent, config=dataclasses.asdict(cfg),
                   title=f"Benchmark on {cfg.model if not cfg.smoke else 'a tiny model'}: {cfg.split} perplexity "
                         f"by kept size")
     md = out.parent / f"{name}.md"
