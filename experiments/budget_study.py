@@ -9,6 +9,11 @@ of training tokens, so a budget's two rows may come from one file or from two:
     python experiments/budget_study.py results/benchmark/benchmark_quick_trim.json \
         results/benchmark/benchmark_quick_steps600.json results/budget/fit_full.json \
         results/benchmark/benchmark_quick_full.json
+    python experiments/budget_study.py results/quality/<fit>_steps600_seed0.json \
+        --dense results/benchmark/benchmark_quick_steps600.json    # only its dense fine-tuned row
+
+`--dense FILE` reads only the fine-tuned dense rows of FILE, so a bench file whose
+ppn rows come from another fit can still give a budget's dense row.
 
 Per budget: training tokens, ppn's and the fine-tuned dense model's perplexity,
 their ratio, and whether it meets the aim. Measured budgets only: a line drawn
@@ -49,16 +54,17 @@ def _one_per_budget(found: dict[int, list[tuple[str, float]]], what: str) -> dic
     return out
 
 
-def budget_rows(paths: list[str | Path], size: float) -> list[dict]:
+def budget_rows(paths: list[str | Path], size: float, dense_paths: list[str | Path] = ()) -> list[dict]:
     """ppn at `size` against the fine-tuned dense model, one row per budget.
 
     Every ppn row at `size` needs a fine-tuned dense row with the same number of
-    training tokens (an equal budget), in the same file or another."""
+    training tokens (an equal budget), in the same file or another; `dense_paths`
+    give fine-tuned dense rows only."""
     ppn: dict[int, list] = {}
     dense: dict[int, list] = {}
-    for path in map(Path, paths):
+    for path, dense_only in [(Path(p), False) for p in paths] + [(Path(p), True) for p in dense_paths]:
         for r in json.loads(path.read_text())["records"]:
-            if r["method"] == "ppn" and abs(r["size"] - size) < 1e-9:
+            if r["method"] == "ppn" and abs(r["size"] - size) < 1e-9 and not dense_only:
                 ppn.setdefault(_tokens(r), []).append((path.name, r["perplexity"]))
             elif r["method"] == DENSE_TUNED:
                 dense.setdefault(_tokens(r), []).append((path.name, r["perplexity"]))
@@ -79,9 +85,9 @@ def budget_rows(paths: list[str | Path], size: float) -> list[dict]:
     return rows
 
 
-def study(paths: list[str | Path], size: float = 0.5, aim: float = 1.5) -> list[dict]:
+def study(paths: list[str | Path], size: float = 0.5, aim: float = 1.5, dense_paths: list[str | Path] = ()) -> list[dict]:
     """The measured rows, sorted by budget, each marked whether it meets the aim."""
-    rows = sorted(budget_rows(paths, size), key=lambda r: r["train_tokens"])
+    rows = sorted(budget_rows(paths, size, dense_paths), key=lambda r: r["train_tokens"])
     for r in rows:
         r["meets_aim"] = r["ratio"] <= aim
     return rows
@@ -113,8 +119,8 @@ def plot(rows: list[dict], aim: float, path: Path) -> None:
 
 
 def main(paths: list[str], size: float = 0.5, aim: float = 1.5, out_dir: str = "results/budget",
-         name: str = "budget_study") -> list[dict]:
-    rows = study(paths, size, aim)
+         name: str = "budget_study", dense_paths: list[str] = ()) -> list[dict]:
+    rows = study(paths, size, aim, dense_paths)
     write_results(name, rows, COLUMNS, out_dir=out_dir,
                   title=f"ppn at size {size} against the dense model fine-tuned with the same tokens (aim {aim}×)")
     plot(rows, aim, Path(out_dir) / f"{name}.png")
@@ -128,6 +134,8 @@ if __name__ == "__main__":
     parser.add_argument("--aim", type=float, default=1.5)
     parser.add_argument("--out-dir", default="results/budget")
     parser.add_argument("--name", default="budget_study")
+    parser.add_argument("--dense", action="append", default=[], metavar="FILE",
+                        help="read only the fine-tuned dense rows of this results file (repeatable)")
     a = parser.parse_args()
-    for row in main(a.results, a.size, a.aim, a.out_dir, a.name):
+    for row in main(a.results, a.size, a.aim, a.out_dir, a.name, a.dense):
         print(row)

@@ -215,6 +215,17 @@ def test_budget_study_refuses_two_different_ppn_runs_of_one_budget(tmp_path):
     assert run.returncode != 0 and "100 training tokens: ppn@0.5 rows disagree" in run.stderr
 
 
+def test_budget_study_reads_only_the_dense_row_of_a_dense_file(tmp_path):
+    """A bench file whose ppn rows are another fit's gives its dense row alone; as a plain file it conflicts."""
+    fit, other = _bench_file(tmp_path / "fit.json", 100, 60.0, 20.0), _bench_file(tmp_path / "old.json", 400, 50.0, 25.0)
+    mine = _bench_file(tmp_path / "mine.json", 400, 40.0, 25.0, dense_tokens=1)  # its dense row is of another budget
+    run = _budget_study(fit, mine, "--dense", other, "--out-dir", tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads((tmp_path / "budget_study.json").read_text())["records"]
+    assert [(r["train_tokens"], r["ppn_perplexity"], r["ratio"]) for r in rows] == [(100, 60.0, 3.0), (400, 40.0, 1.6)]
+    assert _budget_study(fit, mine, other, "--out-dir", tmp_path).returncode != 0  # 40 and 50 at one budget
+
+
 def test_budget_study_refuses_unequal_budgets_and_missing_rows(tmp_path):
     run = _budget_study(_bench_file(tmp_path / "a.json", 100, 60.0, 20.0, dense_tokens=50), "--out-dir", tmp_path)
     assert run.returncode != 0 and "not an equal budget" in run.stderr
