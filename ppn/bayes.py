@@ -204,7 +204,8 @@ def push_puppet_model(batch: jax.Array, rho: jax.Array, temperature: jax.Array, 
         likelihood_temperature: divides the scaled log-likelihood (a tempered posterior).
         train_weights: fit the network weights (point estimates) with the gates.
             When False the weights come in through `weights` and get no gradient.
-        weights: the network's `nnx.Param` state when `train_weights` is False.
+        weights: the network's `nnx.Param` state when `train_weights` is False; when
+            True, optional initial values of the `llama$params` site (`ppn.svi.init_fit`).
         distill_weight: weight of a self-distillation KL from the ungated pass
             (stop-gradient teacher) to the gated pass, in nats per token.
         teacher_weight: w above, in [0, 1].
@@ -303,12 +304,19 @@ def _gates(eta: dict, temperature) -> dict:
 
 def _network(network: Llama, train_weights: bool, weights, compute_dtype):
     """The network the model runs: its weights the `llama$params` site (computed in
-    `compute_dtype` when given), or the fixed `weights` without gradient."""
+    `compute_dtype` when given), or the fixed `weights` without gradient.
+
+    When trained, `weights` (if given) are the site's initial values: passed in, they
+    are arguments of a compiled initialisation, where `network`'s own arrays would be
+    constants of it (the whole model, which XLA then folds)."""
     from flax import nnx
 
     if not train_weights:
         graphdef, _ = nnx.split(network, nnx.Param)
         return nnx.merge(graphdef, jax.lax.stop_gradient(weights))
+    if weights is not None:
+        graphdef, _, rest = nnx.split(network, nnx.Param, ...)
+        network = nnx.merge(graphdef, weights, rest)
     net = nnx_module("llama", network)
     if compute_dtype is not None and compute_dtype != network.dtype:
         graphdef, state, rest = nnx.split(net, nnx.Param, ...)

@@ -164,10 +164,13 @@ def init_fit(model: Llama, tokens, config: FitConfig, run_dir: str | os.PathLike
     # hundreds of tiny ones, most of a start-up), on one device; then the state is
     # laid out on the mesh. Its outputs are new arrays: the donated step never
     # frees the caller's model.
+    # Trained weights enter as an argument, their start values (float32, as their masters
+    # are), not as constants of the program (`ppn.bayes._network`).
     first = jnp.asarray(next(data.train_batches(tokens, cfg.batch_size, cfg.seqlen + 1, cfg.seed)))
+    start = nnx.state(_cast(model, jnp.float32), nnx.Param) if cfg.train_weights else weights
     state = jax.jit(svi.init)(jax.random.PRNGKey(cfg.seed), first, jnp.asarray(cfg.sizes(0)),
                               jnp.float32(cfg.temperature(0)), jax.jit(teacher_logits)(teacher_state, first),
-                              weights=weights)
+                              weights=start)
     if not bool(_all_finite(svi.get_params(state))):
         raise FloatingPointError("the log density is not finite at the initial parameters (some are NaN or "
                                  "infinite); check the model's weights for NaN/inf")

@@ -222,3 +222,18 @@ def test_inference_data_has_every_group_from_the_same_draws_and_loo_runs(tiny_fi
     assert np.ptp(idata.posterior["alpha_head"].values[0], axis=0).max() > 0
     loo = az.loo(idata, pointwise=True)
     assert np.isfinite(loo.elpd_loo)
+
+
+def test_trained_weights_start_from_the_weights_argument_not_the_networks_arrays():
+    """`ppn.svi.init_fit` passes the start weights in, so a compiled initialisation holds no copy of the model."""
+    from flax import nnx
+
+    halves = jax.tree.map(lambda w: w / 2, nnx.state(tiny_model(), nnx.Param))
+    tr, *_ = _trace(0.6, train_weights=True, weights=halves)
+    started = tr[svi.WEIGHTS_SITE]["value"]
+    assert jax.tree.structure(started) == jax.tree.structure(nnx.to_pure_dict(halves))
+    for got, want in zip(jax.tree.leaves(started), jax.tree.leaves(halves)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    traced, *_ = _trace(0.6, train_weights=True)  # without them: the network's own arrays
+    np.testing.assert_array_equal(np.asarray(jax.tree.leaves(traced[svi.WEIGHTS_SITE]["value"])[0]),
+                                  np.asarray(jax.tree.leaves(nnx.state(tiny_model(), nnx.Param))[0]))
