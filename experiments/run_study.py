@@ -15,7 +15,7 @@ command that made it; tests/test_experiments.py checks that it is the study's.
 
     python experiments/run_study.py quality            # every missing run, in order
     python experiments/run_study.py quality --list     # what is done and what is not
-    python experiments/run_study.py quality fair_rows --parallel 8   # on one GPU: 8 processes at once
+    python experiments/run_study.py quality fair_rows --parallel 2   # two at a time (one GPU: experiments/gpu_run.sh)
 
 With `--parallel N` the missing runs of every named study start N at a time, each
 writing its output to runs/logs/<results file's stem>.log; the command fails
