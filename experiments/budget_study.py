@@ -85,7 +85,8 @@ def budget_rows(paths: list[str | Path], size: float, dense_paths: list[str | Pa
     return rows
 
 
-def study(paths: list[str | Path], size: float = 0.5, aim: float = 1.5, dense_paths: list[str | Path] = ()) -> list[dict]:
+def study(paths: list[str | Path], size: float = 0.5, aim: float = 1.5,
+          dense_paths: list[str | Path] = ()) -> list[dict]:
     """The measured rows, sorted by budget, each marked whether it meets the aim."""
     rows = sorted(budget_rows(paths, size, dense_paths), key=lambda r: r["train_tokens"])
     for r in rows:

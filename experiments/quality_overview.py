@@ -83,8 +83,9 @@ def figure(rows: list[dict], refs: list[dict], path: Path) -> None:
         for ref in refs:
             if ref["size"] in (size, 1.0):
                 ax.scatter(ref["ppl"], ref["general"], marker="x", color="C3", s=30, zorder=3)
-                ax.annotate(ref["method"].replace(" (fit budget)", f", {ref['tokens']:,} tokens"), (ref["ppl"], ref["general"]),
-                            fontsize=7, color="C3", xytext=(4, -9), textcoords="offset points")
+                label = ref["method"].replace(" (fit budget)", f", {ref['tokens']:,} tokens")
+                ax.annotate(label, (ref["ppl"], ref["general"]), fontsize=7, color="C3", xytext=(4, -9),
+                            textcoords="offset points")
         if size == 0.5:
             ax.axhline(GENERAL_AIM * dense["general"], color="grey", ls="--", lw=0.8)
             ax.text(0.01, GENERAL_AIM * dense["general"] * 1.05, f"general-English aim: {GENERAL_AIM} x dense",

@@ -154,7 +154,10 @@ def init_fit(model: Llama, tokens, config: FitConfig, run_dir: str | os.PathLike
     tokens = np.asarray(tokens)
     units = Units(model.config, cfg.group_width, cfg.cost, cfg.cost_context)
     run = RunFolder(Path(run_dir) if run_dir is not None else None, cfg, model)
-    svi = _svi(model, units, tokens, cfg, mesh)
+    # Trained low-precision weights get float32 master copies: the optimiser
+    # updates those, the forward pass runs in the model's dtype.
+    network = _cast(model, jnp.float32) if cfg.train_weights and model.dtype != jnp.float32 else model
+    svi = _svi(model, network, units, tokens, cfg, mesh)
     weights = None if cfg.train_weights else nnx.state(model, nnx.Param)
     teacher = load_teacher(model, cfg)
     teacher_graphdef, teacher_state = nnx.split(teacher) if teacher is not None else (None, None)
@@ -164,10 +167,10 @@ def init_fit(model: Llama, tokens, config: FitConfig, run_dir: str | os.PathLike
     # hundreds of tiny ones, most of a start-up), on one device; then the state is
     # laid out on the mesh. Its outputs are new arrays: the donated step never
     # frees the caller's model.
-    # Trained weights enter as an argument, their start values (float32, as their masters
-    # are), not as constants of the program (`ppn.bayes._network`).
+    # Trained weights enter as an argument, their start values (the masters'), not as
+    # constants of the program (`ppn.bayes._network`).
     first = jnp.asarray(next(data.train_batches(tokens, cfg.batch_size, cfg.seqlen + 1, cfg.seed)))
-    start = nnx.state(_cast(model, jnp.float32), nnx.Param) if cfg.train_weights else weights
+    start = nnx.state(network, nnx.Param) if cfg.train_weights else weights
     state = jax.jit(svi.init)(jax.random.PRNGKey(cfg.seed), first, jnp.asarray(cfg.sizes(0)),
                               jnp.float32(cfg.temperature(0)), jax.jit(teacher_logits)(teacher_state, first),
                               weights=start)
@@ -264,15 +267,13 @@ class OrderedTraceELBO(Trace_ELBO):
         return {"loss": -jnp.mean(elbos), "mutable_state": mutable}
 
 
-def _svi(model: Llama, units: Units, tokens: np.ndarray, cfg: FitConfig, mesh: Mesh | None) -> SVI:
-    """numpyro's SVI: the gated model with everything but the step's inputs bound,
-    the guide `cfg.guide` starting at `ppn.start.guide_start`, and `_optimizer`."""
+def _svi(model: Llama, network: Llama, units: Units, tokens: np.ndarray, cfg: FitConfig,
+         mesh: Mesh | None) -> SVI:
+    """numpyro's SVI: the gated model of `network` (`model`, or its float32 master copy,
+    run in `model`'s dtype) with everything but the step's inputs bound, the guide
+    `cfg.guide` starting at `ppn.start.guide_start`, and `_optimizer`."""
     data_tokens = cfg.data_tokens or len(tokens)
-    # Trained low-precision weights get float32 master copies: the optimiser
-    # updates those, the forward pass runs in the model's dtype.
-    master = cfg.train_weights and model.dtype != jnp.float32
-    model_fn = (gated_model(_cast(model, jnp.float32), units, cfg, data_tokens, compute_dtype=model.dtype)
-                if master else gated_model(model, units, cfg, data_tokens))
+    model_fn = gated_model(network, units, cfg, data_tokens, compute_dtype=None if network is model else model.dtype)
     if mesh is not None:
         model_fn = _GatherWeights(model_fn, mesh)
     start = guide_start(model, units, tokens, cfg, mesh)
