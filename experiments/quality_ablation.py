@@ -77,6 +77,9 @@ VARIANTS = {
     # general English mixed in without distillation: which of the two keeps general ability?
     "combined_lr1e-3_cosine_targets_general25": PRESET | TARGETS | cosine(1e-3)
     | dict(train_text=("shakespeare=3", "general=1")),
+    # the bound: the whole budget on general English (no Shakespeare), so how near dense general English can a
+    # structured cut get with these tokens at all?
+    "combined_lr1e-3_cosine_targets_general100": PRESET | TARGETS | cosine(1e-3) | dict(train_text=("general",)),
     # kl_targets distilling from the dense model fine-tuned on the same batches' budget first (150 steps, made by
     # `python experiments/finetune_dense.py --save runs/teachers/dense_ft150`): a teacher that knows the text
     "combined_lr3e-4_ftteacher_targets": PRESET | FT_TEACHER | TARGETS,
