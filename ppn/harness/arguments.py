@@ -117,7 +117,8 @@ def add_job_arguments(p: argparse.ArgumentParser) -> None:
                         "repeat to mix sources by weight (\"shakespeare\" names the train split), "
                         "e.g. --train-text shakespeare=0.8 --train-text notes/=0.2")
     p.add_argument("--valid-text", metavar="PATH",
-                   help="measure perplexity on this text file or folder instead of the Shakespeare validation split")
+                   help="measure perplexity on this text file or folder instead of the Shakespeare validation "
+                        "split, or general (general English)")
     p.add_argument("--no-general-eval", action="store_true",
                    help="skip the out-of-domain perplexity on general English (ppn.data.general_english)")
     p.add_argument("--target-sizes", type=_target_sizes, metavar="0.5,0.3",
