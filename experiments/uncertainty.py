@@ -11,7 +11,8 @@ seed's refit against it, sub-network ensembles, and the smallest size meeting a 
 3. Ensembles of 1, 4 and 8 sub-networks at 0.5 against the median network and the
    dense fitted model (`ppn.decisions.ensemble_metrics`).
 4. With --bar: `Plan.smallest_size(bar, 0.95)` on validation (4 keep-sets, 8 windows),
-   then the median network at that size on the reserved split (quick: 64 windows).
+   then the median network at that size on the reserved split (quick: 64 windows); with
+   --general both on general English (`ppn.data.general_english`) instead of Shakespeare.
 5. Calibration of the keep decisions at 0.5: --ablations single units removed from
    the median network (`ppn.decisions.ablation_damage`, 4 windows), the Spearman
    correlation of their keep margin with the damage, and P(keep) against "removing
@@ -21,7 +22,7 @@ seed's refit against it, sub-network ensembles, and the smallest size meeting a 
 
 --parts runs some of these (band, ensembles, smallest_size, keep_calibration,
 disagreement; default all). Writes <out-dir>/<run>_band.json (+ .md, .png),
-<run>_ensembles.json, <run>_smallest_size.json, <run>_keep_calibration.json (+ .png)
+<run>_ensembles.json, <run>_smallest_size[_general].json, <run>_keep_calibration.json (+ .png)
 and <run>_seed_disagreement.json, each with its config and command.
 """
 
@@ -53,13 +54,13 @@ def _run(run_dir: str):
 
 
 def main(run_dir: str, second: str | None = None, bar: float | None = None, samples: int = 8, windows: int = 16,
-         ablations: int = 200, out_dir: str = "results/decisions", parts=PARTS) -> dict:
+         ablations: int = 200, out_dir: str = "results/decisions", parts=PARTS, general: bool = False) -> dict:
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise ValueError(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
     name = Path(run_dir).name
     config = {"run_dir": run_dir, "second": second, "bar": bar, "samples": samples, "windows": windows,
-              "ablations": ablations, "parts": list(parts), "job": dataclasses.asdict(load_job(run_dir))}
+              "ablations": ablations, "parts": list(parts), "general": general, "job": dataclasses.asdict(load_job(run_dir))}
     out = {}
     if "disagreement" in parts and second:
         out["disagreement"] = keep_disagreement(Plan.load(Path(run_dir) / "plan.json"),
@@ -80,17 +81,21 @@ def main(run_dir: str, second: str | None = None, bar: float | None = None, samp
         write_results(f"{name}_ensembles", out["ensembles"], list(out["ensembles"][0]), out_dir=out_dir,
                       config=config, title=f"Sub-network ensembles at 0.5 of {run_dir} ({windows} validation windows)")
     if bar is not None and "smallest_size" in parts:
-        choice = plan.smallest_size(bar, 0.95, model=fitted, tokens=valid, num_samples=4, max_windows=8,
+        if general and tokenizer is None:
+            raise ValueError("--general measures general English, which needs the run's real tokenizer (not --smoke)")
+        search = data.tokenize(data.general_english(), tokenizer) if general else valid
+        choice = plan.smallest_size(bar, 0.95, model=fitted, tokens=search, num_samples=4, max_windows=8,
                                     seqlen=seqlen)
         reserved = (np.random.default_rng(2).integers(0, fitted.config.vocab_size, 4096) if tokenizer is None
-                    else data.tokenize(data.shakespeare("reserved"), tokenizer))
+                    else data.tokenize(data.evaluation_text("general" if general else None, "reserved"), tokenizer))
         measured = perplexity(prune(fitted, plan, choice.size), reserved, seqlen=seqlen, max_windows=64).perplexity
         out["smallest_size"] = [{"bar": bar, "prob": 0.95, "size": choice.size, "probability": choice.probability,
                                  "sizes_searched": len(choice.band.sizes), "reserved_perplexity": measured,
                                  "meets_bar_on_reserved": bool(measured <= bar)}]
-        write_results(f"{name}_smallest_size", out["smallest_size"], list(out["smallest_size"][0]),
-                      out_dir=out_dir, config=config,
-                      title=f"The smallest size of {run_dir} with validation perplexity <= {bar} at 95%")
+        text = "general-English" if general else "validation"
+        write_results(f"{name}_smallest_size" + "_general" * general, out["smallest_size"],
+                      list(out["smallest_size"][0]), out_dir=out_dir, config=config,
+                      title=f"The smallest size of {run_dir} with {text} perplexity <= {bar} at 95%")
     if ablations and "keep_calibration" in parts:
         out["keep_calibration"] = keep_calibration(plan, fitted, valid, ablations, seqlen, Path(out_dir) / name,
                                                    config, run_dir)
@@ -152,7 +157,9 @@ if __name__ == "__main__":
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--ablations", type=int, default=200, help="units removed one at a time at 0.5 (0: none)")
+    parser.add_argument("--general", action="store_true",
+                        help="--bar on general English (validation to search, reserved to check) instead of Shakespeare")
     parser.add_argument("--out-dir", default="results/decisions")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {','.join(PARTS)}")
     a = parser.parse_args()
-    print(main(a.run_dir, a.second, a.bar, a.samples, a.windows, a.ablations, a.out_dir, a.parts.split(",")))
+    print(main(a.run_dir, a.second, a.bar, a.samples, a.windows, a.ablations, a.out_dir, a.parts.split(","), a.general))

@@ -93,6 +93,11 @@ def test_main_job_smoke(tmp_path):
     assert sum(r["units"] for r in calibration) == 4 and (tmp_path / "dec" / "run_keep_calibration.png").exists()
     seeds = json.loads((tmp_path / "dec" / "run_seed_disagreement.json").read_text())["records"]
     assert sorted(r["size"] for r in seeds) == [0.3, 0.4, 0.5, 0.7, 0.9] and all(r["observed"] == 0 for r in seeds)
+    # a bar on general English needs the run's real tokenizer: refused by name on a smoke run's random tokens
+    refused = subprocess.run([sys.executable, str(ROOT / "experiments" / "uncertainty.py"), "--run-dir", str(run_dir),
+                              "--bar", "10", "--general", "--parts", "smallest_size", "--out-dir", str(tmp_path / "g")],
+                             capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0 and "--general measures general English" in refused.stderr
 
 
 def test_scratch_smoke(tmp_path):
