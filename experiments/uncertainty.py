@@ -60,7 +60,8 @@ def main(run_dir: str, second: str | None = None, bar: float | None = None, samp
         raise ValueError(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
     name = Path(run_dir).name
     config = {"run_dir": run_dir, "second": second, "bar": bar, "samples": samples, "windows": windows,
-              "ablations": ablations, "parts": list(parts), "general": general, "job": dataclasses.asdict(load_job(run_dir))}
+              "ablations": ablations, "parts": list(parts), "general": general,
+              "job": dataclasses.asdict(load_job(run_dir))}
     out = {}
     if "disagreement" in parts and second:
         out["disagreement"] = keep_disagreement(Plan.load(Path(run_dir) / "plan.json"),
@@ -83,11 +84,12 @@ def main(run_dir: str, second: str | None = None, bar: float | None = None, samp
     if bar is not None and "smallest_size" in parts:
         if general and tokenizer is None:
             raise ValueError("--general measures general English, which needs the run's real tokenizer (not --smoke)")
-        search = data.tokenize(data.general_english(), tokenizer) if general else valid
+        source = "general" if general else None  # general English, or the run's own validation text
+        search = data.tokenize(data.evaluation_text(source), tokenizer) if general else valid
         choice = plan.smallest_size(bar, 0.95, model=fitted, tokens=search, num_samples=4, max_windows=8,
                                     seqlen=seqlen)
         reserved = (np.random.default_rng(2).integers(0, fitted.config.vocab_size, 4096) if tokenizer is None
-                    else data.tokenize(data.evaluation_text("general" if general else None, "reserved"), tokenizer))
+                    else data.tokenize(data.evaluation_text(source, "reserved"), tokenizer))
         measured = perplexity(prune(fitted, plan, choice.size), reserved, seqlen=seqlen, max_windows=64).perplexity
         out["smallest_size"] = [{"bar": bar, "prob": 0.95, "size": choice.size, "probability": choice.probability,
                                  "sizes_searched": len(choice.band.sizes), "reserved_perplexity": measured,
@@ -158,8 +160,10 @@ if __name__ == "__main__":
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--ablations", type=int, default=200, help="units removed one at a time at 0.5 (0: none)")
     parser.add_argument("--general", action="store_true",
-                        help="--bar on general English (validation to search, reserved to check) instead of Shakespeare")
+                        help="--bar on general English (validation half to search, reserved half to check) "
+                             "instead of Shakespeare")
     parser.add_argument("--out-dir", default="results/decisions")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {','.join(PARTS)}")
     a = parser.parse_args()
-    print(main(a.run_dir, a.second, a.bar, a.samples, a.windows, a.ablations, a.out_dir, a.parts.split(","), a.general))
+    print(main(a.run_dir, a.second, a.bar, a.samples, a.windows, a.ablations, a.out_dir, a.parts.split(","),
+               a.general))

@@ -140,7 +140,8 @@ def load_inputs(source: str, dtype: str = "float32", smoke: bool = False, random
 
         train = (_train_tokens(specs, tokenize) if specs else rng.integers(0, model.config.vocab_size, 20_000))
         draw = rng if split == "validation" else np.random.default_rng(1)
-        valid = tokenize(data.evaluation_text(valid_text, split)) if valid_text else draw.integers(0, model.config.vocab_size, 2048)
+        valid = (tokenize(data.evaluation_text(valid_text, split)) if valid_text
+                 else draw.integers(0, model.config.vocab_size, 2048))
         return model, None, train, valid
     model = random_model(source, dtype=dtype) if random_weights else load_model(source, dtype=dtype)
     tokenizer = load_tokenizer(source)
