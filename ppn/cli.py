@@ -392,9 +392,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
-    level = log.level
+    level, propagate = log.level, log.propagate
     log.addHandler(handler)
     log.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    log.propagate = False  # said once here, not again by a root handler a library may have set up
     enable_compilation_cache(args.compilation_cache)
     try:
         return args.run(args)
@@ -410,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:  # main may run again in this process (tests, notebooks): leave the logger as it was
         log.removeHandler(handler)
         log.setLevel(level)
+        log.propagate = propagate
 
 
 if __name__ == "__main__":

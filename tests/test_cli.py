@@ -1,6 +1,7 @@
 """The `ppn` command line on a tiny checkpoint."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -56,9 +57,12 @@ def test_eval_writes_results(tmp_path, tiny_checkpoint, capsys, monkeypatch):
     assert general["data"] == "general/reserved" and general["perplexity"] != record["perplexity"]
 
 
-def test_eval_reports_a_missing_model_clearly(tmp_path, capsys):
+def test_eval_reports_a_missing_model_clearly(tmp_path, capsys, monkeypatch):
+    """Said once, even where a library has given the root logger a handler of its own."""
+    monkeypatch.setattr(logging.getLogger(), "handlers", [logging.StreamHandler(sys.stderr)])
     assert cli.main(["eval", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "r.json")]) == 1
-    assert "ppn eval: error: no checkpoint at" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("ppn eval: error: no checkpoint at") and err.count("no checkpoint at") == 1
     assert not (tmp_path / "r.json").exists()
 
 
