@@ -114,18 +114,21 @@ def add_job_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--full", action="store_true", help=f"the full budget ({FULL_STEPS} steps)")
     p.add_argument("--train-text", metavar="PATH[=WEIGHT]", action="append",
                    help="fit on this text file or folder of .txt/.md files instead of the Shakespeare train split; "
-                        "repeat to mix sources by weight (\"shakespeare\" names the train split), "
-                        "e.g. --train-text shakespeare=0.8 --train-text notes/=0.2")
+                        "repeat to mix sources by weight (\"shakespeare\" names the train split, \"general\" "
+                        "general English, ppn.data.general_training), e.g. --train-text shakespeare=3 "
+                        "--train-text general=1")
     p.add_argument("--valid-text", metavar="PATH",
                    help="measure perplexity on this text file or folder instead of the Shakespeare validation "
                         "split, or general (general English)")
     p.add_argument("--no-general-eval", action="store_true",
                    help="skip the out-of-domain perplexity on general English (ppn.data.general_english)")
     p.add_argument("--target-sizes", type=_target_sizes, metavar="0.5,0.3",
-                   help="sizes that matter most: the fit draws them more often (FitConfig.target_sizes)")
+                   help="sizes that matter most: the fit draws them more often (FitConfig.target_sizes; "
+                        "recommended: 0.5,0.3)")
     p.add_argument("--teacher", metavar="SOURCE",
                    help='distil from a frozen teacher: "start" (the starting weights) or a zoo name, checkpoint '
-                        "directory or .gguf; needs --set teacher_weight=W (FitConfig.teacher)")
+                        "directory or .gguf, with the student's vocabulary (FitConfig.teacher; recommended: "
+                        "start, at --set teacher_weight=0.5)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="any FitConfig field, e.g. --set lr_weights=1e-4 --set init=prior (repeatable)")
     p.add_argument("--full-eval", action="store_true", help="full validation perplexity instead of quick")
