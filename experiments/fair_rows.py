@@ -7,6 +7,7 @@ and FLAP at 0.5 fine-tuned (experiments/BENCHMARK.md, "fair rows"). Fine-tunes u
 
     python experiments/fair_rows.py --steps 150        # the main job's budget
     python experiments/fair_rows.py --steps 600 --methods dense,sparsegpt,finetuned   # no FLAP rows
+    python experiments/fair_rows.py --steps 600 --methods sparsegpt,finetuned   # SparseGPT's rows only
     python experiments/fair_rows.py --smoke            # tiny model, seconds
 
 Rows resume from runs/fair/steps<N>; writes results/benchmark/fair_rows_steps<N>.json
@@ -27,7 +28,7 @@ METHODS = ("dense", "sparsegpt", "flap", "finetuned")
 
 
 def config(steps: int, smoke: bool = False, methods: tuple[str, ...] = METHODS) -> BenchConfig:
-    """"finetuned" fine-tunes the dense model, and SparseGPT's and FLAP's cuts at 0.5 where they run."""
+    """"finetuned" fine-tunes SparseGPT's and FLAP's cuts at 0.5 where they run, and the dense model with "dense"."""
     fields = dict(methods=methods, unstructured_sizes=(0.5,), nm=(), speed=False, finetune_steps=steps)
     if smoke:
         root = tempfile.mkdtemp(prefix="ppn-fair-")

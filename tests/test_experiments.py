@@ -327,6 +327,13 @@ def test_fair_rows_without_flap_runs_no_flap_row(tmp_path):
     assert methods == ["dense", "sparsegpt", "dense fine-tuned (fit budget)", "sparsegpt masked fine-tuned (fit budget)"]
 
 
+def test_fair_rows_without_dense_tunes_only_the_cut(tmp_path):
+    """The rows a budget lacks, without re-tuning the dense model it already has."""
+    _smoke("fair_rows.py", "--methods", "sparsegpt,finetuned", "--out", tmp_path / "fair.json")
+    methods = [r["method"] for r in json.loads((tmp_path / "fair.json").read_text())["records"]]
+    assert methods == ["sparsegpt", "sparsegpt masked fine-tuned (fit budget)"]
+
+
 def _fake_run(root, tag, plan, ppl):
     """A finished quality-study run folder under root/runs/quality/<tag>: its plan,
     job.json and the results JSON the job wrote (ppn rows at 0.9 ... 0.3)."""

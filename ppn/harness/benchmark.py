@@ -73,9 +73,9 @@ class BenchConfig:
         plan: the fitted plan of the ppn rows (its checkpoint is the plan's
             `meta["checkpoint"]`); when the file is missing, the main job fits
             one first into the plan's folder.
-        methods: which of `METHODS` to run. "finetuned" fine-tunes the dense
-            model with the fit's budget and, when a scored structured baseline
-            runs too, the best of them at rho = 0.5.
+        methods: which of `METHODS` to run. "finetuned" fine-tunes with the fit's budget each the run has of:
+            the dense model, SparseGPT's cut at 0.5 (mask held), the best scored structured cut at 0.5
+            (with none of them, the dense model).
         sizes: target fractions of prunable parameters (ppn and structured).
         unstructured_sizes: the sizes of the unstructured one-shot rows.
         nm: N:M patterns, run at rho = N / M (2:4 and 4:8 at 0.5).
@@ -91,10 +91,8 @@ class BenchConfig:
         mesh: "data=D,fsdp=F": perplexities (and a fit run first) on that many
             devices (`ppn.sharding.make_mesh`); None: the default device. Baselines and
             speed run on one device.
-        finetune_steps: the fine-tuned rows' budget as `FitConfig` defaults with
-            this many steps (the budget of `ppn fit --steps N`), so a fine-tuned
-            row can be measured without the plan at hand; None: the plan's own
-            fit config.
+        finetune_steps: the fine-tuned rows' budget as `FitConfig` defaults with this many steps (the budget
+            of `ppn fit --steps N`), so a fine-tuned row needs no plan at hand; None: the plan's own fit config.
         general_eval: also measure every row's perplexity on general English
             (`ppn.data.general_english`), out of the fitting text's domain.
         split: where perplexity is measured: "validation", or "reserved" for final numbers only.
@@ -338,7 +336,8 @@ def _tasks(cfg: BenchConfig, b: _Bench) -> list[tuple[str, Callable[[], dict]]]:
         if method in cfg.methods:
             tasks += [(f"{method}@{s}", structured_row(method, s)) for s in cfg.sizes]
     if "finetuned" in cfg.methods:
-        tasks.append(("dense fine-tuned", dense_finetuned_row))
+        if "dense" in cfg.methods or not set(cfg.methods) & {"sparsegpt", *SCORED_METHODS}:
+            tasks.append(("dense fine-tuned", dense_finetuned_row))
         if any(m in cfg.methods for m in SCORED_METHODS):
             tasks.append(("best structured fine-tuned@0.5", lambda: _best_structured_finetuned(b, mode, calib_tokens)))
         if "sparsegpt" in cfg.methods:
