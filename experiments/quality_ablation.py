@@ -85,10 +85,6 @@ VARIANTS = {
     "combined_lr3e-4_ftteacher_targets": PRESET | FT_TEACHER | TARGETS,
     # the recommended fit started from each unit's output energy instead of its Taylor importance
     "combined_lr1e-3_cosine_targets_activation": PRESET | TARGETS | cosine(1e-3) | dict(init="activation"),
-    # the recommended fit with the co-trained ungated pass as teacher instead of the frozen start (NLL + KL to the
-    # ungated pass, as `ablations/ablation_distill` measured it at lr 1e-4): does self-distillation still win anywhere?
-    "combined_lr1e-3_cosine_selfdistill_targets": PRESET | TARGETS | cosine(1e-3)
-    | dict(teacher=None, teacher_weight=0.0, distill_weight=1.0),
     # the recommended fit with the point guide (AutoDelta, MAP): does the posterior change a decision?
     "combined_lr1e-3_cosine_targets_map": PRESET | TARGETS | cosine(1e-3) | dict(guide="delta"),
     # the preset with the weights anchored at their pretrained values (keeps general ability?)

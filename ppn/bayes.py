@@ -168,7 +168,7 @@ def token_losses(logits: jax.Array, targets: jax.Array, teacher_logits: jax.Arra
 def push_puppet_model(batch: jax.Array, rho: jax.Array, temperature: jax.Array, teacher_logits=None, *,
                       network: Llama, units: Units, prior: str = "hierarchical", data_tokens: int,
                       likelihood_temperature: float = 1.0, train_weights: bool = True,
-                      weights=None, distill_weight: float = 0.0, teacher_weight: float = 0.0,
+                      weights=None, teacher_weight: float = 0.0,
                       teacher_temperature: float = 1.0, rescale: bool = False, constraint: str = "offset",
                       compute_dtype=None, predict: bool = False):
     """One step's joint density: prior on gates, hard-concrete gates at size rho,
@@ -206,8 +206,6 @@ def push_puppet_model(batch: jax.Array, rho: jax.Array, temperature: jax.Array, 
             When False the weights come in through `weights` and get no gradient.
         weights: the network's `nnx.Param` state when `train_weights` is False; when
             True, optional initial values of the `llama$params` site (`ppn.svi.init_fit`).
-        distill_weight: weight of a self-distillation KL from the ungated pass
-            (stop-gradient teacher) to the gated pass, in nats per token.
         teacher_weight: w above, in [0, 1].
         teacher_temperature: tau above.
         rescale: scale every kept unit, sub-layer and normalised input dimension
@@ -250,11 +248,6 @@ def push_puppet_model(batch: jax.Array, rho: jax.Array, temperature: jax.Array, 
                            obs=None if predict else targets)
     if teacher_weight > 0:
         numpyro.factor("teacher", -teacher_weight * teacher_kl * scale)
-    kl = jnp.zeros(())
-    if distill_weight > 0:
-        logp_t = jax.nn.log_softmax(jax.lax.stop_gradient(net(inputs)).astype(jnp.float32), -1)
-        kl = (jnp.exp(logp_t) * (logp_t - jax.nn.log_softmax(out, -1))).sum()
-        numpyro.factor("distill", -distill_weight * kl * scale)
 
     p_open = {k: open_probability(v, temperature) for k, v in eta.items()}
     expected = (jax.vmap(functools.partial(expected_size, units))(p_open) if rho.ndim
@@ -265,12 +258,10 @@ def push_puppet_model(batch: jax.Array, rho: jax.Array, temperature: jax.Array, 
         numpyro.deterministic(name, flatten(value))
     numpyro.deterministic("offset", offset)
     metrics = numpyro_mutable("ppn$metrics", {"nll": jnp.zeros(()), "expected_size": jnp.zeros(rho.shape),
-                                              "offset": jnp.zeros(rho.shape), "distill_kl": jnp.zeros(()),
-                                              "teacher_kl": jnp.zeros(())})
+                                              "offset": jnp.zeros(rho.shape), "teacher_kl": jnp.zeros(())})
     metrics["nll"] = jax.lax.stop_gradient(nll / n_tokens)
     metrics["expected_size"] = jax.lax.stop_gradient(expected / units.size_total)
     metrics["offset"] = jax.lax.stop_gradient(offset)
-    metrics["distill_kl"] = jax.lax.stop_gradient(kl / n_tokens)
     metrics["teacher_kl"] = jax.lax.stop_gradient(teacher_kl / n_tokens)
     return z
 

@@ -40,6 +40,9 @@ log = logging.getLogger(LOGGER)
 # `FitConfig.recommended()`'s fields on top of the defaults (the quality study's combined_lr1e-3_cosine_targets)
 RECOMMENDED = dict(teacher="start", teacher_weight=0.5, size_sampling="sequence", sandwich=True, rescale=True,
                    target_sizes=(0.5, 0.3), target_share=0.5, lr_weights=1e-3, lr_decay="cosine", warmup_steps=10)
+# fields earlier versions recorded (run folders, plans) and since removed, with the value that meant "off":
+# self-distillation from the ungated pass lost to the frozen teacher at every size (results/README.md, quality)
+RETIRED = {"distill_weight": 0.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +83,6 @@ class FitConfig:
         train_weights: fit the weights with the gates (False: gates only, weights frozen).
         temperature_start, temperature_end: geometric schedule of the hard-concrete temperature.
         likelihood_temperature: divides the log-likelihood (a tempered posterior; 1 = exact).
-        distill_weight: weight of self-distillation from the ungated pass (0 = off).
         size_sampling: "step" (one size per step, shared by the batch) or
             "sequence" (each sequence of the batch its own size and gates, so a
             step trains batch_size sizes for the price of one forward pass).
@@ -148,7 +150,6 @@ class FitConfig:
     temperature_start: float = 0.66
     temperature_end: float = 0.2
     likelihood_temperature: float = 1.0
-    distill_weight: float = 0.0
     size_sampling: str = "step"
     sandwich: bool = False
     target_sizes: tuple[float, ...] = ()
@@ -242,6 +243,16 @@ class FitConfig:
         if self.sandwich:
             rho[0], rho[-1] = 1.0, low
         return rho.astype(np.float32) if self.per_sequence else np.float32(rho[0])
+
+    @classmethod
+    def from_dict(cls, record: dict) -> FitConfig:
+        """The FitConfig a run folder or plan recorded (`dataclasses.asdict`). A `RETIRED` field is dropped
+        when it was off, and otherwise named: such a record is of a method ppn no longer has."""
+        on = {k: record[k] for k in RETIRED.keys() & record.keys() if record[k] != RETIRED[k]}
+        if on:
+            raise ValueError(f"this record uses {', '.join(f'{k}={v!r}' for k, v in on.items())}, an option "
+                             "later versions of ppn removed; fit again, or use the version that made it")
+        return cls(**{k: v for k, v in record.items() if k not in RETIRED})
 
     @classmethod
     def recommended(cls, **overrides) -> FitConfig:

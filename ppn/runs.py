@@ -120,7 +120,7 @@ def metrics_row(step: int, loss: float, ok: bool, rho: np.ndarray, temperature: 
     row = {"step": step, "loss": loss, "finite": ok, "rho": float(rho.mean()), "temperature": temperature,
            "nll_per_token": float(metrics["nll"]), "expected_size": float(expected.mean()),
            "size_error": float(error[np.argmax(np.abs(error))]), "offset": float(np.mean(metrics["offset"])),
-           "distill_kl": float(metrics["distill_kl"]), "teacher_kl": float(metrics["teacher_kl"])}
+           "teacher_kl": float(metrics["teacher_kl"])}
     return row | ({"sizes": [round(float(r), 6) for r in rho]} if rho.size > 1 else {})
 
 
@@ -216,12 +216,14 @@ class RunFolder:
 def _check_same_run(run_dir: Path, previous: dict, current: dict) -> None:
     """Raises ValueError, naming the fields that differ, unless an unfinished run's
     recorded config.json equals the one a resume would write. A field the record lacks
-    (a knob added by a later ppn) matches when it is at its default."""
-    from ppn.fit import FitConfig
+    (a knob added by a later ppn) matches when it is at its default, one it has that a later
+    ppn removed (`ppn.fit.RETIRED`) when it was off."""
+    from ppn.fit import RETIRED, FitConfig
 
     defaults = {f.name: f.default for f in dataclasses.fields(FitConfig)}
-    old = {k: json.loads(json.dumps(defaults[k])) for k in set(current["fit"]) - set(previous.get("fit", {}))
-           if defaults.get(k, dataclasses.MISSING) is not dataclasses.MISSING} | previous.get("fit", {})
+    recorded = {k: v for k, v in previous.get("fit", {}).items() if RETIRED.get(k, dataclasses.MISSING) != v}
+    old = {k: json.loads(json.dumps(defaults[k])) for k in set(current["fit"]) - set(recorded)
+           if defaults.get(k, dataclasses.MISSING) is not dataclasses.MISSING} | recorded
     if {**previous, "fit": old} == current:
         return
     new = current["fit"]

@@ -289,8 +289,8 @@ def gated_model(network: Llama, units: Units, cfg: FitConfig, data_tokens: int, 
     return functools.partial(
         bayes.push_puppet_model, network=network, units=units, prior=cfg.prior, data_tokens=data_tokens,
         likelihood_temperature=cfg.likelihood_temperature, train_weights=cfg.train_weights,
-        distill_weight=cfg.distill_weight, teacher_weight=cfg.teacher_weight,
-        teacher_temperature=cfg.teacher_temperature, rescale=cfg.rescale, constraint=cfg.constraint,
+        teacher_weight=cfg.teacher_weight, teacher_temperature=cfg.teacher_temperature, rescale=cfg.rescale,
+        constraint=cfg.constraint,
         compute_dtype=compute_dtype)
 
 

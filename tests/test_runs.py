@@ -110,6 +110,23 @@ def test_a_run_recorded_before_a_knob_existed_resumes_while_the_knob_stays_at_it
         RunFolder(tmp_path, dataclasses.replace(base, weight_decay=0.1), tiny_model())
 
 
+def test_a_run_recorded_with_a_removed_option_resumes_only_if_it_was_off(tmp_path):
+    """Self-distillation (`distill_weight`), written by an older ppn: off is today's fit, on is named."""
+    base = smoke_fit_config()
+    RunFolder(tmp_path, base, tiny_model())
+    record = json.loads((tmp_path / "config.json").read_text())
+    record["fit"]["distill_weight"] = 0.0
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    RunFolder(tmp_path, base, tiny_model())
+    assert FitConfig.from_dict(record["fit"]) == base
+    record["fit"]["distill_weight"] = 1.0
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="another configuration \\(distill_weight "):
+        RunFolder(tmp_path, base, tiny_model())
+    with pytest.raises(ValueError, match="distill_weight=1.0, an option later versions of ppn removed"):
+        FitConfig.from_dict(record["fit"])
+
+
 def test_a_killed_write_leaves_nothing_a_resume_would_read(tmp_path):
     """Temporary files of an atomic write and orbax's unfinished checkpoints are removed."""
     RunFolder(tmp_path, SMALL, tiny_model())

@@ -250,7 +250,7 @@ class _Bench:
         """The fine-tuned rows' budget: `finetune_steps` if set, else the plan's fit."""
         if self.cfg.finetune_steps is not None:
             return FitConfig(steps=self.cfg.finetune_steps)
-        return FitConfig(**self.plan()[0].meta["fit"])
+        return FitConfig.from_dict(self.plan()[0].meta["fit"])
 
     # -------------------------------------------------------------- speed
     def speed(self, model: Llama) -> dict:

@@ -108,7 +108,8 @@ def load_job(run_dir: str | os.PathLike) -> JobConfig:
         raise FileNotFoundError(f"{path} not found: {run_dir} is not the folder of a finished `ppn fit`")
     d = json.loads(path.read_text())
     train_text = tuple(d["train_text"]) if isinstance(d.get("train_text"), list) else d.get("train_text")
-    return JobConfig(**(d | {"fit": FitConfig(**d["fit"]), "sizes": tuple(d["sizes"]), "train_text": train_text}))
+    fit = FitConfig.from_dict(d["fit"])
+    return JobConfig(**(d | {"fit": fit, "sizes": tuple(d["sizes"]), "train_text": train_text}))
 
 
 # The Shakespeare splits a job or benchmark may evaluate on (the reserved one for final numbers only).
