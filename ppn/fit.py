@@ -45,6 +45,11 @@ RECOMMENDED = dict(teacher="start", teacher_weight=0.5, size_sampling="sequence"
 RETIRED = {"distill_weight": 0.0}
 
 
+def without_retired(record: dict) -> dict:
+    """`record` (a recorded FitConfig, as a dict) less the `RETIRED` fields it has at their "off" value."""
+    return {k: v for k, v in record.items() if k not in RETIRED or v != RETIRED[k]}
+
+
 @dataclasses.dataclass(frozen=True)
 class FitConfig:
     """Every knob of a fit. Defaults suit SmolLM2-135M on a 2-core CPU (about 20 minutes).
@@ -248,11 +253,12 @@ class FitConfig:
     def from_dict(cls, record: dict) -> FitConfig:
         """The FitConfig a run folder or plan recorded (`dataclasses.asdict`). A `RETIRED` field is dropped
         when it was off, and otherwise named: such a record is of a method ppn no longer has."""
-        on = {k: record[k] for k in RETIRED.keys() & record.keys() if record[k] != RETIRED[k]}
+        fields = without_retired(record)
+        on = sorted(RETIRED.keys() & fields.keys())
         if on:
-            raise ValueError(f"this record uses {', '.join(f'{k}={v!r}' for k, v in on.items())}, an option "
+            raise ValueError(f"this record uses {', '.join(f'{k}={fields[k]!r}' for k in on)}, an option "
                              "later versions of ppn removed; fit again, or use the version that made it")
-        return cls(**{k: v for k, v in record.items() if k not in RETIRED})
+        return cls(**fields)
 
     @classmethod
     def recommended(cls, **overrides) -> FitConfig:

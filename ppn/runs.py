@@ -218,10 +218,10 @@ def _check_same_run(run_dir: Path, previous: dict, current: dict) -> None:
     recorded config.json equals the one a resume would write. A field the record lacks
     (a knob added by a later ppn) matches when it is at its default, one it has that a later
     ppn removed (`ppn.fit.RETIRED`) when it was off."""
-    from ppn.fit import RETIRED, FitConfig
+    from ppn.fit import FitConfig, without_retired
 
     defaults = {f.name: f.default for f in dataclasses.fields(FitConfig)}
-    recorded = {k: v for k, v in previous.get("fit", {}).items() if RETIRED.get(k, dataclasses.MISSING) != v}
+    recorded = without_retired(previous.get("fit", {}))
     old = {k: json.loads(json.dumps(defaults[k])) for k in set(current["fit"]) - set(recorded)
            if defaults.get(k, dataclasses.MISSING) is not dataclasses.MISSING} | recorded
     if {**previous, "fit": old} == current:
