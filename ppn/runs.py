@@ -86,6 +86,13 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     return read_jsonl(Path(run_dir) / METRICS)
 
 
+def step_seconds(metrics: list[dict]) -> float:
+    """Seconds a fit spent in its SVI updates: the sum of the metrics rows'
+    "seconds", every step of the run, the parts before a resume included
+    (diagnostics, checkpoints and start-up are not counted)."""
+    return float(sum(row.get("seconds", 0.0) for row in metrics))
+
+
 def elbo_trend(metrics: list[dict]) -> dict | None:
     """Whether the held-out ELBO of a fit's diagnostics (rows with "heldout_elbo")
     still moves: the least-squares slope per step over the last third of them (at

@@ -54,6 +54,7 @@ def test_main_job_smoke(tmp_path):
     assert all(lo <= mid <= hi for lo, mid, hi in zip(band["q05"], band["q50"], band["q95"]))
     assert [r["size"] for r in ppn_rows] == [0.9, 0.7, 0.5, 0.4, 0.3]
     assert all(r["kept_fraction"] <= r["size"] + 1e-9 for r in ppn_rows)
+    assert all(0 < r["fit_step_seconds"] <= r["fit_seconds"] for r in ppn_rows)  # updates only, within the wall time
     assert len([r for r in rows if r["method"].startswith("random")]) == 5
     # out-of-domain beside in-domain, every row but the random floor's (in domain only)
     assert all(("general_perplexity" in r) == (not r["method"].startswith("random")) for r in rows)

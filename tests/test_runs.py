@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from ppn.fit import FitConfig, fit
-from ppn.runs import RunFolder, mark_done, read_metrics
+from ppn.runs import RunFolder, mark_done, read_metrics, step_seconds
 from ppn.testing import assert_same_weights, run_killed_at, smoke_fit_config, tiny_model, tiny_tokens
 
 TOKENS = tiny_tokens()
@@ -24,9 +24,13 @@ def test_resume_after_a_kill_equals_an_unbroken_run(tmp_path):
     unbroken = fit(tiny_model(), TOKENS, cfg, run_dir=tmp_path / "a", progress=False)
     # killed after the checkpoint at step 3, mid-way to the next
     run_killed_at(5, lambda: fit(tiny_model(), TOKENS, cfg, run_dir=tmp_path / "b", progress=False))
-    assert [r["step"] for r in read_metrics(tmp_path / "b")] == [0, 1, 2]
+    killed = read_metrics(tmp_path / "b")
+    assert [r["step"] for r in killed] == [0, 1, 2]
     resumed = fit(tiny_model(), TOKENS, cfg, run_dir=tmp_path / "b", progress=False)
     assert [r["step"] for r in resumed.metrics] == list(range(7))
+    # the run's update time counts the steps before the kill too
+    assert step_seconds(resumed.metrics) == pytest.approx(
+        step_seconds(killed) + sum(r["seconds"] for r in resumed.metrics[3:])) and step_seconds(killed) > 0
     for k, v in unbroken.guide_params.items():
         np.testing.assert_allclose(resumed.guide_params[k], v, rtol=1e-6, atol=1e-7, err_msg=k)
     assert_same_weights(unbroken.model, resumed.model)

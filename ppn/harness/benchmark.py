@@ -49,7 +49,7 @@ from ppn.models.llama import Llama
 from ppn.plan import Plan
 from ppn.prune import prune
 from ppn.harness.report import TOTAL_COLUMNS, markdown_table, wall_time_per_method, write_results
-from ppn.runs import append_jsonl, atomic_write, read_jsonl, read_metrics
+from ppn.runs import append_jsonl, atomic_write, read_jsonl, read_metrics, step_seconds
 from ppn.sharding import make_mesh
 
 SIZES = (0.9, 0.7, 0.5, 0.4, 0.3)
@@ -243,7 +243,7 @@ class _Bench:
             plan = Plan.load(path)
             model = load_model(plan.meta.get("checkpoint") or path.parent / "model", dtype=self.cfg.dtype)
             plan.check_model(model.config)
-            return plan, model, _fit_seconds(path.parent)
+            return plan, model, step_seconds(read_metrics(path.parent))
         return self._once("plan", make)
 
     def fit_config(self) -> FitConfig:
@@ -261,11 +261,6 @@ class _Bench:
             return {}
         kw = dict(prefill=dict(batch=2, seqlen=32), decode=dict(prompt_len=8, new_tokens=8)) if self.cfg.smoke else {}
         return speed.relative_speed(model, self.dense, repeats=self.cfg.speed_repeats, **kw)
-
-
-def _fit_seconds(run_dir: Path) -> float:
-    """Wall time of a fit: the sum of its steps' times in metrics.jsonl (0 if absent)."""
-    return float(sum(row.get("seconds", 0.0) for row in read_metrics(run_dir)))
 
 
 def _row(method: str, size: float, model: Llama, dense: Llama, **fields) -> dict:

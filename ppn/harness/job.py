@@ -38,7 +38,7 @@ from ppn.models.llama import Llama
 from ppn.plan import Plan
 from ppn.prune import prune
 from ppn.harness.report import markdown_table, write_results
-from ppn.runs import atomic_write, mark_done
+from ppn.runs import atomic_write, mark_done, step_seconds
 from ppn.sharding import addressable, is_main_process, make_mesh
 from ppn.zoo import cache_dir
 
@@ -220,8 +220,9 @@ def run(cfg: JobConfig, progress: bool = True) -> list[dict]:
 
     rows = size_rows(model, result.model, plan, measure, cfg.sizes, mode, cfg.fit.train_tokens,
                      random_floor=cfg.random_floor, dense_measured=dense_measured)
-    for r in rows:
+    for r in rows:  # this call's wall time; the updates' time over the whole run, resumes included
         r["fit_seconds"] = fit_seconds if r["train_tokens"] else 0.0
+        r["fit_step_seconds"] = step_seconds(result.metrics) if r["train_tokens"] else 0.0
     band = None if not cfg.band_samples else plan.quality_band(
         result.model, valid, cfg.sizes, cfg.band_samples, seqlen=seqlen, max_windows=cfg.band_windows,
         progress=progress, mesh=mesh)
