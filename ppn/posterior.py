@@ -71,9 +71,7 @@ class Site:
     @property
     def sd(self) -> np.ndarray:
         """The marginal standard deviation, of the site's shape."""
-        if self.factor is None:
-            return self.scale
-        return np.sqrt(self.scale ** 2 + (self.factor ** 2).sum(-1))
+        return self.scale if self.factor is None else np.sqrt(self.scale ** 2 + (self.factor ** 2).sum(-1))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -94,8 +92,7 @@ class Posterior:
     rescale: dict[str, np.ndarray] | None = None
 
     @classmethod
-    def from_guide_params(cls, units: Units, prior: str, guide_params: dict[str, np.ndarray],
-                          guide: str | None = None):
+    def from_guide_params(cls, units: Units, prior: str, guide_params: dict[str, np.ndarray], guide: str | None = None):
         """Builds the posterior from AutoNormal parameters (`<site>_auto_loc`, `<site>_auto_scale`),
         from AutoLowRankMultivariateNormal ones (`auto_loc`, `auto_cov_factor`,
         `auto_scale`: each site keeps its rows of the factor), or from AutoDelta
@@ -401,16 +398,19 @@ def prior_shapes(units: Units, prior: str) -> dict[str, tuple]:
 
 
 def flat_sites(units: Units, prior: str, loc, scale, factor=None) -> dict[str, Site]:
-    """The sites of a guide over one flat latent vector (D,), in the prior's trace
-    order (`prior_shapes`): a diagonal Normal (loc, scale), or a low-rank one whose
-    covariance is diag(s) (W W^T + I) diag(s), W = `factor` (D, K), s = `scale`,
-    i.e. u = loc + diag(s) W e + s * n: a site's factor is its rows of diag(s) W.
+    """The sites of a guide over one flat latent vector (D,), sorted by name: a
+    diagonal Normal (loc, scale), or a low-rank one whose covariance is
+    diag(s) (W W^T + I) diag(s), W = `factor` (D, K), s = `scale`, i.e.
+    u = loc + diag(s) W e + s * n: a site's factor is its rows of diag(s) W.
+
+    numpyro's flat guides pack sites in the key order of their initial values, and
+    `ppn.svi.init_fit` sets the guide up inside `jax.jit`, whose dicts come back sorted.
     """
     loc, scale = np.asarray(loc, np.float32), np.asarray(scale, np.float32)
     w = None if factor is None else np.asarray(factor, np.float32)
     supports = prior_supports(units, prior)
     out, start = {}, 0
-    for name, shape in prior_shapes(units, prior).items():
+    for name, shape in sorted(prior_shapes(units, prior).items()):
         part = slice(start, start + int(np.prod(shape)))
         rows = None if w is None else (scale[part, None] * w[part]).reshape(shape + (w.shape[-1],))
         out[name] = Site(loc[part].reshape(shape), scale[part].reshape(shape), supports[name], rows)
