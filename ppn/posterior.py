@@ -284,9 +284,8 @@ def _arviz(units: Units, prior: str, alpha: dict, beta: dict, seed: int, tempera
 
     num_samples = next(iter(alpha.values())).shape[0]
     crossing = crossing_sizes(units, alpha, beta, temperature)
-    with numpyro.handlers.seed(rng_seed=seed):
-        prior_alpha, prior_beta = jax.vmap(lambda _: priors.get_prior(prior)(units))(
-            jnp.arange(num_samples))
+    prior_alpha, prior_beta = jax.vmap(lambda key: numpyro.handlers.seed(priors.get_prior(prior), key)(units))(
+        jax.random.split(jax.random.PRNGKey(seed), num_samples))  # a key per draw, inside the vmap
     dims = {"attn_layer": ["layer"], "mlp_layer": ["layer"], "head": ["layer", "head"],
             "mlp_group": ["layer", "group"]}
 

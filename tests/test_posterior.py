@@ -13,7 +13,7 @@ from flax import nnx
 import ppn
 from ppn.fit import FitConfig, fit
 from ppn.plan import Plan
-from ppn import bayes
+from ppn import bayes, priors
 from ppn.posterior import CROSSING_GRID, Posterior, crossing_sizes
 from ppn.testing import random_plan, smoke_fit_config, tiny_config, tiny_model, tiny_tokens
 from ppn.units import Units
@@ -37,8 +37,16 @@ def test_arviz_export_has_named_dims(tiny_plan):
     assert idata.posterior["beta_mlp_group"].shape == (1, 30, 2, 3)
     assert idata.posterior["crossing_head"].shape == (1, 30, 2, 4) and idata.prior["alpha_head"].shape == (1, 30, 2, 4)
     assert "not MCMC" in idata.attrs["inference"]
-    # the prior's draws are not the posterior's
+    # the prior's draws are not the posterior's, and are draws: they vary from one to the next as the prior's do
     assert not np.allclose(idata.prior["alpha_head"].values, idata.posterior["alpha_head"].values)
+    reference = []  # 200 independent draws of the prior, one seed each
+    for i in range(200):
+        with numpyro.handlers.seed(rng_seed=i):
+            reference.append(priors.get_prior(tiny_plan.prior)(tiny_plan.units))
+    for what, kind in ((0, "head"), (1, "mlp_group")):
+        expected = np.std([np.asarray(r[what][kind]) for r in reference], axis=0)
+        drawn = idata.prior[f"{('alpha', 'beta')[what]}_{kind}"].values[0].std(0)
+        assert 0.7 < np.mean(drawn / expected) < 1.3, kind
 
 
 def _fit_guide_unpack(cfg: FitConfig):
