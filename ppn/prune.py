@@ -185,6 +185,8 @@ def load_pruned(checkpoint: str | os.PathLike, plan, size: float | int | None = 
     reader = SafetensorsReader(path)
     dense = hf_layout(config)
     check_names(set(dense), set(reader.files), str(path), config.tie_word_embeddings)
+    for name, tensor in dense.items():  # the removed tensors' too, as load_model checks them
+        reader.check_shape(name, tensor.hf_shape)
     spec = gather_spec(keep)
     return build_model(keep.config(), lambda name, _: spec[name].apply_scale(
         reader.read(name, dense[name].hf_shape, spec[name].axis, spec[name].indices)), dtype)

@@ -87,6 +87,12 @@ class SafetensorsReader:
             self._headers[file] = _header(file)
         return self._headers[file][name]
 
+    def check_shape(self, name: str, expected_shape: tuple[int, ...]) -> None:
+        """Raises ValueError unless tensor `name` has `expected_shape` (its header alone is read)."""
+        if self.shape(name) != tuple(expected_shape):
+            raise ValueError(f"tensor {name!r} in {self.files[name]} has shape {self.shape(name)}, "
+                             f"expected {tuple(expected_shape)}")
+
     def read(self, name: str, expected_shape: tuple[int, ...], axis: int = 0,
              indices: np.ndarray | None = None) -> np.ndarray:
         """Tensor `name`, or only `indices` along `axis` (0 or 1), after checking its full shape.
@@ -104,10 +110,8 @@ class SafetensorsReader:
         file = self.files.get(name)
         if file is None:
             raise KeyError(f"checkpoint {self.directory} is missing tensor {name!r}")
+        self.check_shape(name, expected_shape)
         shape = self.shape(name)
-        if shape != tuple(expected_shape):
-            raise ValueError(
-                f"tensor {name!r} in {file} has shape {shape}, expected {tuple(expected_shape)}")
         runs = [(0, shape[axis], 0)] if indices is None else _runs(np.asarray(indices))
         # (source, destination) index pairs: kept rows, or all rows and the kept columns
         rows = runs if axis == 0 else [(0, shape[0], 0)]

@@ -224,3 +224,20 @@ def test_load_pruned_equals_prune_on_smollm2():
     pruned = ppn.prune(dense, plan, 0.4)
     del dense
     assert_same_model(ppn.load_pruned(path, plan, 0.4), pruned)
+
+
+def test_a_mis_shaped_tensor_is_refused_even_where_the_cut_removes_it(small_checkpoint, tmp_path):
+    """As strict as load_model: layer 0's attention is cut away, its wrong-shaped q_proj still named."""
+    from safetensors.numpy import load_file, save_file
+
+    path, plan = small_checkpoint
+    bad = ppn.save_model(ppn.load_model(path), tmp_path / "bad")
+    tensors = load_file(bad / SINGLE_FILE)
+    tensors["model.layers.0.self_attn.q_proj.weight"] = np.zeros((5, 7), np.float32)
+    save_file(tensors, str(bad / SINGLE_FILE), metadata={"format": "pt"})
+    units, layers = plan.units, plan.units.config.num_layers
+    keep = KeepSet(units, np.arange(layers) > 0, np.ones(layers, bool), np.ones(units.shapes()["head"], bool),
+                   np.ones(units.shapes()["mlp_group"], bool))
+    ppn.load_pruned(path, keep)  # the same cut of the intact checkpoint loads
+    with pytest.raises(ValueError, match=r"q_proj.weight' in .* has shape \(5, 7\), expected"):
+        ppn.load_pruned(bad, keep)
