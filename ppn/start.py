@@ -113,10 +113,12 @@ def output_energies(model: Llama, units: Units, batches) -> dict[str, np.ndarray
             heads_out, _ = block.attn.head_outputs(block.input_norm(x), positions)
             per_head = jnp.einsum("BTNH,DNH->BTND", heads_out, block.attn.o[...]).astype(jnp.float32)
             heads.append((per_head ** 2).sum((0, 1, 3)))
-            hidden = block.mlp.hidden(block.post_attention_norm(x)).astype(jnp.float32)
+            mid = x + block.attn(block.input_norm(x), positions)[0]  # the MLP reads the attention's output too
+            normed = block.post_attention_norm(mid)
+            hidden = block.mlp.hidden(normed).astype(jnp.float32)
             channel = (hidden ** 2).sum((0, 1)) * (block.mlp.down[...].astype(jnp.float32) ** 2).sum(0)
             groups.append(jax.ops.segment_sum(channel, gather, units.num_groups))
-            x = block(x, positions)[0]
+            x = mid + block.mlp(normed)
         return jnp.stack(heads), jnp.stack(groups)
 
     total, count = {"head": 0.0, "mlp_group": 0.0}, 0

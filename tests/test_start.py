@@ -4,6 +4,7 @@ import numpy as np
 
 import jax.numpy as jnp
 
+from ppn.models.llama import BlockGates
 from ppn.start import gate_gradients, guide_start, output_energies
 from ppn.testing import smoke_fit_config, tiny_model, tiny_tokens
 from ppn.units import KINDS, Units
@@ -38,6 +39,12 @@ def test_output_energy_is_each_units_share_of_the_residual_stream():
     gates = jnp.ones(4).at[1].set(0.0)
     without = block.attn(block.input_norm(x), positions, head_gates=jnp.broadcast_to(gates, (2, 4)))[0]
     np.testing.assert_allclose(e["head"][0, 1], float(((full - without) ** 2).sum()), rtol=1e-4)
+    # a group's energy: sum of hidden_c^2 ||down_c||^2 over its channels, on what the MLP reads (the residual
+    # after the attention: the block with its MLP branch shut)
+    mid = block(x, positions, gates=BlockGates(mlp=jnp.float32(0.0)))[0]
+    hidden = block.mlp.hidden(block.post_attention_norm(mid))
+    channel = np.asarray((hidden ** 2).sum((0, 1)) * (block.mlp.down[...] ** 2).sum(0))
+    np.testing.assert_allclose(e["mlp_group"][0], channel.reshape(3, 16).sum(1), rtol=1e-4)
 
 
 def test_an_activation_start_ranks_a_dead_unit_last():
