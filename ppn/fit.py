@@ -298,6 +298,8 @@ class FitResult:
         metrics: one dict per step (loss, nll per token, rho, expected size, ...).
         nonfinite_steps: steps skipped because the loss or an update was not finite.
         seconds: wall time of this call (a resumed run counts only its own part).
+        data_tokens: the tokens the likelihood was scaled to (`FitConfig.data_tokens`,
+            else the training tokens' count).
     """
 
     model: Llama
@@ -307,6 +309,7 @@ class FitResult:
     metrics: list[dict[str, Any]]
     nonfinite_steps: int
     seconds: float
+    data_tokens: int
 
 
 def fit(model: Llama, tokens, config: FitConfig = FitConfig(), run_dir: str | os.PathLike | None = None,
@@ -367,4 +370,5 @@ def fit(model: Llama, tokens, config: FitConfig = FitConfig(), run_dir: str | os
                  trend["last"], trend["slope"], trend["se"], "flat (converged)" if trend["flat"] else "still moving")
     fitted, guide_params = fitted_model(model, setup, state)
     return FitResult(model=fitted, units=setup.units, config=cfg, guide_params=guide_params, metrics=history,
-                     nonfinite_steps=state.nonfinite, seconds=time.perf_counter() - start_time)
+                     nonfinite_steps=state.nonfinite, seconds=time.perf_counter() - start_time,
+                     data_tokens=cfg.data_tokens or len(tokens))

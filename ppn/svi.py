@@ -234,7 +234,7 @@ def model_and_guide(result: FitResult) -> tuple[Callable, AutoGuide, dict]:
         draws["tokens"]  # (8, B, T); draws["eta"]: (8, G) gate locations at rho = 0.5
     """
     cfg = result.config
-    model = gated_model(result.model, result.units, cfg, cfg.data_tokens or cfg.train_tokens)
+    model = gated_model(result.model, result.units, cfg, result.data_tokens)
 
     def observed(*args, predict: bool = False, **kwargs):
         return model(*args, **kwargs)

@@ -197,6 +197,8 @@ def test_log_likelihood_gives_each_draw_its_token_log_probabilities(tiny_fit):
     one = {k: v[0] for k, v in latents.items()}
     with numpyro.handlers.substitute(data=one), numpyro.handlers.trace() as tr:
         model(batch, 0.5, 0.2)
+    # the fit's own likelihood: scaled to its training tokens, per batch token
+    assert tr["tokens"]["scale"] == pytest.approx(len(tiny_tokens()) / 32 / tiny_fit.config.likelihood_temperature)
     eta = gates.unflatten(tiny_fit.units, tr["eta"]["value"])
     median = {k: gates.median_hard_concrete(v, 0.2) for k, v in eta.items()}
     out = tiny_fit.model(batch[:, :-1], gates=gates.block_gates(tiny_fit.units, median))
