@@ -67,3 +67,18 @@ def test_the_independent_prior_starts_from_the_same_ranking_as_the_hierarchical_
     np.testing.assert_allclose(ind["alpha_mlp_group"] - ind["alpha_mlp_layer"][:, None], tau * hier["eps_mlp_group"],
                                rtol=1e-5, atol=1e-6)
     assert guide_start(model, units, TOKENS, smoke_fit_config(prior="independent", init="prior")) == {}
+
+
+def test_a_guide_without_a_start_begins_at_the_prior_medians():
+    """Not at a median of a few random draws: the spreads at HalfNormal(1)'s 0.6745, the
+    margin and the Normal sites at their means, whatever the seed."""
+    from ppn.svi import init_fit
+
+    for seed in (0, 1):
+        setup, state = init_fit(tiny_model(), TOKENS, smoke_fit_config(init="prior", seed=seed))
+        params = setup.svi.get_params(state.svi)
+        for name in ("tau_layer", "tau_unit"):
+            np.testing.assert_allclose(np.exp(params[f"{name}_auto_loc"]), 0.6745, rtol=1e-4, err_msg=name)
+        np.testing.assert_allclose(params["layer_margin_auto_loc"], 3.0, rtol=1e-6)
+        for name in ("delta", "eps_head", "eps_mlp_group", "zeta_head", "zeta_mlp_group"):
+            np.testing.assert_array_equal(params[f"{name}_auto_loc"], 0.0, err_msg=name)
