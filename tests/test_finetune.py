@@ -64,3 +64,15 @@ def test_the_weights_schedule_warms_up_then_decays_and_weight_decay_shrinks_idle
     np.testing.assert_allclose(update, -0.1 * 0.5 * params, rtol=1e-6)  # AdamW: lr * decay * weight
     with pytest.raises(ValueError, match="lr_decay"):
         smoke_fit_config(lr_decay="linear")
+
+
+def test_a_bfloat16_model_tunes_float32_masters_and_comes_back_in_bfloat16():
+    """Steps of 1e-4 are below bfloat16's spacing at weights of 0.06 and up; on float32 masters they add up."""
+    model = tiny_model(dtype=jnp.bfloat16)
+    embed = model.embed[...]
+    model.embed[...] = jnp.where(jnp.abs(embed) > 0, jnp.sign(embed) * 0.1, embed).astype(jnp.bfloat16)
+    cfg = FitConfig(steps=8, batch_size=2, seqlen=16, lr_weights=1e-4)
+    tuned = finetune(model, TOKENS, cfg, progress=False).model
+    assert tuned.embed[...].dtype == jnp.bfloat16
+    moved = np.asarray(tuned.embed[...] != model.embed[...])
+    assert moved.mean() > 0.25  # (updates in bfloat16 itself move none of them)

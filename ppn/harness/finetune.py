@@ -74,12 +74,18 @@ def finetune(model: Llama, tokens, config: FitConfig = FitConfig(), progress: bo
     # Zero gradients keep Adam's moments, hence the updates, at zero: the masked weights never move.
     mask = jax.tree.map(lambda p: p != 0, params) if keep_zeros else None
 
+    # float32 master copies (as the fit keeps): a bfloat16 weight cannot take an update below its own spacing
+    dtypes = jax.tree.map(lambda p: p.dtype, params)
+
+    def in_model_dtype(master):
+        return nnx.merge(graphdef, jax.tree.map(lambda m, d: m.astype(d), master, dtypes))
+
     @functools.partial(jax.jit, donate_argnums=0)
     def step(state, batch, mask):
         params, opt_state = state
 
         def loss(p):
-            return token_nll(nnx.merge(graphdef, p)(batch[:, :-1]), batch[:, 1:]) / batch[:, 1:].size
+            return token_nll(in_model_dtype(p)(batch[:, :-1]), batch[:, 1:]) / batch[:, 1:].size
 
         value, grads = jax.value_and_grad(loss)(params)
         if mask is not None:
@@ -88,7 +94,7 @@ def finetune(model: Llama, tokens, config: FitConfig = FitConfig(), progress: bo
         return (optax.apply_updates(params, updates), opt_state), value
 
     # Checkpoints hold the flat leaves: orbax then needs no knowledge of nnx.State.
-    params = jax.tree.map(jnp.copy, params)  # donation must not consume the caller's model
+    params = jax.tree.map(lambda p: p.astype(jnp.float32, copy=True), params)  # donation must not consume the caller's
     leaves, treedef = jax.tree.flatten((params, tx.init(params)))
     step0, leaves, _ = run.restore(leaves)
     state = jax.tree.unflatten(treedef, leaves)
@@ -108,5 +114,5 @@ def finetune(model: Llama, tokens, config: FitConfig = FitConfig(), progress: bo
         if run.due(i + 1, config):
             run.write_metrics(history)
             run.save(i + 1, jax.tree.leaves(state), 0)
-    return FinetuneResult(nnx.merge(graphdef, state[0]), [r["nll_per_token"] for r in history],
+    return FinetuneResult(in_model_dtype(state[0]), [r["nll_per_token"] for r in history],
                           sum(r["seconds"] for r in history))
