@@ -86,6 +86,21 @@ def test_finetune_steps_sets_the_budget_without_a_plan(tmp_path):
     assert not (tmp_path / "fit").exists()
 
 
+def test_the_fine_tunes_take_the_recommended_fits_optimiser_when_asked(tmp_path):
+    """Same tokens, with the fit's own learning rate and schedule when asked."""
+    from ppn.fit import FitConfig
+
+    def tuning(optimizer):
+        cfg = BenchConfig.smoke_test(tmp_path, finetune_steps=12, finetune_optimizer=optimizer)
+        return benchmark._Bench(cfg, False, {}).fit_config()
+
+    assert tuning("default") == FitConfig(steps=12)
+    assert tuning("recommended") == FitConfig.recommended(steps=12)
+    assert tuning("recommended").train_tokens == tuning("default").train_tokens
+    with pytest.raises(ValueError, match="finetune_optimizer must be 'default' or 'recommended', got 'sgd'"):
+        BenchConfig(finetune_optimizer="sgd")
+
+
 def test_a_row_cut_by_a_kill_is_recomputed(tmp_path):
     cfg = BenchConfig.smoke_test(tmp_path, methods=("dense", "magnitude"), speed=False)
     first = benchmark.run(cfg, progress=False)

@@ -335,6 +335,13 @@ def test_fair_rows_without_dense_tunes_only_the_cut(tmp_path):
     assert methods == ["sparsegpt", "sparsegpt masked fine-tuned (fit budget)"]
 
 
+def test_fair_rows_with_the_recommended_optimiser_go_to_their_own_file_and_state():
+    cfg = _script("fair_rows").config(150, optimizer="recommended")
+    assert cfg.finetune_optimizer == "recommended" and cfg.finetune_steps == 150
+    assert cfg.out == "results/benchmark/fair_rows_steps150_recommended.json" and cfg.state_dir.endswith("_recommended")
+    assert _script("fair_rows").config(150).out == "results/benchmark/fair_rows_steps150.json"
+
+
 def _fake_run(root, tag, plan, ppl):
     """A finished quality-study run folder under root/runs/quality/<tag>: its plan,
     job.json and the results JSON the job wrote (ppn rows at 0.9 ... 0.3)."""

@@ -93,6 +93,7 @@ class BenchConfig:
             speed run on one device.
         finetune_steps: the fine-tuned rows' budget as `FitConfig` defaults with this many steps (the budget
             of `ppn fit --steps N`), so a fine-tuned row needs no plan at hand; None: the plan's own fit config.
+        finetune_optimizer: with `finetune_steps`, "default" (`FitConfig()`'s) or "recommended" (the fit's own).
         general_eval: also measure every row's perplexity on general English
             (`ppn.data.general_english`), out of the fitting text's domain.
         split: where perplexity is measured: "validation", or "reserved" for final numbers only.
@@ -115,6 +116,7 @@ class BenchConfig:
     dtype: str = "float32"
     mesh: str | None = None
     finetune_steps: int | None = None
+    finetune_optimizer: str = "default"
     general_eval: bool = True
     split: str = "validation"
 
@@ -130,6 +132,8 @@ class BenchConfig:
                 raise ValueError(f"N:M needs 0 < N < M, got {n}:{m}")
         if self.split not in EVAL_SPLITS:
             raise ValueError(f"split must be {' or '.join(map(repr, EVAL_SPLITS))}, got {self.split!r}")
+        if self.finetune_optimizer not in ("default", "recommended"):
+            raise ValueError(f"finetune_optimizer must be 'default' or 'recommended', got {self.finetune_optimizer!r}")
         if self.finetune_steps is not None and self.finetune_steps < 1:
             raise ValueError(f"finetune_steps must be a positive number of steps, got {self.finetune_steps}")
 
@@ -162,7 +166,8 @@ class _State:
         self.dir.mkdir(parents=True, exist_ok=True)
         # The mesh changes where rows are computed, not what they mean; fields at
         # their old defaults are left out so state folders made before they existed still resume.
-        old = dict(dtype="float32", finetune_steps=None, general_eval=False, split="validation")
+        old = dict(dtype="float32", finetune_steps=None, finetune_optimizer="default", general_eval=False,
+                   split="validation")
         skip = ("methods", "out", "mesh") + tuple(k for k, v in old.items() if getattr(cfg, k) == v)
         settings = json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip},
                               sort_keys=True, default=list)
@@ -249,7 +254,8 @@ class _Bench:
     def fit_config(self) -> FitConfig:
         """The fine-tuned rows' budget: `finetune_steps` if set, else the plan's fit."""
         if self.cfg.finetune_steps is not None:
-            return FitConfig(steps=self.cfg.finetune_steps)
+            make = FitConfig.recommended if self.cfg.finetune_optimizer == "recommended" else FitConfig
+            return make(steps=self.cfg.finetune_steps)
         return FitConfig.from_dict(self.plan()[0].meta["fit"])
 
     # -------------------------------------------------------------- speed
