@@ -24,7 +24,7 @@ from ppn.bayes import token_nll
 from ppn.console import progress_bar
 from ppn.fit import FitConfig
 from ppn.models.llama import Llama
-from ppn.runs import RunFolder
+from ppn.runs import RunFolder, step_seconds
 from ppn.svi import weights_optimizer
 
 
@@ -115,4 +115,4 @@ def finetune(model: Llama, tokens, config: FitConfig = FitConfig(), progress: bo
             run.write_metrics(history)
             run.save(i + 1, jax.tree.leaves(state), 0)
     return FinetuneResult(in_model_dtype(state[0]), [r["nll_per_token"] for r in history],
-                          sum(r["seconds"] for r in history))
+                          step_seconds(history))
